@@ -1,0 +1,43 @@
+/*
+ * Copyright (C) ngx_deepseek_guard_module authors
+ *
+ * Runs every core suite; each suite lives in its own check_*.c file.
+ */
+
+
+#include <stdlib.h>
+#include <check.h>
+
+
+Suite *dsg_bucket_suite(void) __attribute__((weak));
+Suite *dsg_queue_suite(void) __attribute__((weak));
+Suite *dsg_entry_suite(void) __attribute__((weak));
+Suite *dsg_store_suite(void) __attribute__((weak));
+Suite *dsg_json_suite(void) __attribute__((weak));
+
+
+int
+main(void)
+{
+    int        failed;
+    SRunner   *sr;
+    Suite   *(*suites[])(void) = {
+        dsg_bucket_suite, dsg_queue_suite, dsg_entry_suite,
+        dsg_store_suite, dsg_json_suite
+    };
+    size_t     i;
+
+    sr = srunner_create(NULL);
+
+    for (i = 0; i < sizeof(suites) / sizeof(suites[0]); i++) {
+        if (suites[i] != NULL) {
+            srunner_add_suite(sr, suites[i]());
+        }
+    }
+
+    srunner_run_all(sr, CK_NORMAL);
+    failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+
+    return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}
