@@ -4,3 +4,10 @@
 
 
 #include "ngx_http_deepseek_guard_module.h"
+
+
+ngx_int_t
+ngx_http_deepseek_guard_cache_overload(ngx_http_request_t *r)
+{
+    return NGX_DECLINED;
+}

@@ -6,32 +6,453 @@
 #include "ngx_http_deepseek_guard_module.h"
 
 
-static ngx_http_module_t  ngx_http_deepseek_guard_module_ctx = {
-    NULL,                                  /* preconfiguration */
-    NULL,                                  /* postconfiguration */
+static char *ngx_http_deepseek_guard_class(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
+static char *ngx_http_deepseek_guard_classify(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
+static void *ngx_http_deepseek_guard_create_main_conf(ngx_conf_t *cf);
+static char *ngx_http_deepseek_guard_init_main_conf(ngx_conf_t *cf,
+    void *conf);
+static void *ngx_http_deepseek_guard_create_loc_conf(ngx_conf_t *cf);
+static char *ngx_http_deepseek_guard_merge_loc_conf(ngx_conf_t *cf,
+    void *parent, void *child);
+static ngx_int_t ngx_http_deepseek_guard_preconf(ngx_conf_t *cf);
+static ngx_int_t ngx_http_deepseek_guard_init(ngx_conf_t *cf);
+static ngx_int_t ngx_http_deepseek_guard_init_process(ngx_cycle_t *cycle);
 
-    NULL,                                  /* create main configuration */
-    NULL,                                  /* init main configuration */
+
+static ngx_conf_enum_t  ngx_http_deepseek_guard_log_levels[] = {
+    { ngx_string("info"), NGX_LOG_INFO },
+    { ngx_string("notice"), NGX_LOG_NOTICE },
+    { ngx_string("warn"), NGX_LOG_WARN },
+    { ngx_string("error"), NGX_LOG_ERR },
+    { ngx_null_string, 0 }
+};
+
+
+static ngx_command_t  ngx_http_deepseek_guard_commands[] = {
+
+    { ngx_string("deepseek_guard_zone"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_2MORE,
+      ngx_http_deepseek_guard_zone,
+      0,
+      0,
+      NULL },
+
+    { ngx_string("deepseek_guard_class"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_1MORE,
+      ngx_http_deepseek_guard_class,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("deepseek_guard"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_deepseek_guard,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("deepseek_guard_classify"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE12,
+      ngx_http_deepseek_guard_classify,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("deepseek_guard_dry_run"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_deepseek_guard_loc_conf_t, dry_run),
+      NULL },
+
+    { ngx_string("deepseek_guard_ratelimit_headers"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_deepseek_guard_loc_conf_t, ratelimit_headers),
+      NULL },
+
+    { ngx_string("deepseek_guard_log_level"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_enum_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_deepseek_guard_loc_conf_t, log_level),
+      &ngx_http_deepseek_guard_log_levels },
+
+      ngx_null_command
+};
+
+
+static ngx_http_module_t  ngx_http_deepseek_guard_module_ctx = {
+    ngx_http_deepseek_guard_preconf,       /* preconfiguration */
+    ngx_http_deepseek_guard_init,          /* postconfiguration */
+
+    ngx_http_deepseek_guard_create_main_conf, /* create main configuration */
+    ngx_http_deepseek_guard_init_main_conf,   /* init main configuration */
 
     NULL,                                  /* create server configuration */
     NULL,                                  /* merge server configuration */
 
-    NULL,                                  /* create location configuration */
-    NULL                                   /* merge location configuration */
+    ngx_http_deepseek_guard_create_loc_conf,  /* create location configuration */
+    ngx_http_deepseek_guard_merge_loc_conf    /* merge location configuration */
 };
 
 
 ngx_module_t  ngx_http_deepseek_guard_module = {
     NGX_MODULE_V1,
     &ngx_http_deepseek_guard_module_ctx,   /* module context */
-    NULL,                                  /* module directives */
+    ngx_http_deepseek_guard_commands,      /* module directives */
     NGX_HTTP_MODULE,                       /* module type */
     NULL,                                  /* init master */
     NULL,                                  /* init module */
-    NULL,                                  /* init process */
+    ngx_http_deepseek_guard_init_process,  /* init process */
     NULL,                                  /* init thread */
     NULL,                                  /* exit thread */
     NULL,                                  /* exit process */
     NULL,                                  /* exit master */
     NGX_MODULE_V1_PADDING
 };
+
+
+static ngx_int_t
+ngx_http_deepseek_guard_init_process(ngx_cycle_t *cycle)
+{
+    return ngx_http_deepseek_guard_limit_init_process(cycle);
+}
+
+
+static void *
+ngx_http_deepseek_guard_create_main_conf(ngx_conf_t *cf)
+{
+    ngx_http_deepseek_guard_main_conf_t  *mcf;
+
+    mcf = ngx_pcalloc(cf->pool, sizeof(ngx_http_deepseek_guard_main_conf_t));
+    if (mcf == NULL) {
+        return NULL;
+    }
+
+    if (ngx_array_init(&mcf->classes, cf->pool, 4,
+                       sizeof(ngx_http_deepseek_guard_class_t))
+        != NGX_OK)
+    {
+        return NULL;
+    }
+
+    if (ngx_array_init(&mcf->zones, cf->pool, 4, sizeof(ngx_shm_zone_t *))
+        != NGX_OK)
+    {
+        return NULL;
+    }
+
+    return mcf;
+}
+
+
+static char *
+ngx_http_deepseek_guard_init_main_conf(ngx_conf_t *cf, void *conf)
+{
+    ngx_http_deepseek_guard_main_conf_t *mcf = conf;
+
+    ngx_http_deepseek_guard_class_t  *c;
+
+    if (mcf->classes.nelts == 0) {
+        /* no classes declared: one implicit class that never queues */
+        c = ngx_array_push(&mcf->classes);
+        if (c == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        ngx_memzero(c, sizeof(ngx_http_deepseek_guard_class_t));
+        ngx_str_set(&c->name, "default");
+    }
+
+    if (ngx_http_deepseek_guard_limit_init_main(cf, mcf) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+static void *
+ngx_http_deepseek_guard_create_loc_conf(ngx_conf_t *cf)
+{
+    ngx_http_deepseek_guard_loc_conf_t  *conf;
+
+    conf = ngx_pcalloc(cf->pool, sizeof(ngx_http_deepseek_guard_loc_conf_t));
+    if (conf == NULL) {
+        return NULL;
+    }
+
+    /*
+     * set by ngx_pcalloc():
+     *
+     *     conf->zones = NULL;
+     *     conf->classify = NULL;
+     *     conf->default_class = { 0, NULL };
+     */
+
+    conf->default_index = NGX_CONF_UNSET_UINT;
+    conf->dry_run = NGX_CONF_UNSET;
+    conf->ratelimit_headers = NGX_CONF_UNSET;
+    conf->log_level = NGX_CONF_UNSET_UINT;
+    conf->metrics = NGX_CONF_UNSET;
+
+    return conf;
+}
+
+
+static char *
+ngx_http_deepseek_guard_merge_loc_conf(ngx_conf_t *cf, void *parent,
+    void *child)
+{
+    ngx_http_deepseek_guard_loc_conf_t *prev = parent;
+    ngx_http_deepseek_guard_loc_conf_t *conf = child;
+
+    ngx_uint_t                            i;
+    ngx_shm_zone_t                      **zones;
+    ngx_http_deepseek_guard_class_t      *c;
+    ngx_http_deepseek_guard_main_conf_t  *mcf;
+
+    if (conf->zones == NULL) {
+        conf->zones = prev->zones;
+        conf->zfile = prev->zfile;
+        conf->zline = prev->zline;
+    }
+
+    if (conf->zones) {
+        zones = conf->zones->elts;
+
+        for (i = 0; i < conf->zones->nelts; i++) {
+            if (zones[i]->data == NULL) {
+                ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                              "deepseek_guard: unknown zone \"%V\" in %s:%ui",
+                              &zones[i]->shm.name, conf->zfile, conf->zline);
+                return NGX_CONF_ERROR;
+            }
+        }
+    }
+
+    if (conf->classify == NULL) {
+        conf->classify = prev->classify;
+        conf->default_class = prev->default_class;
+        conf->file = prev->file;
+        conf->line = prev->line;
+    }
+
+    ngx_conf_merge_value(conf->dry_run, prev->dry_run, 0);
+    ngx_conf_merge_value(conf->ratelimit_headers, prev->ratelimit_headers, 0);
+    ngx_conf_merge_uint_value(conf->log_level, prev->log_level, NGX_LOG_WARN);
+    ngx_conf_merge_value(conf->metrics, prev->metrics, 0);
+
+    mcf = ngx_http_conf_get_module_main_conf(cf,
+                                             ngx_http_deepseek_guard_module);
+    c = mcf->classes.elts;
+
+    if (conf->default_class.len == 0) {
+        /* without a default, unknown values go to the lowest class */
+        conf->default_index = mcf->classes.nelts - 1;
+        return NGX_CONF_OK;
+    }
+
+    for (i = 0; i < mcf->classes.nelts; i++) {
+        if (c[i].name.len == conf->default_class.len
+            && ngx_strncmp(c[i].name.data, conf->default_class.data,
+                           c[i].name.len) == 0)
+        {
+            conf->default_index = i;
+            return NGX_CONF_OK;
+        }
+    }
+
+    ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                  "deepseek_guard_classify: undeclared class \"%V\" "
+                  "in %s:%ui", &conf->default_class, conf->file, conf->line);
+
+    return NGX_CONF_ERROR;
+}
+
+
+/*
+ * deepseek_guard_class <name> [reserve=<N>%] [queue=<N>] [queue_timeout=<t>];
+ * classes are ordered by declaration, the first one is the highest
+ */
+
+static char *
+ngx_http_deepseek_guard_class(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_deepseek_guard_main_conf_t *mcf = conf;
+
+    size_t                            len;
+    ngx_int_t                         n;
+    ngx_str_t                        *value, s;
+    ngx_uint_t                        i;
+    ngx_http_deepseek_guard_class_t  *c;
+
+    value = cf->args->elts;
+
+    if (value[1].len == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "empty class name");
+        return NGX_CONF_ERROR;
+    }
+
+    c = mcf->classes.elts;
+    for (i = 0; i < mcf->classes.nelts; i++) {
+        if (c[i].name.len == value[1].len
+            && ngx_strncmp(c[i].name.data, value[1].data, value[1].len) == 0)
+        {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "class \"%V\" is duplicate", &value[1]);
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    if (mcf->classes.nelts >= DSG_MAX_CLASSES) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "too many classes, at most %d are supported",
+                           DSG_MAX_CLASSES);
+        return NGX_CONF_ERROR;
+    }
+
+    c = ngx_array_push(&mcf->classes);
+    if (c == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_memzero(c, sizeof(ngx_http_deepseek_guard_class_t));
+    c->name = value[1];
+    c->queue_timeout = 10000;
+
+    for (i = 2; i < cf->args->nelts; i++) {
+
+        if (ngx_strncmp(value[i].data, "reserve=", 8) == 0) {
+            len = value[i].len - 8;
+            if (len > 0 && value[i].data[value[i].len - 1] == '%') {
+                len--;
+            }
+
+            n = ngx_atoi(value[i].data + 8, len);
+            if (n == NGX_ERROR || n > 99) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid reserve \"%V\"", &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            c->reserve = (uint32_t) n;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "queue=", 6) == 0) {
+            n = ngx_atoi(value[i].data + 6, value[i].len - 6);
+            if (n == NGX_ERROR || n > 65535) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid queue size \"%V\"", &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            c->queue = (uint32_t) n;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "queue_timeout=", 14) == 0) {
+            s.data = value[i].data + 14;
+            s.len = value[i].len - 14;
+
+            n = ngx_parse_time(&s, 0);
+            if (n == NGX_ERROR || n == 0) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid queue_timeout \"%V\"", &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            c->queue_timeout = (ngx_msec_t) n;
+            continue;
+        }
+
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid parameter \"%V\"", &value[i]);
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+/* deepseek_guard_classify <value> [default=<class>]; */
+
+static char *
+ngx_http_deepseek_guard_classify(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
+{
+    ngx_http_deepseek_guard_loc_conf_t *lcf = conf;
+
+    ngx_str_t                         *value;
+    ngx_http_compile_complex_value_t   ccv;
+
+    if (lcf->classify != NULL) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    lcf->classify = ngx_palloc(cf->pool, sizeof(ngx_http_complex_value_t));
+    if (lcf->classify == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_memzero(&ccv, sizeof(ngx_http_compile_complex_value_t));
+
+    ccv.cf = cf;
+    ccv.value = &value[1];
+    ccv.complex_value = lcf->classify;
+
+    if (ngx_http_compile_complex_value(&ccv) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    if (cf->args->nelts == 3) {
+        if (ngx_strncmp(value[2].data, "default=", 8) != 0
+            || value[2].len == 8)
+        {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid parameter \"%V\"", &value[2]);
+            return NGX_CONF_ERROR;
+        }
+
+        lcf->default_class.data = value[2].data + 8;
+        lcf->default_class.len = value[2].len - 8;
+    }
+
+    lcf->file = cf->conf_file->file.name.data;
+    lcf->line = cf->conf_file->line;
+
+    return NGX_CONF_OK;
+}
+
+
+static ngx_int_t
+ngx_http_deepseek_guard_preconf(ngx_conf_t *cf)
+{
+    return ngx_http_deepseek_guard_add_variables(cf);
+}
+
+
+static ngx_int_t
+ngx_http_deepseek_guard_init(ngx_conf_t *cf)
+{
+    ngx_http_handler_pt        *h;
+    ngx_http_core_main_conf_t  *cmcf;
+
+    cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
+
+    h = ngx_array_push(&cmcf->phases[NGX_HTTP_ACCESS_PHASE].handlers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    *h = ngx_http_deepseek_guard_access_handler;
+
+    return NGX_OK;
+}

@@ -1,5 +1,7 @@
 /*
  * Copyright (C) ngx_deepseek_guard_module authors
+ *
+ * The one header that sees both worlds: nginx types and the pure-C core.
  */
 
 
@@ -11,8 +13,161 @@
 #include <ngx_core.h>
 #include <ngx_http.h>
 
+#include "dsg_bucket.h"
+#include "dsg_queue.h"
+
+
+#define NGX_HTTP_DSG_ADMITTED      1
+#define NGX_HTTP_DSG_QUEUED        2
+#define NGX_HTTP_DSG_REJECTED      3
+#define NGX_HTTP_DSG_DRY_RUN       4
+#define NGX_HTTP_DSG_CACHED        5
+#define NGX_HTTP_DSG_STALE         6
+
+/* queue wait histogram upper bounds, in ms; the last bucket is +Inf */
+#define NGX_HTTP_DSG_WAIT_BUCKETS  10
+
+
+typedef struct {
+    ngx_str_t                    name;
+    uint32_t                     reserve;       /* percent */
+    uint32_t                     queue;         /* waiter slots per zone */
+    ngx_msec_t                   queue_timeout;
+} ngx_http_deepseek_guard_class_t;
+
+
+/* per zone and class counters, in shared memory */
+typedef struct {
+    ngx_atomic_t                 admitted;
+    ngx_atomic_t                 queued;
+    ngx_atomic_t                 rejected_429;
+    ngx_atomic_t                 rejected_503;
+    ngx_atomic_t                 rejected_other;
+    ngx_atomic_t                 dry_run;
+    ngx_atomic_t                 timeouts;
+    ngx_atomic_t                 inflight;      /* gauge */
+    ngx_atomic_t                 depth;         /* gauge: waiting now */
+    ngx_atomic_t                 wait_count;
+    ngx_atomic_t                 wait_sum_ms;
+    ngx_atomic_t                 wait_bucket[NGX_HTTP_DSG_WAIT_BUCKETS + 1];
+} ngx_http_deepseek_guard_counters_t;
+
+
+typedef struct {
+    ngx_rbtree_t                 rbtree;
+    ngx_rbtree_node_t            sentinel;
+    ngx_queue_t                  lru;
+    ngx_queue_t                  leases;
+    uint64_t                     ticket;
+    uint64_t                     ewma_us;      /* mean in-flight duration */
+    ngx_uint_t                   nodes;
+    ngx_uint_t                   evicted;
+    ngx_uint_t                   reaped;
+    ngx_uint_t                   nslots;
+    dsg_slot_t                  *slots;
+    ngx_http_deepseek_guard_counters_t  counters[DSG_MAX_CLASSES];
+} ngx_http_deepseek_guard_shctx_t;
+
+
+typedef struct {
+    ngx_http_deepseek_guard_shctx_t  *sh;
+    ngx_slab_pool_t             *shpool;
+    ngx_shm_zone_t              *shm_zone;
+    ngx_http_complex_value_t     key;
+    uint64_t                     rate;         /* requests per period */
+    uint64_t                     period;       /* ms */
+    uint64_t                     burst;
+    uint32_t                     inflight;
+    ngx_uint_t                   status;       /* 429: quota, never queued */
+    dsg_limit_conf_t             limit;
+    dsg_queue_layout_t           layout;
+    dsg_slot_t                  *slots;        /* this cycle's array */
+    u_char                      *file;
+    ngx_uint_t                   line;
+} ngx_http_deepseek_guard_zone_t;
+
+
+typedef struct {
+    ngx_array_t                  classes;   /* ngx_http_deepseek_guard_class_t */
+    ngx_array_t                  zones;     /* ngx_shm_zone_t * */
+    ngx_uint_t                   default_class_set;
+} ngx_http_deepseek_guard_main_conf_t;
+
+
+typedef struct {
+    ngx_array_t                 *zones;     /* ngx_shm_zone_t * */
+    ngx_http_complex_value_t    *classify;
+    ngx_str_t                    default_class;
+    ngx_uint_t                   default_index;
+    ngx_flag_t                   dry_run;
+    ngx_flag_t                   ratelimit_headers;
+    ngx_uint_t                   log_level;
+    ngx_flag_t                   metrics;
+    u_char                      *file;       /* where default_class was set */
+    ngx_uint_t                   line;
+    u_char                      *zfile;      /* where the zones were used */
+    ngx_uint_t                   zline;
+} ngx_http_deepseek_guard_loc_conf_t;
+
+
+/* what a request holds in one zone; zone NULL: empty key, not limited */
+typedef struct {
+    ngx_http_deepseek_guard_zone_t  *zone;
+    ngx_rbtree_node_t           *node;
+    void                        *lease;     /* in-flight lease, NULL if none */
+    ngx_uint_t                   charged;
+    u_char                       digest[16];
+} ngx_http_deepseek_guard_hold_t;
+
+
+typedef struct ngx_http_deepseek_guard_ctx_s  ngx_http_deepseek_guard_ctx_t;
+
+struct ngx_http_deepseek_guard_ctx_s {
+    ngx_http_request_t          *request;
+    ngx_uint_t                   status;      /* NGX_HTTP_DSG_* */
+    ngx_uint_t                   cls;
+    ngx_uint_t                   decided;
+    ngx_uint_t                   nholds;
+    ngx_http_deepseek_guard_hold_t  *holds;
+
+    /* queue */
+    ngx_queue_t                  wait_link;   /* in the worker's wait list */
+    ngx_int_t                    slot;        /* -1: not queued */
+    ngx_uint_t                   slot_zone;   /* index into holds */
+    ngx_msec_t                   enqueued;
+    ngx_msec_t                   deadline;
+    ngx_msec_t                   wait_ms;
+    ngx_msec_t                   admitted_at;
+    uint64_t                     retry_ms;
+    ngx_http_deepseek_guard_zone_t  *reject_zone;
+
+    /* cache module's per-request state */
+    void                        *cache;
+};
+
 
 extern ngx_module_t  ngx_http_deepseek_guard_module;
+
+
+/* ngx_http_deepseek_guard_limit.c */
+char *ngx_http_deepseek_guard_zone(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+char *ngx_http_deepseek_guard(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+ngx_int_t ngx_http_deepseek_guard_limit_init_main(ngx_conf_t *cf,
+    ngx_http_deepseek_guard_main_conf_t *mcf);
+ngx_int_t ngx_http_deepseek_guard_access_handler(ngx_http_request_t *r);
+ngx_int_t ngx_http_deepseek_guard_limit_init_process(ngx_cycle_t *cycle);
+ngx_http_deepseek_guard_ctx_t *ngx_http_deepseek_guard_get_ctx(
+    ngx_http_request_t *r);
+
+extern ngx_msec_t  ngx_http_deepseek_guard_wait_bounds[];
+
+/* ngx_http_deepseek_guard_cache.c */
+ngx_int_t ngx_http_deepseek_guard_cache_overload(ngx_http_request_t *r);
+
+/* ngx_http_deepseek_guard_metrics.c */
+ngx_int_t ngx_http_deepseek_guard_add_variables(ngx_conf_t *cf);
 
 
 #endif /* NGX_HTTP_DEEPSEEK_GUARD_MODULE_H */
