@@ -1,0 +1,1220 @@
+package DSG::Test;
+
+# Integration-test harness of ngx_deepseek_guard_module.
+#
+# Starts the real nginx binary (env NGINX_BIN, default /usr/sbin/nginx) with
+# load_module of the built module (env DSG_MODULE, default
+# <repo>/build/ngx_http_deepseek_guard_module.so) in a private temporary
+# prefix, runs the mock LLM upstream (t/mock/mock_llm.py) and talks HTTP/1.1
+# to both over raw non-blocking sockets.  Core Perl only.
+#
+#   use Test::More;
+#   use lib 't/lib';
+#   use DSG::Test;
+#
+#   my $t = DSG::Test->new(workers => 2);
+#   $t->mock_start(capacity => 10);
+#   $t->write_config(<<'EOF');
+#       server {
+#           listen 127.0.0.1:%%PORT%%;
+#           location /v1/ { proxy_pass http://%%MOCK%%; }
+#       }
+#   EOF
+#   $t->start;
+#   is($t->chat(content => 'hi')->{status}, 200, 'chat');
+#   $t->done;
+#
+# Environment: NGINX_BIN, DSG_MODULE, DSG_NO_MODULE=1 (no load_module line),
+# DSG_KEEP=1 (keep the prefix, its path is printed), DSG_PYTHON (default
+# /usr/bin/python3), DSG_MOCK (default <repo>/t/mock/mock_llm.py).
+#
+# Many concurrent connections need `ulimit -n` >= 4096; the harness raises
+# its own soft RLIMIT_NOFILE up to the hard limit (at most 65536) when loaded.
+#
+# API summary (see each sub for details):
+#   new(workers => 2, log_level => 'info')   port  port(N)  prefix  repo
+#   mock_start(name => 'llm', capacity, first_token_ms, token_ms, tokens,
+#              quiet => 1, args => [...])    mock_port mock_pid mock_log
+#   mock_stats mock_reset mock_config({...}) mock_stop          ($name = 'llm')
+#   write_config($http, main => '...')       conf_file  conf_line(qr//)
+#   test_config -> (ok, output)   start  reload -> bool  restart  stop
+#   master_pid  worker_pids  error_log  access_log  allow_log(qr//)
+#   bad_log_lines  check_log (the alert test, no done_testing)  done
+#   http(%o)  get($uri, %h)  post($uri, $body, %h)  chat(%o)  chat_req(%o)
+#   parallel(\@reqs, timeout => s, concurrency => n)
+#   sse_data($body)  json_decode  json_encode  wait_until(sub {...}, secs)
+#
+# http() options: method uri headers({} or [name => value, ...] or
+#   [[name, value], ...]; an array value repeats the header) body port host
+#   timeout(10) proto('HTTP/1.1') abort_after_bytes abort_after_ms
+#   request_raw(bytes sent as they are) at_ms(parallel only)
+# Response: status headers(lc => joined ", ") header_list body raw ms start
+#   end ttfb_ms first_body_ms version reason; aborted => 1 when cut on
+#   purpose; error => text on connect/read failure, timeout or an incomplete
+#   response, then status is 0 and got_status holds the status line's code.
+
+use strict;
+use warnings;
+
+use Carp qw(croak);
+use Config;
+use Errno qw(EINPROGRESS EWOULDBLOCK EAGAIN EINTR);
+use Fcntl qw(F_GETFL F_SETFL O_NONBLOCK);
+use File::Basename qw(dirname);
+use File::Path qw(make_path remove_tree);
+use File::Spec;
+use File::Temp qw(tempdir);
+use JSON::PP ();
+use POSIX qw(WNOHANG);
+use Scalar::Util qw(weaken refaddr blessed);
+use Socket qw(PF_INET SOCK_STREAM SOL_SOCKET SO_ERROR IPPROTO_TCP
+              TCP_NODELAY inet_aton sockaddr_in);
+use Test::More ();
+use Time::HiRes qw(time sleep);
+
+our $VERSION = '1.0';
+
+our $REPO = File::Spec->rel2abs(
+    File::Spec->catdir(dirname(__FILE__), File::Spec->updir,
+                       File::Spec->updir, File::Spec->updir));
+$REPO = _canon($REPO);
+
+my %LIVE;           # refaddr => weakened object, for END cleanup
+my %USED_PORTS;     # ports handed out by this process
+my $JSON = JSON::PP->new->canonical(1)->utf8(1);
+my $NOFILE_HARD;    # RLIMIT_NOFILE hard limit, when known
+
+_raise_nofile(65536);
+
+# ---------------------------------------------------------------- utility
+
+sub _canon {
+    my ($p) = @_;
+    my @out;
+    for my $c (split m{/}, $p) {
+        next if $c eq '' || $c eq '.';
+        if ($c eq '..') { pop @out; next }
+        push @out, $c;
+    }
+    return '/' . join('/', @out);
+}
+
+sub _slurp {
+    my ($file) = @_;
+    open(my $fh, '<', $file) or return '';
+    binmode $fh;
+    local $/;
+    my $s = <$fh>;
+    close $fh;
+    return defined $s ? $s : '';
+}
+
+sub _spew {
+    my ($file, $data) = @_;
+    open(my $fh, '>', $file) or croak "cannot write $file: $!";
+    binmode $fh;
+    print {$fh} $data;
+    close $fh or croak "cannot write $file: $!";
+}
+
+sub _tail {
+    my ($text, $n) = @_;
+    $n ||= 30;
+    my @l = split /\n/, $text;
+    @l = @l[-$n .. -1] if @l > $n;
+    return join("\n", @l);
+}
+
+# best effort: raise the soft RLIMIT_NOFILE via prlimit64(2)
+sub _raise_nofile {
+    my ($want) = @_;
+    return if $^O ne 'linux';
+    my $nr = $Config{archname} =~ /^x86_64/  ? 302
+           : $Config{archname} =~ /^aarch64/ ? 261
+           : return;
+    my $old = "\0" x 16;
+    my $rc = eval { syscall($nr, 0, 7, 0, $old) };
+    return if !defined $rc || $rc != 0;
+    my ($cur, $max) = unpack('QQ', $old);
+    $NOFILE_HARD = $max;
+    my $new = $want < $max ? $want : $max;
+    return if $cur >= $new;
+    my $lim = pack('QQ', $new, $max);
+    eval { syscall($nr, 0, 7, $lim, 0) };
+}
+
+# /proc/<pid>/stat: returns (state, ppid) or ()
+sub _stat {
+    my ($pid) = @_;
+    my $s = _slurp("/proc/$pid/stat");
+    return () if $s eq '';
+    my $i = rindex($s, ')');
+    return () if $i < 0;
+    my @f = split ' ', substr($s, $i + 2);
+    return ($f[0], $f[1]);
+}
+
+sub _alive {
+    my ($pid) = @_;
+    return 0 unless $pid;
+    my ($state) = _stat($pid);
+    return defined $state && $state ne 'Z' && $state ne 'X';
+}
+
+sub _children {
+    my ($ppid) = @_;
+    my @kids;
+    opendir(my $d, '/proc') or return ();
+    for my $pid (readdir $d) {
+        next unless $pid =~ /^\d+$/;
+        my ($state, $pp) = _stat($pid);
+        next unless defined $pp && $pp == $ppid;
+        next if $state eq 'Z' || $state eq 'X';
+        push @kids, $pid + 0;
+    }
+    closedir $d;
+    return sort { $a <=> $b } @kids;
+}
+
+sub _listening {
+    my ($port) = @_;
+    for my $f ('/proc/net/tcp', '/proc/net/tcp6') {
+        for my $line (split /\n/, _slurp($f)) {
+            my @c = split ' ', $line;
+            next unless @c > 3 && $c[3] eq '0A';
+            return 1 if $c[1] =~ /:([0-9A-F]+)$/ && hex($1) == $port;
+        }
+    }
+    return 0;
+}
+
+sub _free_port {
+    my ($lo_eph) = split ' ', _slurp('/proc/sys/net/ipv4/ip_local_port_range');
+    $lo_eph ||= 32768;
+    my ($lo, $hi) = (10000, $lo_eph - 1);
+    for my $try (1 .. 500) {
+        my $p;
+        if ($hi - $lo > 1000) {
+            $p = $lo + int(rand($hi - $lo));
+        } else {
+            my $s = _bind_check(0) or next;
+            $p = $s;
+        }
+        next if $USED_PORTS{$p};
+        next if _listening($p);
+        next unless _bind_check($p);
+        $USED_PORTS{$p} = 1;
+        return $p;
+    }
+    croak "DSG::Test: no free port found";
+}
+
+# bind 127.0.0.1:$port (no SO_REUSEADDR: TIME_WAIT ports are refused too);
+# returns the bound port or 0
+sub _bind_check {
+    my ($port) = @_;
+    socket(my $s, PF_INET, SOCK_STREAM, 0) or return 0;
+    bind($s, sockaddr_in($port, inet_aton('127.0.0.1'))) or return 0;
+    listen($s, 1) or return 0;
+    my ($p) = sockaddr_in(getsockname($s));
+    close $s;
+    return $p;
+}
+
+# run a command, stdout+stderr into a file; returns (exit status, output)
+sub _run_cmd {
+    my ($cmd, $out, $timeout) = @_;
+    my $pid = fork();
+    croak "fork: $!" unless defined $pid;
+    if (!$pid) {
+        open(STDIN, '<', '/dev/null');
+        open(STDOUT, '>>', $out) or POSIX::_exit(126);
+        open(STDERR, '>&', \*STDOUT) or POSIX::_exit(126);
+        exec { $cmd->[0] } @$cmd
+            or POSIX::_exit(127);
+    }
+    my $deadline = time() + ($timeout || 30);
+    while (1) {
+        my $r = waitpid($pid, WNOHANG);
+        return ($?, _slurp($out)) if $r == $pid;
+        if (time() > $deadline) {
+            kill 'KILL', $pid;
+            waitpid($pid, 0);
+            return (-1, _slurp($out) . "\n(timed out)\n");
+        }
+        sleep 0.01;
+    }
+}
+
+# ---------------------------------------------------------------- object
+
+sub new {
+    my ($class, %args) = @_;
+    my $self = bless {
+        workers   => $args{workers} || 2,
+        log_level => $args{log_level} || 'info',
+        nginx     => $ENV{NGINX_BIN} || '/usr/sbin/nginx',
+        module    => File::Spec->rel2abs($ENV{DSG_MODULE}
+                       || "$REPO/build/ngx_http_deepseek_guard_module.so"),
+        python    => $ENV{DSG_PYTHON} || '/usr/bin/python3',
+        mock_script => $ENV{DSG_MOCK} || "$REPO/t/mock/mock_llm.py",
+        owner     => $$,
+        ports     => [],
+        mocks     => {},
+        allow     => [],
+        master    => undef,
+        keep      => $ENV{DSG_KEEP} ? 1 : 0,
+    }, $class;
+
+    $self->{prefix} = tempdir('dsg-test-XXXXXX', TMPDIR => 1, CLEANUP => 0);
+    $self->{prefix} = _canon(File::Spec->rel2abs($self->{prefix}));
+    chmod 0755, $self->{prefix};
+    make_path(map { "$self->{prefix}/$_" }
+              qw(logs client_body_temp proxy_temp fastcgi_temp uwsgi_temp
+                 scgi_temp));
+    $self->{ports}[0] = _free_port();
+
+    Test::More::diag("DSG::Test prefix kept: $self->{prefix}") if $self->{keep};
+
+    $LIVE{refaddr $self} = $self;
+    weaken($LIVE{refaddr $self});
+
+    for my $sig (qw(INT TERM HUP)) {
+        next if defined $SIG{$sig} && $SIG{$sig} ne '' && $SIG{$sig} ne 'DEFAULT';
+        $SIG{$sig} = sub { print STDERR "DSG::Test: got SIG$sig\n"; exit 1 };
+    }
+    return $self;
+}
+
+sub prefix  { $_[0]{prefix} }
+sub workers { $_[0]{workers} }
+sub conf_file { "$_[0]{prefix}/nginx.conf" }
+sub error_log_file  { "$_[0]{prefix}/logs/error.log" }
+sub access_log_file { "$_[0]{prefix}/logs/access.log" }
+sub repo { $REPO }
+
+sub port {
+    my ($self, $n) = @_;
+    $n ||= 0;
+    return $self->{ports}[$n] ||= _free_port();
+}
+
+# ---------------------------------------------------------------- mock
+
+sub mock_start {
+    my ($self, %o) = @_;
+    my $name = delete $o{name};
+    $name = 'llm' unless defined $name;
+    croak "mock '$name' already running" if $self->{mocks}{$name};
+    croak "mock name '$name' must match \\w+" unless $name =~ /^\w+$/;
+    my $script = $self->{mock_script};
+    croak "mock upstream $script not found" unless -f $script;
+
+    my $portfile = "$self->{prefix}/mock-$name.port";
+    my $log      = "$self->{prefix}/logs/mock-$name.log";
+    unlink $portfile;
+
+    my @cmd = ($self->{python}, $script, '--listen', '127.0.0.1:0',
+               '--portfile', $portfile);
+    for my $k (qw(capacity first_token_ms token_ms tokens)) {
+        next unless defined $o{$k};
+        (my $flag = $k) =~ tr/_/-/;
+        push @cmd, "--$flag", $o{$k};
+    }
+    push @cmd, '--quiet' if !defined $o{quiet} || $o{quiet};
+    push @cmd, @{ $o{args} } if $o{args};
+
+    my $pid = fork();
+    croak "fork: $!" unless defined $pid;
+    if (!$pid) {
+        open(STDIN, '<', '/dev/null');
+        open(STDOUT, '>>', $log) or POSIX::_exit(126);
+        open(STDERR, '>&', \*STDOUT) or POSIX::_exit(126);
+        exec { $cmd[0] } @cmd
+            or POSIX::_exit(127);
+    }
+    my $m = { pid => $pid, portfile => $portfile, log => $log };
+    $self->{mocks}{$name} = $m;
+
+    my $deadline = time() + ($o{timeout} || 15);
+    while (1) {
+        my $p = _slurp($portfile);
+        if ($p =~ /^\s*(\d+)\s*$/ && $1 > 0) {
+            $m->{port} = $1 + 0;
+            return $m->{port};
+        }
+        if (waitpid($pid, WNOHANG) == $pid) {
+            delete $self->{mocks}{$name};
+            croak "mock '$name' exited (status $?) before writing its port:\n"
+                . _tail(_slurp($log));
+        }
+        if (time() > $deadline) {
+            $self->mock_stop($name);
+            croak "mock '$name' did not write $portfile in time:\n"
+                . _tail(_slurp($log));
+        }
+        sleep 0.02;
+    }
+}
+
+sub _mock {
+    my ($self, $name) = @_;
+    $name = 'llm' unless defined $name;
+    my $m = $self->{mocks}{$name} or croak "mock '$name' is not running";
+    return $m;
+}
+
+sub mock_port { $_[0]->_mock($_[1])->{port} }
+sub mock_pid  { $_[0]->_mock($_[1])->{pid} }
+sub mock_log  { _slurp($_[0]->_mock($_[1])->{log}) }
+
+sub _mock_json {
+    my ($self, $name, $method, $uri, $body) = @_;
+    my $m = $self->_mock($name);
+    my $r = $self->http(method => $method, uri => $uri, port => $m->{port},
+                        timeout => 10,
+                        defined $body
+                          ? (body => $JSON->encode($body),
+                             headers => ['Content-Type' => 'application/json'])
+                          : ());
+    croak "mock $method $uri: " . ($r->{error} || "status $r->{status}: $r->{body}")
+        if $r->{error} || $r->{status} != 200;
+    my $d = eval { $JSON->decode($r->{body}) };
+    return $d if ref $d;
+    return { raw => $r->{body} };
+}
+
+sub mock_stats  { my ($s, $n) = @_; $s->_mock_json($n, 'GET', '/stats') }
+sub mock_reset  { my ($s, $n) = @_; $s->_mock_json($n, 'POST', '/stats/reset') }
+sub mock_config {
+    my ($s, $cfg, $n) = @_;
+    croak "mock_config needs a hashref" unless ref $cfg eq 'HASH';
+    $s->_mock_json($n, 'POST', '/admin/config', $cfg);
+}
+
+sub mock_stop {
+    my ($self, $name) = @_;
+    $name = 'llm' unless defined $name;
+    my $m = delete $self->{mocks}{$name} or return;
+    local $?;
+    my $pid = $m->{pid};
+    kill 'TERM', $pid;
+    my $deadline = time() + 5;
+    while (time() < $deadline) {
+        return 1 if waitpid($pid, WNOHANG) == $pid;
+        sleep 0.02;
+    }
+    kill 'KILL', $pid;
+    waitpid($pid, 0);
+    return 1;
+}
+
+# ---------------------------------------------------------------- config
+
+sub _subst {
+    my ($self, $text) = @_;
+    $text =~ s/%%PORT_(\d+)%%/$self->port($1)/ge;
+    $text =~ s/%%PORT%%/$self->port/ge;
+    $text =~ s/%%MOCK_(\w+)%%/'127.0.0.1:' . $self->mock_port($1)/ge;
+    $text =~ s/%%MOCK%%/'127.0.0.1:' . $self->mock_port('llm')/ge;
+    $text =~ s/%%PREFIX%%/$self->{prefix}/g;
+    $text =~ s/%%MODULE%%/$self->{module}/g;
+    return $text;
+}
+
+sub write_config {
+    my ($self, $http, %o) = @_;
+    croak "write_config: http block missing" unless defined $http;
+    my $p = $self->{prefix};
+    $http = $self->_subst($http);
+    my $main = defined $o{main} ? $self->_subst($o{main}) : '';
+
+    my $conf = "# generated by DSG::Test\n";
+    $conf .= "load_module $self->{module};\n" unless $ENV{DSG_NO_MODULE};
+    $conf .= "worker_processes $self->{workers};\n"
+           . "master_process on;\n"
+           . "daemon on;\n";
+    $conf .= "user root;\n" if $> == 0;
+    # 65536, or the hard limit when lower: nginx cannot raise it above
+    # that without CAP_SYS_RESOURCE and would log an [alert] per worker
+    my $nofile = 65536;
+    $nofile = $NOFILE_HARD if $NOFILE_HARD && $NOFILE_HARD < $nofile;
+    $conf .= "worker_rlimit_nofile $nofile;\n"
+           . "error_log $p/logs/error.log $self->{log_level};\n"
+           . "pid $p/nginx.pid;\n";
+    $conf .= "$main\n" if length $main;
+    $conf .= "events {\n    worker_connections 8192;\n}\n"
+           . "http {\n"
+           . "    client_body_temp_path $p/client_body_temp;\n"
+           . "    proxy_temp_path $p/proxy_temp;\n"
+           . "    fastcgi_temp_path $p/fastcgi_temp;\n"
+           . "    uwsgi_temp_path $p/uwsgi_temp;\n"
+           . "    scgi_temp_path $p/scgi_temp;\n"
+           . "    access_log $p/logs/access.log;\n"
+           . "\n$http\n"
+           . "}\n";
+
+    my $port = $self->port;
+    $self->{listens_main} = $conf =~ /\blisten\s[^;]*\b$port\b/ ? 1 : 0;
+    _spew($self->conf_file, $conf);
+    $self->{conf} = $conf;
+    return $self->conf_file;
+}
+
+# line number (1-based) of the first line of the written nginx.conf
+# matching $re, or undef
+sub conf_line {
+    my ($self, $re) = @_;
+    my $n = 0;
+    for my $l (split /\n/, _slurp($self->conf_file)) {
+        $n++;
+        return $n if $l =~ $re;
+    }
+    return undef;
+}
+
+sub _nginx_cmd {
+    my ($self, @extra) = @_;
+    return [$self->{nginx}, '-p', "$self->{prefix}/", '-c', $self->conf_file,
+            @extra];
+}
+
+sub test_config {
+    my ($self) = @_;
+    croak "test_config: no config written" unless -f $self->conf_file;
+    my $out = "$self->{prefix}/logs/nginx-t.out";
+    unlink $out;
+    my ($rc, $text) = _run_cmd($self->_nginx_cmd('-t'), $out, 30);
+    return ($rc == 0 ? 1 : 0, $text);
+}
+
+# ---------------------------------------------------------------- nginx
+
+sub master_pid {
+    my ($self) = @_;
+    return $self->{master} if $self->{master} && _alive($self->{master});
+    return undef;
+}
+
+sub worker_pids {
+    my ($self) = @_;
+    my $m = $self->{master} or return ();
+    return grep { _slurp("/proc/$_/cmdline") !~ /cache/ } _children($m);
+}
+
+sub _die_start {
+    my ($self, $why) = @_;
+    my $err = _tail($self->error_log, 30);
+    my $se  = _tail(_slurp("$self->{prefix}/logs/stderr.log"), 30);
+    $self->_kill_nginx_hard;
+    die "DSG::Test: nginx start failed: $why\n"
+        . (length $se ? "--- nginx stderr:\n$se\n" : '')
+        . "--- error.log tail:\n$err\n";
+}
+
+sub start {
+    my ($self, %o) = @_;
+    croak "start: no config written" unless -f $self->conf_file;
+    croak "start: nginx already running" if $self->master_pid;
+    my $pidfile = "$self->{prefix}/nginx.pid";
+    unlink $pidfile;
+    my $stderr = "$self->{prefix}/logs/stderr.log";
+    unlink $stderr;
+
+    my ($rc) = _run_cmd($self->_nginx_cmd, $stderr, 30);
+    $self->_die_start("exit status " . ($rc >> 8) . ($rc & 127 ? " signal " . ($rc & 127) : ''))
+        if $rc != 0;
+
+    my $deadline = time() + ($o{timeout} || 10);
+    my $why = 'no pid file';
+    while (time() < $deadline) {
+        my $p = _slurp($pidfile);
+        if ($p =~ /^(\d+)\s*$/ && _alive($1)) {
+            $self->{master} = $1 + 0;
+            my @w = $self->worker_pids;
+            if (@w != $self->{workers}) {
+                $why = "have " . scalar(@w) . " of $self->{workers} workers";
+            } elsif ($self->{listens_main} && !_listening($self->port)) {
+                $why = "port " . $self->port . " is not listening";
+            } else {
+                return 1;
+            }
+        } elsif ($p =~ /^(\d+)/) {
+            $self->{master} = $1 + 0;
+            $why = "master $1 is gone";
+        }
+        sleep 0.02;
+    }
+    $self->_die_start("timeout: $why");
+}
+
+sub reload {
+    my ($self, %o) = @_;
+    my $m = $self->master_pid or croak "reload: nginx is not running";
+    my %old = map { $_ => 1 } $self->worker_pids;
+    my $off = -s $self->error_log_file || 0;
+    kill 'HUP', $m or croak "reload: kill HUP $m: $!";
+    my $deadline = time() + ($o{timeout} || 10);
+    while (time() < $deadline) {
+        sleep 0.02;
+        my $gone = !grep { _alive($_) } keys %old;
+        my @new = grep { !$old{$_} } $self->worker_pids;
+        return 1 if $gone && @new == $self->{workers};
+        if (!@new) {
+            my $log = _slurp($self->error_log_file);
+            return 0 if length($log) > $off
+                        && substr($log, $off) =~ /\[emerg\]/;
+        }
+    }
+    return 0;
+}
+
+sub _kill_nginx_hard {
+    my ($self) = @_;
+    my $m = $self->{master} or return;
+    my @kids = _children($m);
+    kill 'KILL', $m, @kids;
+    my $deadline = time() + 3;
+    sleep 0.01 while time() < $deadline && grep { _alive($_) } $m, @kids;
+    $self->{master} = undef;
+}
+
+sub stop {
+    my ($self, %o) = @_;
+    my $m = $self->master_pid;
+    unless ($m) {
+        $self->{master} = undef;
+        return 1;
+    }
+    my @kids = _children($m);
+    my $timeout = defined $o{timeout} ? $o{timeout} : 10;
+    for my $step (['QUIT', $timeout], ['TERM', 5], ['KILL', 3]) {
+        my ($sig, $secs) = @$step;
+        push @kids, _children($m);
+        kill $sig, ($sig eq 'KILL' ? ($m, @kids) : $m);
+        my $deadline = time() + $secs;
+        while (time() < $deadline) {
+            if (!_alive($m)) {
+                # workers exit before the master; do not leave any behind
+                my $d2 = time() + 2;
+                sleep 0.01 while time() < $d2 && grep { _alive($_) } @kids;
+                kill 'KILL', grep { _alive($_) } @kids;
+                $self->{master} = undef;
+                return $sig eq 'QUIT' ? 1 : 0;
+            }
+            sleep 0.02;
+        }
+    }
+    $self->{master} = undef;
+    return 0;
+}
+
+sub restart {
+    my ($self, %o) = @_;
+    $self->stop;
+    return $self->start(%o);
+}
+
+sub error_log  { _slurp($_[0]->error_log_file) }
+sub access_log { _slurp($_[0]->access_log_file) }
+
+sub allow_log {
+    my ($self, @re) = @_;
+    push @{ $self->{allow} }, map { ref $_ ? $_ : qr/\Q$_\E/ } @re;
+    return $self;
+}
+
+# error.log lines that are alerts not declared with allow_log
+sub bad_log_lines {
+    my ($self) = @_;
+    my @bad;
+    LINE: for my $l (split /\n/, $self->error_log) {
+        next unless $l =~ /\[(?:alert|crit|emerg)\]/ || $l =~ /exited on signal/;
+        for my $re (@{ $self->{allow} }) {
+            next LINE if $l =~ $re;
+        }
+        push @bad, $l;
+    }
+    return @bad;
+}
+
+# stop everything and run the one "error.log has no alerts" test
+sub check_log {
+    my ($self) = @_;
+    $self->stop;
+    $self->mock_stop($_) for keys %{ $self->{mocks} };
+    my @bad = $self->bad_log_lines;
+    local $Test::Builder::Level = $Test::Builder::Level + 1;
+    my $ok = Test::More::ok(!@bad, 'error.log has no alerts');
+    Test::More::diag(join "\n", 'unexpected error.log lines:', @bad) if @bad;
+    return $ok;
+}
+
+sub done {
+    my ($self) = @_;
+    local $Test::Builder::Level = $Test::Builder::Level + 1;
+    $self->check_log;
+    Test::More::done_testing();
+}
+
+sub _cleanup {
+    my ($self) = @_;
+    return if $self->{cleaned} || !$self->{owner} || $self->{owner} != $$;
+    $self->{cleaned} = 1;
+    local ($?, $!, $@);
+    eval { $self->stop(timeout => 3) };
+    eval { $self->mock_stop($_) for keys %{ $self->{mocks} } };
+    if (!$self->{keep} && $self->{prefix} && -d $self->{prefix}) {
+        eval { remove_tree($self->{prefix}) };
+    }
+    delete $LIVE{refaddr $self};
+}
+
+sub DESTROY { $_[0]->_cleanup }
+
+END {
+    local $?;
+    for my $t (values %LIVE) {
+        $t->_cleanup if $t;
+    }
+}
+
+# ---------------------------------------------------------------- HTTP
+
+sub _pairs {
+    my ($h) = @_;
+    return () unless $h;
+    if (ref $h eq 'HASH') {
+        return map { [$_, $h->{$_}] } sort keys %$h;
+    }
+    if (ref $h eq 'ARRAY') {
+        return @$h if !@$h || ref $h->[0] eq 'ARRAY';
+        my @p;
+        for (my $i = 0; $i < @$h; $i += 2) {
+            push @p, [$h->[$i], $h->[$i + 1]];
+        }
+        return @p;
+    }
+    croak "headers must be a hash or array reference";
+}
+
+sub _build_request {
+    my ($o) = @_;
+    return $o->{request_raw} if defined $o->{request_raw};
+    my $method = $o->{method} || 'GET';
+    my $uri    = defined $o->{uri} ? $o->{uri} : '/';
+    my $proto  = $o->{proto} || 'HTTP/1.1';
+    my @h = _pairs($o->{headers});
+    my %has = map { lc($_->[0]) => 1 } @h;
+    my $body = $o->{body};
+    my $req = "$method $uri $proto\r\n";
+    $req .= "Host: localhost\r\n" unless $has{host};
+    for my $p (grep { defined $_->[1] } @h) {
+        # an array reference sends the header once per value
+        $req .= "$p->[0]: $_\r\n" for ref $p->[1] eq 'ARRAY' ? @{ $p->[1] } : $p->[1];
+    }
+    if (!$has{'content-length'} && !$has{'transfer-encoding'}) {
+        if (defined $body) {
+            $req .= "Content-Length: " . length($body) . "\r\n";
+        } elsif ($method =~ /^(?:POST|PUT|PATCH)$/) {
+            $req .= "Content-Length: 0\r\n";
+        }
+    }
+    $req .= "Connection: close\r\n" unless $has{connection};
+    $req .= "\r\n";
+    $req .= $body if defined $body;
+    return $req;
+}
+
+sub http {
+    my ($self, %o) = @_;
+    my $timeout = defined $o{timeout} ? $o{timeout} : 10;
+    my ($r) = $self->parallel([\%o], timeout => $timeout + 5);
+    return $r;
+}
+
+sub get {
+    my ($self, $uri, %h) = @_;
+    return $self->http(method => 'GET', uri => $uri, headers => \%h);
+}
+
+sub post {
+    my ($self, $uri, $body, %h) = @_;
+    return $self->http(method => 'POST', uri => $uri, body => $body,
+                       headers => \%h);
+}
+
+# http() options of a chat completion request
+sub chat_req {
+    my ($self, %o) = @_;
+    my $content  = exists $o{content} ? delete $o{content} : 'Hello';
+    my $messages = delete $o{messages};
+    my $model    = delete $o{model};
+    my $stream   = delete $o{stream};
+    my $has_stream = defined $stream;
+    my $max      = delete $o{max_tokens};
+    my $key      = delete $o{key};
+    my $extra    = delete $o{extra};
+    my $headers  = delete $o{headers};
+
+    my %b = (
+        model    => defined $model ? $model : 'deepseek-chat',
+        messages => $messages || [{ role => 'user', content => $content }],
+    );
+    $b{stream} = $stream ? JSON::PP::true : JSON::PP::false if $has_stream;
+    $b{max_tokens} = $max + 0 if defined $max;
+    %b = (%b, %$extra) if $extra;
+
+    my @h = (['Content-Type', 'application/json']);
+    push @h, ['Authorization', "Bearer $key"] if defined $key;
+    push @h, _pairs($headers);
+
+    return {
+        method => 'POST',
+        uri    => '/v1/chat/completions',
+        %o,
+        headers => \@h,
+        body    => exists $o{body} ? $o{body} : $JSON->encode(\%b),
+    };
+}
+
+sub chat {
+    my ($self, %o) = @_;
+    return $self->http(%{ $self->chat_req(%o) });
+}
+
+# the data: payloads of an SSE body, in order
+# drop the invocant of functions that may also be called as methods
+sub _strip_invocant {
+    my $a = $_[0];
+    return @_ > 1 && defined $a
+        && (blessed($a) ? $a->isa(__PACKAGE__) : !ref($a) && $a eq __PACKAGE__)
+        ? @_[1 .. $#_] : @_;
+}
+
+sub sse_data {
+    @_ = _strip_invocant(@_);
+    my ($body) = @_;
+    $body = $body->{body} if ref $body eq 'HASH';
+    my @out;
+    for my $ev (split /\r?\n\r?\n/, defined $body ? $body : '') {
+        my @d;
+        for my $l (split /\r?\n/, $ev) {
+            push @d, $1 if $l =~ /^data: ?(.*)$/;
+        }
+        push @out, join("\n", @d) if @d;
+    }
+    return @out;
+}
+
+sub json_decode {
+    my ($s) = _strip_invocant(@_);
+    my $d = eval { $JSON->decode($s) };
+    return $d;
+}
+
+sub json_encode {
+    my ($d) = _strip_invocant(@_);
+    return $JSON->encode($d);
+}
+
+sub wait_until {
+    my ($self, $cond, $timeout, $step) = @_;
+    my $deadline = time() + (defined $timeout ? $timeout : 10);
+    while (1) {
+        my $v = $cond->();
+        return $v if $v;
+        return undef if time() > $deadline;
+        sleep($step || 0.05);
+    }
+}
+
+# ---------------------------------------------------------------- engine
+#
+# One select() loop drives every connection: non-blocking connect, write
+# the request (reading whatever arrives meanwhile), parse the response
+# incrementally (Content-Length, chunked, or until close).
+
+sub parallel {
+    my ($self, $reqs, %po) = @_;
+    croak "parallel: array reference expected" unless ref $reqs eq 'ARRAY';
+    local $SIG{PIPE} = 'IGNORE';
+
+    my $n = @$reqs;
+    my $base = time();
+    my $cap = $po{concurrency} || 0;
+    my $gdeadline = defined $po{timeout} ? $base + $po{timeout} : undef;
+    my @res = (undef) x $n;
+    my @pending = sort { $a->[1] <=> $b->[1] || $a->[0] <=> $b->[0] }
+                  map { [$_, ($reqs->[$_]{at_ms} || 0) / 1000] } 0 .. $n - 1;
+    my %act;    # fd => state
+    my $done = 0;
+    my $last_sweep = 0;
+
+    while ($done < $n) {
+        my $now = time();
+
+        # start requests that are due
+        while (@pending && $base + $pending[0][1] <= $now
+               && (!$cap || keys(%act) < $cap))
+        {
+            my ($i) = @{ shift @pending };
+            my $st = _conn_start($self, $reqs->[$i], $i, $gdeadline);
+            if ($st->{fd} < 0) {
+                $res[$i] = _finish($st);
+                $done++;
+            } else {
+                $act{ $st->{fd} } = $st;
+            }
+        }
+
+        # timeouts and timed aborts
+        if ($now - $last_sweep > 0.02 || !%act) {
+            $last_sweep = $now;
+            for my $fd (keys %act) {
+                my $st = $act{$fd};
+                if (defined $st->{abort_at} && $now >= $st->{abort_at}) {
+                    $st->{aborted} = 1;
+                } elsif ($now >= $st->{deadline}) {
+                    $st->{error} ||= 'timeout';
+                } else {
+                    next;
+                }
+                delete $act{$fd};
+                $res[ $st->{idx} ] = _finish($st);
+                $done++;
+            }
+            if ($gdeadline && $now >= $gdeadline) {
+                for my $p (@pending) {
+                    my $i = $p->[0];
+                    $res[$i] = _finish({ opt => $reqs->[$i], idx => $i,
+                                         error => 'timeout (not started)',
+                                         start => $now });
+                    $done++;
+                }
+                @pending = ();
+            }
+        }
+        last if $done >= $n;
+
+        # wait
+        my ($rv, $wv) = ('', '');
+        for my $fd (keys %act) {
+            my $ph = $act{$fd}{phase};
+            vec($wv, $fd, 1) = 1 if $ph eq 'connect' || $ph eq 'write';
+            vec($rv, $fd, 1) = 1 if $ph ne 'connect';
+        }
+        my $wait = 0.05;
+        $wait = $base + $pending[0][1] - $now
+            if @pending && $base + $pending[0][1] - $now < $wait
+               && (!$cap || keys(%act) < $cap);
+        $wait = 0 if $wait < 0;
+        next if !%act && $wait == 0;
+        if (!%act) {
+            sleep $wait;
+            next;
+        }
+        my ($ro, $wo) = ($rv, $wv);
+        my $nfound = select($ro, $wo, undef, $wait);
+        if ($nfound < 0) {
+            next if $! == EINTR;
+            croak "select: $!";
+        }
+        next unless $nfound;
+
+        my %ready;
+        for my $pair ([$wo, 'w'], [$ro, 'r']) {
+            my $bits = unpack('b*', $pair->[0]);
+            my $pos = 0;
+            while (($pos = index($bits, '1', $pos)) >= 0) {
+                $ready{$pos}{ $pair->[1] } = 1;
+                $pos++;
+            }
+        }
+        for my $fd (keys %ready) {
+            my $st = $act{$fd} or next;
+            _conn_io($st, $ready{$fd}{r}, $ready{$fd}{w});
+            if ($st->{phase} eq 'done') {
+                delete $act{$fd};
+                $res[ $st->{idx} ] = _finish($st);
+                $done++;
+            }
+        }
+    }
+    return @res;
+}
+
+sub _conn_start {
+    my ($self, $o, $i, $gdeadline) = @_;
+    my $now = time();
+    my $timeout = defined $o->{timeout} ? $o->{timeout} : 10;
+    my $deadline = $now + $timeout;
+    my $st = {
+        opt      => $o,
+        idx      => $i,
+        start    => $now,
+        deadline => $deadline,
+        phase    => 'connect',
+        fd       => -1,
+        wbuf     => _build_request($o),
+        woff     => 0,
+        raw      => '',
+        pbuf     => '',
+        body     => '',
+        pstate   => 'head',
+    };
+    $st->{abort_at} = $now + $o->{abort_after_ms} / 1000
+        if defined $o->{abort_after_ms};
+    $st->{head_req} = 1 if ($o->{method} || 'GET') eq 'HEAD';
+
+    my $host = $o->{host} || '127.0.0.1';
+    my $port = $o->{port} || $self->port;
+    my $sock;
+    if (!socket($sock, PF_INET, SOCK_STREAM, 0)) {
+        $st->{error} = "socket: $!";
+        return $st;
+    }
+    my $fl = fcntl($sock, F_GETFL, 0);
+    fcntl($sock, F_SETFL, $fl | O_NONBLOCK);
+    setsockopt($sock, IPPROTO_TCP, TCP_NODELAY, 1);
+    $st->{sock} = $sock;
+    $st->{fd} = fileno($sock);
+    if (connect($sock, sockaddr_in($port, inet_aton($host)))) {
+        $st->{phase} = 'write';
+    } elsif ($! != EINPROGRESS && $! != EWOULDBLOCK) {
+        $st->{error} = "connect: $!";
+        close $sock;
+        delete $st->{sock};
+        $st->{fd} = -1;
+    }
+    return $st;
+}
+
+sub _conn_io {
+    my ($st, $r, $w) = @_;
+    if ($st->{phase} eq 'connect') {
+        return unless $w;
+        my $e = unpack('i', getsockopt($st->{sock}, SOL_SOCKET, SO_ERROR) || pack('i', 0));
+        if ($e) {
+            local $! = $e;
+            $st->{error} = "connect: $!";
+            $st->{phase} = 'done';
+            return;
+        }
+        $st->{phase} = 'write';
+        $w = 1;
+    }
+    if ($st->{phase} eq 'write' && $w) {
+        my $left = length($st->{wbuf}) - $st->{woff};
+        my $n = $left > 0
+            ? syswrite($st->{sock}, $st->{wbuf}, $left > 262144 ? 262144 : $left,
+                       $st->{woff})
+            : 0;
+        if (!defined $n) {
+            if ($! != EAGAIN && $! != EWOULDBLOCK && $! != EINTR) {
+                # the server may have answered and closed early: read it
+                $st->{write_error} = "write: $!";
+                $st->{phase} = 'read';
+                $r = 1;
+            }
+        } else {
+            $st->{woff} += $n;
+            if ($st->{woff} >= length $st->{wbuf}) {
+                $st->{phase} = 'read';
+                $st->{wbuf} = '';
+            }
+        }
+    }
+    return unless $r && $st->{phase} ne 'done';
+    my $n = sysread($st->{sock}, my $buf, 65536);
+    if (!defined $n) {
+        return if $! == EAGAIN || $! == EWOULDBLOCK || $! == EINTR;
+        $st->{error} = "read: $!";
+        _eof($st);
+        return;
+    }
+    if ($n == 0) {
+        _eof($st);
+        return;
+    }
+    $st->{ttfb} ||= time();
+    $st->{raw} .= $buf;
+    $st->{pbuf} .= $buf;
+    _parse($st);
+}
+
+sub _eof {
+    my ($st) = @_;
+    $st->{phase} = 'done';
+    return if $st->{complete};
+    if ($st->{pstate} eq 'close' && !$st->{error}) {
+        $st->{complete} = 1;
+        return;
+    }
+    $st->{error} ||= $st->{raw} eq ''
+        ? 'connection closed without response'
+          . ($st->{write_error} ? " ($st->{write_error})" : '')
+        : "connection closed prematurely (in $st->{pstate})";
+}
+
+sub _parse {
+    my ($st) = @_;
+    while (1) {
+        my $ps = $st->{pstate};
+        if ($ps eq 'head') {
+            my $i = index($st->{pbuf}, "\r\n\r\n");
+            my $sep = 4;
+            if ($i < 0) {
+                $i = index($st->{pbuf}, "\n\n");
+                $sep = 2;
+            }
+            return if $i < 0;
+            my $head = substr($st->{pbuf}, 0, $i);
+            substr($st->{pbuf}, 0, $i + $sep) = '';
+            my ($sl, @lines) = split /\r?\n/, $head;
+            unless ($sl =~ m{^HTTP/(\d+\.\d+)\s+(\d{3})(?:\s+(.*))?$}) {
+                $st->{error} = "bad status line: $sl";
+                $st->{phase} = 'done';
+                return;
+            }
+            my ($ver, $status, $reason) = ($1, $2 + 0, defined $3 ? $3 : '');
+            if ($status >= 100 && $status < 200 && $status != 101) {
+                next;    # interim response
+            }
+            my (@hl, %h);
+            for my $l (@lines) {
+                if ($l =~ /^[ \t]/ && @hl) {    # obsolete folding
+                    $hl[-1][1] .= ' ' . ($l =~ s/^\s+//r);
+                    next;
+                }
+                my ($k, $v) = $l =~ /^([^:]+):[ \t]*(.*?)[ \t]*$/ or next;
+                push @hl, [$k, $v];
+            }
+            for (@hl) {
+                my $k = lc $_->[0];
+                $h{$k} = exists $h{$k} ? "$h{$k}, $_->[1]" : $_->[1];
+            }
+            @{$st}{qw(version status reason headers header_list)}
+                = ($ver, $status, $reason, \%h, \@hl);
+            $st->{body_start} = 1;
+            if ($st->{head_req} || $status == 204 || $status == 304) {
+                return _complete($st);
+            }
+            if (defined $h{'transfer-encoding'}
+                && $h{'transfer-encoding'} =~ /chunked/i)
+            {
+                $st->{pstate} = 'chunk_size';
+            } elsif (defined $h{'content-length'}
+                     && $h{'content-length'} =~ /^\s*(\d+)/) {
+                $st->{left} = $1;
+                $st->{pstate} = 'length';
+                return _complete($st) if $st->{left} == 0;
+            } else {
+                $st->{pstate} = 'close';
+            }
+            return if _check_abort($st);
+        } elsif ($ps eq 'length') {
+            return unless length $st->{pbuf};
+            my $take = substr($st->{pbuf}, 0, $st->{left}, '');
+            $st->{body} .= $take;
+            $st->{left} -= length $take;
+            $st->{first_body} ||= time();
+            return _complete($st) if $st->{left} <= 0;
+            return if _check_abort($st);
+        } elsif ($ps eq 'close') {
+            return unless length $st->{pbuf};
+            $st->{body} .= $st->{pbuf};
+            $st->{pbuf} = '';
+            $st->{first_body} ||= time();
+            _check_abort($st);
+            return;
+        } elsif ($ps eq 'chunk_size') {
+            my $i = index($st->{pbuf}, "\n");
+            return if $i < 0;
+            my $line = substr($st->{pbuf}, 0, $i + 1, '');
+            unless ($line =~ /^\s*([0-9a-fA-F]+)/) {
+                $st->{error} = "bad chunk size line: $line";
+                $st->{phase} = 'done';
+                return;
+            }
+            my $size = hex $1;
+            if ($size == 0) {
+                $st->{pstate} = 'trailer';
+            } else {
+                $st->{left} = $size;
+                $st->{pstate} = 'chunk_data';
+            }
+        } elsif ($ps eq 'chunk_data') {
+            return unless length $st->{pbuf};
+            my $take = substr($st->{pbuf}, 0, $st->{left}, '');
+            $st->{body} .= $take;
+            $st->{left} -= length $take;
+            $st->{first_body} ||= time();
+            $st->{pstate} = 'chunk_crlf' if $st->{left} <= 0;
+            return if _check_abort($st);
+        } elsif ($ps eq 'chunk_crlf') {
+            my $i = index($st->{pbuf}, "\n");
+            return if $i < 0;
+            substr($st->{pbuf}, 0, $i + 1) = '';
+            $st->{pstate} = 'chunk_size';
+        } elsif ($ps eq 'trailer') {
+            my $i = index($st->{pbuf}, "\n");
+            return if $i < 0;
+            my $line = substr($st->{pbuf}, 0, $i + 1, '');
+            return _complete($st) if $line =~ /^\r?\n$/;
+        } else {
+            return;
+        }
+    }
+}
+
+sub _check_abort {
+    my ($st) = @_;
+    my $n = $st->{opt}{abort_after_bytes};
+    return 0 unless defined $n && length($st->{body}) >= $n;
+    $st->{aborted} = 1;
+    $st->{phase} = 'done';
+    return 1;
+}
+
+sub _complete {
+    my ($st) = @_;
+    $st->{complete} = 1;
+    $st->{phase} = 'done';
+    return;
+}
+
+sub _finish {
+    my ($st) = @_;
+    my $end = time();
+    if ($st->{sock}) {
+        close $st->{sock};
+        delete $st->{sock};
+    }
+    my $start = $st->{start} || $end;
+    my %r = (
+        status      => $st->{status} || 0,
+        headers     => $st->{headers} || {},
+        header_list => $st->{header_list} || [],
+        body        => $st->{body} // '',
+        raw         => $st->{raw} // '',
+        start       => $start,
+        end         => $end,
+        ms          => ($end - $start) * 1000,
+    );
+    $r{ttfb_ms} = ($st->{ttfb} - $start) * 1000 if $st->{ttfb};
+    $r{first_body_ms} = ($st->{first_body} - $start) * 1000
+        if $st->{first_body};
+    $r{version} = $st->{version} if defined $st->{version};
+    $r{reason} = $st->{reason} if defined $st->{reason};
+    if ($st->{aborted}) {
+        $r{aborted} = 1;
+    } elsif ($st->{error} || !$st->{complete}) {
+        $r{error} = $st->{error} || 'incomplete response';
+        $r{got_status} = $r{status};
+        $r{status} = 0;
+    }
+    return \%r;
+}
+
+1;
