@@ -83,7 +83,12 @@ build() {
     make -s -C "$src" -f objs/Makefile modules >"$BUILD/make.log" 2>&1 || {
         cat "$BUILD/make.log"; exit 1; }
     grep -E 'warning|error' "$BUILD/make.log" || true
-    cp "$src/objs/ngx_http_deepseek_guard_module.so" "$SO"
+    # a new inode, never an overwrite: a running nginx has the old file
+    # mapped, and rewriting it in place crashes that nginx
+    if ! cmp -s "$src/objs/ngx_http_deepseek_guard_module.so" "$SO"; then
+        cp "$src/objs/ngx_http_deepseek_guard_module.so" "$SO.tmp"
+        mv -f "$SO.tmp" "$SO"
+    fi
 
     smoke
     echo "build.sh: module at ${SO#"$REPO"/}"
