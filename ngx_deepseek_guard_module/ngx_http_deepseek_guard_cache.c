@@ -1,13 +1,2320 @@
 /*
  * Copyright (C) ngx_deepseek_guard_module authors
+ *
+ * The LMDB response cache: directives, the lookup in the access phase
+ * (before admission, so a fresh hit costs no capacity), hit serving in the
+ * precontent phase (it runs even when the location's content handler is
+ * proxy_pass), the response capture filters, coalescing of concurrent
+ * misses through fill locks in shared memory, stale answers, and the
+ * background sweep.
  */
 
 
 #include "ngx_http_deepseek_guard_module.h"
 
+#include <openssl/evp.h>
+
+#include "dsg_entry.h"
+#include "dsg_json.h"
+#include "dsg_store.h"
+
+
+#define NGX_HTTP_DSG_CACHE_MISS       1
+#define NGX_HTTP_DSG_CACHE_HIT        2
+#define NGX_HTTP_DSG_CACHE_EXPIRED    3
+#define NGX_HTTP_DSG_CACHE_STALE      4
+#define NGX_HTTP_DSG_CACHE_COALESCED  5
+#define NGX_HTTP_DSG_CACHE_BYPASS     6
+
+#define NGX_HTTP_DSG_STALE_OVERLOAD   0x0001
+#define NGX_HTTP_DSG_STALE_ERROR      0x0002
+#define NGX_HTTP_DSG_STALE_TIMEOUT    0x0004
+#define NGX_HTTP_DSG_STALE_500        0x0008
+#define NGX_HTTP_DSG_STALE_502        0x0010
+#define NGX_HTTP_DSG_STALE_503        0x0020
+#define NGX_HTTP_DSG_STALE_504        0x0040
+#define NGX_HTTP_DSG_STALE_429        0x0080
+#define NGX_HTTP_DSG_STALE_UPDATING   0x0100
+#define NGX_HTTP_DSG_STALE_OFF        0x8000
+
+#define NGX_HTTP_DSG_CACHE_POLL_MS    5
+#define NGX_HTTP_DSG_SWEEP_MS         1000
+#define NGX_HTTP_DSG_SWEEP_ITEMS      256
+#define NGX_HTTP_DSG_JSON_MAX         (8 * 1024 * 1024)
+
+#define NGX_HTTP_DSG_BODY_NONE        0
+#define NGX_HTTP_DSG_BODY_READING     1
+#define NGX_HTTP_DSG_BODY_DONE        2
+
+
+typedef struct {
+    ngx_uint_t                   status;
+    ngx_msec_t                   valid;
+} ngx_http_deepseek_guard_valid_t;
+
+
+typedef struct ngx_http_deepseek_guard_cache_ctx_s {
+    ngx_http_deepseek_guard_ctx_t  *guard;
+    ngx_http_deepseek_guard_cache_t  *cache;
+
+    ngx_uint_t                   status;       /* NGX_HTTP_DSG_CACHE_* */
+    ngx_uint_t                   body;         /* NGX_HTTP_DSG_BODY_* */
+    ngx_uint_t                   looked_up;
+    ngx_uint_t                   waited;
+    ngx_uint_t                   lock_timed_out;
+    ngx_uint_t                   bypass;
+
+    ngx_str_t                    key;
+    u_char                       digest[32];
+    u_char                       body_sha[64];
+    ngx_uint_t                   body_sha_done;
+
+    /* the entry found: fresh (serve), or expired (stale candidate) */
+    dsg_entry_t                  entry;
+    ngx_uint_t                   have_entry;
+    ngx_uint_t                   fresh;
+    ngx_uint_t                   serve;        /* answer from entry */
+    ngx_uint_t                   serving;      /* our answer is going out */
+
+    /* filling */
+    ngx_int_t                    lock;         /* index, -1 none */
+    ngx_uint_t                   store;        /* may store the response */
+    ngx_uint_t                   capture;      /* capturing the body */
+    ngx_uint_t                   replacing;    /* stale replaces upstream */
+    ngx_uint_t                   replaced;
+    ngx_uint_t                   sse;
+    ngx_uint_t                   http_status;
+    uint64_t                     ttl;
+    ngx_str_t                    content_type;
+    ngx_chain_t                 *chain;
+    ngx_chain_t                **last;
+    size_t                       size;
+
+    /* coalescing */
+    ngx_queue_t                  wait_link;
+    ngx_uint_t                   waiting;
+    ngx_msec_t                   wait_deadline;
+} ngx_http_deepseek_guard_cache_ctx_t;
+
+
+typedef struct {
+    dsg_entry_t                 *entry;
+    ngx_chain_t                 *chain;
+} ngx_http_deepseek_guard_fill_t;
+
+
+static uint64_t ngx_http_deepseek_guard_now_ms(void);
+static ngx_int_t ngx_http_deepseek_guard_cache_init_zone(
+    ngx_shm_zone_t *shm_zone, void *data);
+static void ngx_http_deepseek_guard_cache_body_handler(ngx_http_request_t *r);
+static ngx_int_t ngx_http_deepseek_guard_cache_lookup(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_cache_ctx_t *cctx);
+static ngx_int_t ngx_http_deepseek_guard_cache_lock(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_cache_ctx_t *cctx);
+static void ngx_http_deepseek_guard_cache_unlock(
+    ngx_http_deepseek_guard_cache_ctx_t *cctx);
+static ngx_int_t ngx_http_deepseek_guard_cache_send(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_cache_ctx_t *cctx);
+static ngx_int_t ngx_http_deepseek_guard_precontent_handler(
+    ngx_http_request_t *r);
+static ngx_int_t ngx_http_deepseek_guard_header_filter(ngx_http_request_t *r);
+static ngx_int_t ngx_http_deepseek_guard_body_filter(ngx_http_request_t *r,
+    ngx_chain_t *in);
+static void ngx_http_deepseek_guard_cache_store(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_cache_ctx_t *cctx);
+static void ngx_http_deepseek_guard_cache_cleanup(void *data);
+static void ngx_http_deepseek_guard_cache_poll(ngx_event_t *ev);
+static void ngx_http_deepseek_guard_cache_sweep(ngx_event_t *ev);
+static ngx_int_t ngx_http_deepseek_guard_cache_status_header(
+    ngx_http_request_t *r, ngx_http_deepseek_guard_cache_ctx_t *cctx);
+static ngx_int_t ngx_http_deepseek_guard_body_sha(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_cache_ctx_t *cctx);
+
+
+ngx_conf_bitmask_t  ngx_http_deepseek_guard_use_stale_masks[] = {
+    { ngx_string("off"), NGX_HTTP_DSG_STALE_OFF },
+    { ngx_string("overload"), NGX_HTTP_DSG_STALE_OVERLOAD },
+    { ngx_string("error"), NGX_HTTP_DSG_STALE_ERROR },
+    { ngx_string("timeout"), NGX_HTTP_DSG_STALE_TIMEOUT },
+    { ngx_string("http_500"), NGX_HTTP_DSG_STALE_500 },
+    { ngx_string("http_502"), NGX_HTTP_DSG_STALE_502 },
+    { ngx_string("http_503"), NGX_HTTP_DSG_STALE_503 },
+    { ngx_string("http_504"), NGX_HTTP_DSG_STALE_504 },
+    { ngx_string("http_429"), NGX_HTTP_DSG_STALE_429 },
+    { ngx_string("updating"), NGX_HTTP_DSG_STALE_UPDATING },
+    { ngx_null_string, 0 }
+};
+
+
+ngx_conf_bitmask_t  ngx_http_deepseek_guard_methods_masks[] = {
+    { ngx_string("GET"), NGX_HTTP_GET },
+    { ngx_string("HEAD"), NGX_HTTP_HEAD },
+    { ngx_string("POST"), NGX_HTTP_POST },
+    { ngx_null_string, 0 }
+};
+
+
+static ngx_str_t  ngx_http_deepseek_guard_cache_status_names[] = {
+    ngx_null_string,
+    ngx_string("MISS"),
+    ngx_string("HIT"),
+    ngx_string("EXPIRED"),
+    ngx_string("STALE"),
+    ngx_string("COALESCED"),
+    ngx_string("BYPASS")
+};
+
+
+static ngx_http_output_header_filter_pt  ngx_http_next_header_filter;
+static ngx_http_output_body_filter_pt    ngx_http_next_body_filter;
+
+static ngx_queue_t   ngx_http_deepseek_guard_cache_waiters;
+static ngx_uint_t    ngx_http_deepseek_guard_cache_nwaiters;
+static ngx_event_t   ngx_http_deepseek_guard_cache_poll_ev;
+static ngx_event_t   ngx_http_deepseek_guard_cache_sweep_ev;
+static ngx_array_t  *ngx_http_deepseek_guard_cache_list;
+
+
+/* wall clock ms: entries outlive the process, so not ngx_current_msec */
+
+static uint64_t
+ngx_http_deepseek_guard_now_ms(void)
+{
+    ngx_time_t  *tp;
+
+    tp = ngx_timeofday();
+
+    return (uint64_t) tp->sec * 1000 + tp->msec;
+}
+
+
+/* the per-request cache state, created on first use */
+
+static ngx_http_deepseek_guard_cache_ctx_t *
+ngx_http_deepseek_guard_cache_ctx(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_ctx_t *ctx)
+{
+    ngx_pool_cleanup_t                   *cln;
+    ngx_http_deepseek_guard_cache_ctx_t  *cctx;
+
+    if (ctx->cache) {
+        return ctx->cache;
+    }
+
+    cln = ngx_pool_cleanup_add(r->main->pool,
+                               sizeof(ngx_http_deepseek_guard_cache_ctx_t));
+    if (cln == NULL) {
+        return NULL;
+    }
+
+    cctx = cln->data;
+    ngx_memzero(cctx, sizeof(ngx_http_deepseek_guard_cache_ctx_t));
+    cctx->guard = ctx;
+    cctx->lock = -1;
+    cln->handler = ngx_http_deepseek_guard_cache_cleanup;
+
+    ctx->cache = cctx;
+
+    return cctx;
+}
+
+
+/*
+ * Runs in the access phase before admission.  NGX_DECLINED: go on to
+ * admission (a miss, or not cacheable); NGX_OK: answered from the cache,
+ * skip admission; NGX_DONE: parked (reading the body, or waiting for the
+ * request that fills this entry); an HTTP status on error.
+ */
+
+ngx_int_t
+ngx_http_deepseek_guard_cache_access(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_ctx_t *ctx)
+{
+    ngx_int_t                             rc;
+    ngx_http_deepseek_guard_cache_ctx_t  *cctx;
+    ngx_http_deepseek_guard_loc_conf_t   *lcf;
+
+    lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
+
+    if (lcf->cache == NULL) {
+        return NGX_DECLINED;
+    }
+
+    cctx = ngx_http_deepseek_guard_cache_ctx(r, ctx);
+    if (cctx == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    if (cctx->looked_up) {
+        return cctx->serve ? NGX_OK : NGX_DECLINED;
+    }
+
+    cctx->cache = lcf->cache;
+
+    if (!(r->method & lcf->methods)) {
+        cctx->looked_up = 1;
+        return NGX_DECLINED;
+    }
+
+    if (cctx->body == NGX_HTTP_DSG_BODY_NONE
+        && (r->headers_in.content_length_n > 0 || r->headers_in.chunked))
+    {
+        cctx->body = NGX_HTTP_DSG_BODY_READING;
+
+        rc = ngx_http_read_client_request_body(r,
+                                 ngx_http_deepseek_guard_cache_body_handler);
+        if (rc >= NGX_HTTP_SPECIAL_RESPONSE) {
+            return rc;
+        }
+
+        /* the body handler reruns the phases, now or once the body is in */
+
+        ngx_http_finalize_request(r, NGX_DONE);
+        return NGX_DONE;
+    }
+
+    if (cctx->body == NGX_HTTP_DSG_BODY_READING) {
+        /* re-entered before the body handler ran: keep waiting */
+        return NGX_DONE;
+    }
+
+    if (ngx_http_test_predicates(r, lcf->cache_bypass) == NGX_DECLINED) {
+        cctx->looked_up = 1;
+        cctx->bypass = 1;
+        cctx->store = 1;
+        cctx->status = NGX_HTTP_DSG_CACHE_BYPASS;
+        (void) ngx_atomic_fetch_add(&lcf->cache->sh->bypass, 1);
+        return NGX_DECLINED;
+    }
+
+    rc = ngx_http_deepseek_guard_cache_lookup(r, cctx);
+
+    if (rc == NGX_ERROR) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    if (rc == NGX_OK) {
+        /* fresh hit */
+        cctx->looked_up = 1;
+        cctx->serve = 1;
+
+        if (cctx->waited) {
+            cctx->status = NGX_HTTP_DSG_CACHE_COALESCED;
+            (void) ngx_atomic_fetch_add(&lcf->cache->sh->coalesced, 1);
+
+        } else {
+            cctx->status = NGX_HTTP_DSG_CACHE_HIT;
+            (void) ngx_atomic_fetch_add(&lcf->cache->sh->hits, 1);
+        }
+
+        return NGX_OK;
+    }
+
+    /* a miss: become the filler, or wait for the one filling it */
+
+    if (cctx->lock_timed_out) {
+        rc = NGX_OK;
+
+    } else {
+        rc = ngx_http_deepseek_guard_cache_lock(r, cctx);
+    }
+
+    if (rc == NGX_BUSY) {
+
+        if (cctx->have_entry
+            && (lcf->use_stale & NGX_HTTP_DSG_STALE_UPDATING))
+        {
+            cctx->looked_up = 1;
+            cctx->serve = 1;
+            cctx->status = NGX_HTTP_DSG_CACHE_STALE;
+            (void) ngx_atomic_fetch_add(&lcf->cache->sh->stale, 1);
+            return NGX_OK;
+        }
+
+        if (!cctx->waiting) {
+            cctx->waiting = 1;
+            cctx->waited = 1;
+            cctx->wait_deadline = ngx_current_msec + lcf->lock_timeout;
+            ngx_queue_insert_tail(&ngx_http_deepseek_guard_cache_waiters,
+                                  &cctx->wait_link);
+            ngx_http_deepseek_guard_cache_nwaiters++;
+        }
+
+        r->read_event_handler = ngx_http_test_reading;
+        r->write_event_handler = ngx_http_request_empty_handler;
+
+        if (!ngx_http_deepseek_guard_cache_poll_ev.timer_set) {
+            ngx_add_timer(&ngx_http_deepseek_guard_cache_poll_ev,
+                          NGX_HTTP_DSG_CACHE_POLL_MS);
+        }
+
+        ngx_log_debug0(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                       "deepseek_guard cache: waiting for the filler");
+
+        return NGX_DONE;
+    }
+
+    cctx->looked_up = 1;
+    cctx->store = 1;
+
+    if (cctx->status == 0) {
+        cctx->status = cctx->have_entry ? NGX_HTTP_DSG_CACHE_EXPIRED
+                                        : NGX_HTTP_DSG_CACHE_MISS;
+
+        (void) ngx_atomic_fetch_add(cctx->have_entry
+                                    ? &lcf->cache->sh->expired
+                                    : &lcf->cache->sh->misses, 1);
+    }
+
+    return NGX_DECLINED;
+}
+
+
+static void
+ngx_http_deepseek_guard_cache_body_handler(ngx_http_request_t *r)
+{
+    ngx_http_deepseek_guard_ctx_t  *ctx;
+
+    ctx = ngx_http_deepseek_guard_get_ctx(r);
+
+    if (ctx && ctx->cache) {
+        ctx->cache->body = NGX_HTTP_DSG_BODY_DONE;
+    }
+
+    r->write_event_handler = ngx_http_core_run_phases;
+    ngx_http_core_run_phases(r);
+}
+
+
+static void *
+ngx_http_deepseek_guard_cache_alloc(void *pool, size_t n)
+{
+    return ngx_palloc(pool, n);
+}
+
+
+/*
+ * Computes the key and its digest, then reads the entry.  NGX_OK: fresh;
+ * NGX_DECLINED: none or expired (cctx->have_entry says which).
+ */
+
+static ngx_int_t
+ngx_http_deepseek_guard_cache_lookup(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_cache_ctx_t *cctx)
+{
+    int                                  rc;
+    size_t                               len;
+    uint8_t                             *val;
+    uint64_t                             now;
+    unsigned int                         dlen;
+    dsg_entry_t                          e;
+    ngx_http_deepseek_guard_loc_conf_t  *lcf;
+
+    lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
+
+    if (cctx->key.data == NULL) {
+        if (ngx_http_complex_value(r, lcf->cache_key, &cctx->key) != NGX_OK) {
+            return NGX_ERROR;
+        }
+
+        if (EVP_Digest(cctx->key.data, cctx->key.len, cctx->digest, &dlen,
+                       EVP_sha256(), NULL)
+            != 1)
+        {
+            return NGX_ERROR;
+        }
+    }
+
+    cctx->have_entry = 0;
+
+    if (cctx->cache->store == NULL) {
+        return NGX_DECLINED;
+    }
+
+    rc = dsg_store_get(cctx->cache->store, cctx->digest,
+                       ngx_http_deepseek_guard_cache_alloc, r->pool,
+                       &val, &len);
+
+    if (rc == DSG_STORE_NOTFOUND) {
+        return NGX_DECLINED;
+    }
+
+    if (rc != DSG_STORE_OK) {
+        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                      "deepseek_guard cache \"%V\": read failed: %s",
+                      &cctx->cache->name, dsg_store_strerror(rc));
+        return NGX_DECLINED;
+    }
+
+    rc = dsg_entry_decode(val, len, &e);
+    if (rc != DSG_ENTRY_OK) {
+        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                      "deepseek_guard cache \"%V\": bad entry: %s",
+                      &cctx->cache->name, dsg_entry_strerror(rc));
+        return NGX_DECLINED;
+    }
+
+    if (e.key_len != cctx->key.len
+        || ngx_memcmp(e.key, cctx->key.data, e.key_len) != 0)
+    {
+        /* a SHA-256 collision: never answer another request's entry */
+        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                      "deepseek_guard cache \"%V\": key digest collision",
+                      &cctx->cache->name);
+        return NGX_DECLINED;
+    }
+
+    now = ngx_http_deepseek_guard_now_ms();
+
+    if (now >= e.stale_until_ms) {
+        return NGX_DECLINED;
+    }
+
+    cctx->entry = e;
+    cctx->have_entry = 1;
+    cctx->fresh = (now < e.expires_ms);
+
+    return cctx->fresh ? NGX_OK : NGX_DECLINED;
+}
+
+
+/*
+ * Takes the fill lock of the entry: NGX_OK, we fill it; NGX_BUSY, another
+ * live request does.  A lock whose deadline passed is taken over.
+ */
+
+static ngx_int_t
+ngx_http_deepseek_guard_cache_lock(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_cache_ctx_t *cctx)
+{
+    ngx_int_t                            rc;
+    ngx_uint_t                           i, h, n, free;
+    ngx_http_deepseek_guard_lock_t      *lk;
+    ngx_http_deepseek_guard_cache_t     *cache;
+    ngx_http_deepseek_guard_loc_conf_t  *lcf;
+
+    lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
+    cache = cctx->cache;
+    n = cache->sh->nlocks;
+
+    ngx_memcpy(&h, cctx->digest, sizeof(ngx_uint_t));
+
+    rc = NGX_OK;
+    free = n;
+
+    ngx_shmtx_lock(&cache->shpool->mutex);
+
+    for (i = 0; i < n; i++) {
+        lk = &cache->sh->locks[(h + i) % n];
+
+        if (lk->pid == 0) {
+            if (free == n) {
+                free = (h + i) % n;
+            }
+            continue;
+        }
+
+        if (ngx_memcmp(lk->digest, cctx->digest, 32) != 0) {
+            continue;
+        }
+
+        if (lk->pid == ngx_pid && (ngx_int_t) ((h + i) % n) == cctx->lock) {
+            goto done;
+        }
+
+        if ((int64_t) (lk->deadline - ngx_current_msec) > 0) {
+            rc = NGX_BUSY;
+            goto done;
+        }
+
+        /* the filler is late: take it over */
+        free = (h + i) % n;
+        break;
+    }
+
+    if (free < n) {
+        lk = &cache->sh->locks[free];
+        ngx_memcpy(lk->digest, cctx->digest, 32);
+        lk->pid = ngx_pid;
+        lk->deadline = ngx_current_msec + lcf->lock_timeout;
+        cctx->lock = free;
+    }
+
+    /* no free lock: fill without coalescing */
+
+done:
+
+    ngx_shmtx_unlock(&cache->shpool->mutex);
+
+    return rc;
+}
+
+
+static void
+ngx_http_deepseek_guard_cache_unlock(ngx_http_deepseek_guard_cache_ctx_t *cctx)
+{
+    ngx_http_deepseek_guard_lock_t   *lk;
+    ngx_http_deepseek_guard_cache_t  *cache;
+
+    if (cctx->lock < 0) {
+        return;
+    }
+
+    cache = cctx->cache;
+
+    ngx_shmtx_lock(&cache->shpool->mutex);
+
+    lk = &cache->sh->locks[cctx->lock];
+
+    if (lk->pid == ngx_pid
+        && ngx_memcmp(lk->digest, cctx->digest, 32) == 0)
+    {
+        lk->pid = 0;
+    }
+
+    ngx_shmtx_unlock(&cache->shpool->mutex);
+
+    cctx->lock = -1;
+
+    if (ngx_http_deepseek_guard_cache_nwaiters
+        && !ngx_http_deepseek_guard_cache_poll_ev.timer_set)
+    {
+        ngx_add_timer(&ngx_http_deepseek_guard_cache_poll_ev, 0);
+    }
+}
+
+
+/* this worker's waiters: retry once their entry's lock is gone */
+
+static void
+ngx_http_deepseek_guard_cache_poll(ngx_event_t *ev)
+{
+    ngx_uint_t                            i, n, h, busy;
+    ngx_queue_t                          *q, *next;
+    ngx_connection_t                     *c;
+    ngx_http_request_t                   *r;
+    ngx_http_deepseek_guard_lock_t       *lk;
+    ngx_http_deepseek_guard_cache_t      *cache;
+    ngx_http_deepseek_guard_cache_ctx_t  *cctx;
+
+    for (q = ngx_queue_head(&ngx_http_deepseek_guard_cache_waiters);
+         q != ngx_queue_sentinel(&ngx_http_deepseek_guard_cache_waiters);
+         q = next)
+    {
+        next = ngx_queue_next(q);
+        cctx = ngx_queue_data(q, ngx_http_deepseek_guard_cache_ctx_t,
+                              wait_link);
+        cache = cctx->cache;
+        r = cctx->guard->request;
+        c = r->connection;
+
+        busy = 0;
+        n = cache->sh->nlocks;
+        ngx_memcpy(&h, cctx->digest, sizeof(ngx_uint_t));
+
+        ngx_shmtx_lock(&cache->shpool->mutex);
+
+        for (i = 0; i < n; i++) {
+            lk = &cache->sh->locks[(h + i) % n];
+
+            if (lk->pid != 0
+                && ngx_memcmp(lk->digest, cctx->digest, 32) == 0
+                && (int64_t) (lk->deadline - ngx_current_msec) > 0)
+            {
+                busy = 1;
+                break;
+            }
+        }
+
+        ngx_shmtx_unlock(&cache->shpool->mutex);
+
+        if (busy
+            && (ngx_msec_int_t) (cctx->wait_deadline - ngx_current_msec) > 0)
+        {
+            continue;
+        }
+
+        if (busy) {
+            /* waited long enough: go to the upstream on our own */
+            cctx->lock_timed_out = 1;
+            ngx_log_error(NGX_LOG_WARN, c->log, 0,
+                          "deepseek_guard cache \"%V\": lock timeout, "
+                          "going upstream", &cache->name);
+        }
+
+        ngx_queue_remove(&cctx->wait_link);
+        ngx_http_deepseek_guard_cache_nwaiters--;
+        cctx->waiting = 0;
+
+        r->read_event_handler = ngx_http_block_reading;
+        r->write_event_handler = ngx_http_core_run_phases;
+        ngx_http_core_run_phases(r);
+        ngx_http_run_posted_requests(c);
+    }
+
+    if (ngx_http_deepseek_guard_cache_nwaiters) {
+        ngx_add_timer(ev, NGX_HTTP_DSG_CACHE_POLL_MS);
+    }
+}
+
+
+/* the guard would reject: answer with a stale entry if allowed */
 
 ngx_int_t
 ngx_http_deepseek_guard_cache_overload(ngx_http_request_t *r)
 {
-    return NGX_DECLINED;
+    ngx_http_deepseek_guard_ctx_t        *ctx;
+    ngx_http_deepseek_guard_cache_ctx_t  *cctx;
+    ngx_http_deepseek_guard_loc_conf_t   *lcf;
+
+    lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
+    ctx = ngx_http_deepseek_guard_get_ctx(r);
+
+    if (ctx == NULL || ctx->cache == NULL
+        || !(lcf->use_stale & NGX_HTTP_DSG_STALE_OVERLOAD))
+    {
+        return NGX_DECLINED;
+    }
+
+    cctx = ctx->cache;
+
+    if (!cctx->have_entry || r->header_sent) {
+        return NGX_DECLINED;
+    }
+
+    cctx->status = NGX_HTTP_DSG_CACHE_STALE;
+    cctx->store = 0;
+    (void) ngx_atomic_fetch_add(&cctx->cache->sh->stale, 1);
+    ngx_http_deepseek_guard_cache_unlock(cctx);
+
+    ngx_http_discard_request_body(r);
+
+    return ngx_http_deepseek_guard_cache_send(r, cctx);
+}
+
+
+static ngx_int_t
+ngx_http_deepseek_guard_precontent_handler(ngx_http_request_t *r)
+{
+    ngx_http_deepseek_guard_ctx_t  *ctx;
+
+    if (r != r->main) {
+        return NGX_DECLINED;
+    }
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_deepseek_guard_module);
+
+    if (ctx == NULL || ctx->cache == NULL || !ctx->cache->serve
+        || ctx->cache->serving)
+    {
+        return NGX_DECLINED;
+    }
+
+    ngx_http_discard_request_body(r);
+
+    ngx_http_finalize_request(r,
+                         ngx_http_deepseek_guard_cache_send(r, ctx->cache));
+
+    return NGX_DONE;
+}
+
+
+/* sets the response headers of the entry; the body follows */
+
+static ngx_int_t
+ngx_http_deepseek_guard_cache_set_headers(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_cache_ctx_t *cctx)
+{
+    u_char       *p, *last, *colon, *eol;
+    ngx_str_t     name, value;
+
+    r->headers_out.status = cctx->entry.status;
+    r->headers_out.content_length_n = cctx->entry.body_len;
+    r->headers_out.content_length = NULL;
+    r->headers_out.content_type.len = 0;
+    r->headers_out.content_type_len = 0;
+    r->headers_out.content_type_lowcase = NULL;
+    r->headers_out.last_modified_time = -1;
+    r->headers_out.last_modified = NULL;
+
+    p = (u_char *) cctx->entry.hdrs;
+    last = p + cctx->entry.hdrs_len;
+
+    while (p < last) {
+        eol = ngx_strlchr(p, last, '\r');
+        if (eol == NULL) {
+            eol = last;
+        }
+
+        colon = ngx_strlchr(p, eol, ':');
+
+        if (colon) {
+            name.data = p;
+            name.len = colon - p;
+            value.data = colon + 1;
+            value.len = eol - value.data;
+
+            while (value.len && value.data[0] == ' ') {
+                value.data++;
+                value.len--;
+            }
+
+            if (name.len == sizeof("Content-Type") - 1
+                && ngx_strncasecmp(name.data, (u_char *) "Content-Type",
+                                   name.len) == 0)
+            {
+                r->headers_out.content_type = value;
+                r->headers_out.content_type_len = value.len;
+            }
+        }
+
+        p = eol + 2;
+    }
+
+    return NGX_OK;
+}
+
+
+static ngx_buf_t *
+ngx_http_deepseek_guard_cache_body_buf(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_cache_ctx_t *cctx)
+{
+    ngx_buf_t  *b;
+
+    b = ngx_calloc_buf(r->pool);
+    if (b == NULL) {
+        return NULL;
+    }
+
+    b->pos = (u_char *) cctx->entry.body;
+    b->last = b->pos + cctx->entry.body_len;
+    b->memory = cctx->entry.body_len ? 1 : 0;
+    b->last_buf = (r == r->main) ? 1 : 0;
+    b->last_in_chain = 1;
+
+    return b;
+}
+
+
+static ngx_int_t
+ngx_http_deepseek_guard_cache_send(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_cache_ctx_t *cctx)
+{
+    ngx_int_t     rc;
+    ngx_buf_t    *b;
+    ngx_chain_t   out;
+
+    cctx->serving = 1;
+
+    ngx_http_clean_header(r);
+    ngx_http_deepseek_guard_cache_set_headers(r, cctx);
+
+    b = ngx_http_deepseek_guard_cache_body_buf(r, cctx);
+    if (b == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    rc = ngx_http_send_header(r);
+
+    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
+        return rc;
+    }
+
+    out.buf = b;
+    out.next = NULL;
+
+    return ngx_http_output_filter(r, &out);
+}
+
+
+static ngx_int_t
+ngx_http_deepseek_guard_cache_status_header(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_cache_ctx_t *cctx)
+{
+    ngx_table_elt_t                     *h;
+    ngx_http_deepseek_guard_loc_conf_t  *lcf;
+
+    lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
+
+    if (lcf->status_header.len == 0 || cctx->status == 0) {
+        return NGX_OK;
+    }
+
+    h = ngx_list_push(&r->headers_out.headers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    h->hash = 1;
+    h->key = lcf->status_header;
+    h->value = ngx_http_deepseek_guard_cache_status_names[cctx->status];
+
+    return NGX_OK;
+}
+
+
+/* the TTL an upstream response allows, in ms; 0: do not store */
+
+static uint64_t
+ngx_http_deepseek_guard_cache_ttl(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_loc_conf_t *lcf, ngx_uint_t status)
+{
+    u_char                           *p, *last;
+    ngx_int_t                         n;
+    ngx_uint_t                        i, found;
+    uint64_t                          ttl;
+    ngx_list_part_t                  *part;
+    ngx_table_elt_t                  *h;
+    ngx_http_deepseek_guard_valid_t  *v;
+
+    ttl = 0;
+    found = 0;
+
+    if (lcf->cache_valid) {
+        v = lcf->cache_valid->elts;
+
+        for (i = 0; i < lcf->cache_valid->nelts; i++) {
+            if (v[i].status == status || v[i].status == 0) {
+                ttl = v[i].valid;
+                found = 1;
+                break;
+            }
+        }
+    }
+
+    if (r->upstream == NULL) {
+        return ttl;
+    }
+
+    part = &r->upstream->headers_in.headers.part;
+    h = part->elts;
+
+    for (i = 0; /* void */; i++) {
+
+        if (i >= part->nelts) {
+            if (part->next == NULL) {
+                break;
+            }
+
+            part = part->next;
+            h = part->elts;
+            i = 0;
+        }
+
+        if (h[i].hash == 0) {
+            continue;
+        }
+
+        if (h[i].key.len == sizeof("Set-Cookie") - 1
+            && ngx_strncasecmp(h[i].key.data, (u_char *) "Set-Cookie",
+                               h[i].key.len) == 0)
+        {
+            return 0;
+        }
+
+        if (h[i].key.len == sizeof("X-Accel-Expires") - 1
+            && ngx_strncasecmp(h[i].key.data, (u_char *) "X-Accel-Expires",
+                               h[i].key.len) == 0)
+        {
+            if (h[i].value.len && h[i].value.data[0] == '@') {
+                n = ngx_atoi(h[i].value.data + 1, h[i].value.len - 1);
+                if (n == NGX_ERROR || n <= ngx_time()) {
+                    return 0;
+                }
+
+                return (uint64_t) (n - ngx_time()) * 1000;
+            }
+
+            n = ngx_atoi(h[i].value.data, h[i].value.len);
+            if (n == NGX_ERROR || n == 0) {
+                return 0;
+            }
+
+            /* X-Accel-Expires wins over everything else */
+            return (uint64_t) n * 1000;
+        }
+
+        if (h[i].key.len == sizeof("Cache-Control") - 1
+            && ngx_strncasecmp(h[i].key.data, (u_char *) "Cache-Control",
+                               h[i].key.len) == 0)
+        {
+            p = h[i].value.data;
+            last = p + h[i].value.len;
+
+            /*
+             * no-cache only asks for revalidation, and every LLM event
+             * stream carries it: only no-store and private forbid storing
+             */
+
+            if (ngx_strlcasestrn(p, last, (u_char *) "no-store", 8 - 1)
+                || ngx_strlcasestrn(p, last, (u_char *) "private", 7 - 1))
+            {
+                return 0;
+            }
+
+            p = ngx_strlcasestrn(p, last, (u_char *) "max-age=", 8 - 1);
+            if (p) {
+                p += 8;
+                n = 0;
+
+                while (p < last && *p >= '0' && *p <= '9') {
+                    n = n * 10 + (*p++ - '0');
+                    if (n > 100000000) {
+                        break;
+                    }
+                }
+
+                if (n == 0) {
+                    return 0;
+                }
+
+                if (found) {
+                    ttl = (uint64_t) n * 1000;
+                }
+            }
+        }
+    }
+
+    return ttl;
+}
+
+
+static ngx_int_t
+ngx_http_deepseek_guard_header_filter(ngx_http_request_t *r)
+{
+    ngx_uint_t                            status, mask;
+    ngx_http_deepseek_guard_ctx_t        *ctx;
+    ngx_http_deepseek_guard_cache_ctx_t  *cctx;
+    ngx_http_deepseek_guard_loc_conf_t   *lcf;
+
+    if (r != r->main) {
+        return ngx_http_next_header_filter(r);
+    }
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_deepseek_guard_module);
+
+    if (ctx == NULL || ctx->cache == NULL) {
+        return ngx_http_next_header_filter(r);
+    }
+
+    cctx = ctx->cache;
+    lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
+
+    if (cctx->serving) {
+        if (ngx_http_deepseek_guard_cache_status_header(r, cctx) != NGX_OK) {
+            return NGX_ERROR;
+        }
+
+        return ngx_http_next_header_filter(r);
+    }
+
+    status = r->headers_out.status;
+
+    /* the upstream failed or is busy: a stale entry may answer instead */
+
+    if (cctx->have_entry && !cctx->fresh && lcf->use_stale) {
+        switch (status) {
+        case NGX_HTTP_INTERNAL_SERVER_ERROR:
+            mask = NGX_HTTP_DSG_STALE_500;
+            break;
+        case NGX_HTTP_BAD_GATEWAY:
+            mask = NGX_HTTP_DSG_STALE_502 | NGX_HTTP_DSG_STALE_ERROR;
+            break;
+        case NGX_HTTP_SERVICE_UNAVAILABLE:
+            mask = NGX_HTTP_DSG_STALE_503;
+            break;
+        case NGX_HTTP_GATEWAY_TIME_OUT:
+            mask = NGX_HTTP_DSG_STALE_504 | NGX_HTTP_DSG_STALE_TIMEOUT;
+            break;
+        case NGX_HTTP_TOO_MANY_REQUESTS:
+            mask = NGX_HTTP_DSG_STALE_429;
+            break;
+        default:
+            mask = 0;
+        }
+
+        if (lcf->use_stale & mask) {
+            cctx->replacing = 1;
+            cctx->serving = 1;
+            cctx->store = 0;
+            cctx->status = NGX_HTTP_DSG_CACHE_STALE;
+            (void) ngx_atomic_fetch_add(&cctx->cache->sh->stale, 1);
+
+            if (ngx_list_init(&r->headers_out.headers, r->pool, 8,
+                              sizeof(ngx_table_elt_t))
+                != NGX_OK)
+            {
+                return NGX_ERROR;
+            }
+
+            ngx_http_deepseek_guard_cache_set_headers(r, cctx);
+            r->headers_out.location = NULL;
+            r->headers_out.www_authenticate = NULL;
+            r->headers_out.refresh = NULL;
+            r->headers_out.content_encoding = NULL;
+            r->headers_out.accept_ranges = NULL;
+            r->keepalive = 0;
+            r->header_only = (r->method == NGX_HTTP_HEAD);
+
+            if (ngx_http_deepseek_guard_cache_status_header(r, cctx)
+                != NGX_OK)
+            {
+                return NGX_ERROR;
+            }
+
+            ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                          "deepseek_guard cache \"%V\": upstream answered "
+                          "%ui, serving the stale entry", &cctx->cache->name,
+                          status);
+
+            return ngx_http_next_header_filter(r);
+        }
+    }
+
+    if (cctx->store && cctx->cache->store && r->upstream) {
+        cctx->ttl = ngx_http_deepseek_guard_cache_ttl(r, lcf, status);
+
+        if (cctx->ttl > 0
+            && (r->headers_out.content_length_n < 0
+                || (size_t) r->headers_out.content_length_n
+                   <= lcf->max_entry_size))
+        {
+            cctx->capture = 1;
+            cctx->http_status = status;
+            cctx->content_type = r->headers_out.content_type;
+            cctx->sse = (r->headers_out.content_type.len >= 17
+                         && ngx_strncasecmp(r->headers_out.content_type.data,
+                                            (u_char *) "text/event-stream",
+                                            17) == 0);
+            cctx->last = &cctx->chain;
+            r->filter_need_in_memory = 1;
+
+        } else {
+            (void) ngx_atomic_fetch_add(&cctx->cache->sh->not_cacheable, 1);
+            ngx_http_deepseek_guard_cache_unlock(cctx);
+        }
+    }
+
+    if (ngx_http_deepseek_guard_cache_status_header(r, cctx) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    return ngx_http_next_header_filter(r);
+}
+
+
+static ngx_int_t
+ngx_http_deepseek_guard_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
+{
+    size_t                                len;
+    ngx_buf_t                            *b;
+    ngx_chain_t                          *cl, *ln, out;
+    ngx_http_deepseek_guard_ctx_t        *ctx;
+    ngx_http_deepseek_guard_cache_ctx_t  *cctx;
+    ngx_http_deepseek_guard_loc_conf_t   *lcf;
+
+    if (r != r->main || in == NULL) {
+        return ngx_http_next_body_filter(r, in);
+    }
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_deepseek_guard_module);
+
+    if (ctx == NULL || ctx->cache == NULL) {
+        return ngx_http_next_body_filter(r, in);
+    }
+
+    cctx = ctx->cache;
+
+    if (cctx->replacing) {
+        /* the upstream's error body is dropped, the stale entry goes out */
+
+        for (cl = in; cl; cl = cl->next) {
+            cl->buf->pos = cl->buf->last;
+            if (cl->buf->in_file) {
+                cl->buf->file_pos = cl->buf->file_last;
+            }
+        }
+
+        if (cctx->replaced) {
+            return NGX_OK;
+        }
+
+        cctx->replaced = 1;
+
+        b = ngx_http_deepseek_guard_cache_body_buf(r, cctx);
+        if (b == NULL) {
+            return NGX_ERROR;
+        }
+
+        out.buf = b;
+        out.next = NULL;
+
+        return ngx_http_next_body_filter(r, &out);
+    }
+
+    if (!cctx->capture) {
+        return ngx_http_next_body_filter(r, in);
+    }
+
+    lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
+
+    for (cl = in; cl; cl = cl->next) {
+        b = cl->buf;
+
+        if (!cctx->capture) {
+            break;
+        }
+
+        if (b->in_file && !ngx_buf_in_memory(b)) {
+            /* cannot happen with filter_need_in_memory; be safe */
+            cctx->capture = 0;
+            break;
+        }
+
+        len = b->last - b->pos;
+
+        if (len) {
+            if (cctx->size + len > lcf->max_entry_size) {
+                cctx->capture = 0;
+                (void) ngx_atomic_fetch_add(&cctx->cache->sh->not_cacheable,
+                                            1);
+                break;
+            }
+
+            ln = ngx_alloc_chain_link(r->pool);
+            if (ln == NULL) {
+                return NGX_ERROR;
+            }
+
+            ln->buf = ngx_create_temp_buf(r->pool, len);
+            if (ln->buf == NULL) {
+                return NGX_ERROR;
+            }
+
+            ln->buf->last = ngx_cpymem(ln->buf->pos, b->pos, len);
+            ln->next = NULL;
+            *cctx->last = ln;
+            cctx->last = &ln->next;
+            cctx->size += len;
+        }
+
+        if (b->last_buf) {
+            /* the upstream finished cleanly: an error sends no last_buf */
+            ngx_http_deepseek_guard_cache_store(r, cctx);
+            cctx->capture = 0;
+            break;
+        }
+    }
+
+    if (!cctx->capture) {
+        ngx_http_deepseek_guard_cache_unlock(cctx);
+    }
+
+    return ngx_http_next_body_filter(r, in);
+}
+
+
+static int
+ngx_http_deepseek_guard_cache_fill(void *data, uint8_t *dst, size_t len)
+{
+    ngx_http_deepseek_guard_fill_t *f = data;
+
+    int           n;
+    uint8_t      *p, *last;
+    ngx_chain_t  *cl;
+
+    n = dsg_entry_encode_prefix(dst, len, f->entry);
+    if (n < 0) {
+        return -1;
+    }
+
+    p = dst + n;
+    last = dst + len;
+
+    for (cl = f->chain; cl; cl = cl->next) {
+        if ((size_t) (last - p) < (size_t) (cl->buf->last - cl->buf->pos)) {
+            return -1;
+        }
+
+        p = ngx_cpymem(p, cl->buf->pos, cl->buf->last - cl->buf->pos);
+    }
+
+    return p == last ? 0 : -1;
+}
+
+
+/* stores a complete response; runs once, when its last buffer passed */
+
+static void
+ngx_http_deepseek_guard_cache_store(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_cache_ctx_t *cctx)
+{
+    int                                  rc;
+    u_char                              *p, *hdrs, *s;
+    size_t                               size, n;
+    uint64_t                             now;
+    ngx_uint_t                           level;
+    dsg_entry_t                          e;
+    ngx_chain_t                         *cl;
+    ngx_http_deepseek_guard_fill_t       f;
+    ngx_http_deepseek_guard_cache_t     *cache;
+    ngx_http_deepseek_guard_loc_conf_t  *lcf;
+
+    cache = cctx->cache;
+    lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
+
+    if (cctx->sse) {
+        /* an event stream is complete only with its terminal event */
+
+        s = (u_char *) "data: [DONE]";
+        n = 0;
+
+        for (cl = cctx->chain; cl; cl = cl->next) {
+            if (cl->next == NULL) {
+                p = cl->buf->last;
+                while (p > cl->buf->pos
+                       && (p[-1] == '\n' || p[-1] == '\r' || p[-1] == ' '))
+                {
+                    p--;
+                }
+
+                n = (p - cl->buf->pos >= 12
+                     && ngx_strncmp(p - 12, s, 12) == 0);
+            }
+        }
+
+        if (!n) {
+            ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                          "deepseek_guard cache \"%V\": event stream without "
+                          "\"data: [DONE]\" not stored", &cache->name);
+            (void) ngx_atomic_fetch_add(&cache->sh->not_cacheable, 1);
+            return;
+        }
+    }
+
+    hdrs = ngx_pnalloc(r->pool, sizeof("Content-Type: \r\n") - 1
+                                + cctx->content_type.len);
+    if (hdrs == NULL) {
+        return;
+    }
+
+    p = hdrs;
+
+    if (cctx->content_type.len) {
+        p = ngx_sprintf(p, "Content-Type: %V\r\n", &cctx->content_type);
+    }
+
+    now = ngx_http_deepseek_guard_now_ms();
+
+    ngx_memzero(&e, sizeof(dsg_entry_t));
+    e.flags = cctx->sse ? DSG_ENTRY_FLAG_SSE : 0;
+    e.status = (uint16_t) cctx->http_status;
+    e.created_ms = now;
+    e.expires_ms = now + cctx->ttl;
+    e.stale_until_ms = e.expires_ms + cache->inactive;
+    e.key = cctx->key.data;
+    e.key_len = cctx->key.len;
+    e.hdrs = hdrs;
+    e.hdrs_len = p - hdrs;
+    e.body_len = cctx->size;
+
+    size = dsg_entry_size(e.key_len, e.hdrs_len, e.body_len);
+    if (size == 0) {
+        return;
+    }
+
+    f.entry = &e;
+    f.chain = cctx->chain;
+
+    rc = dsg_store_put(cache->store, cctx->digest, e.expires_ms, now, size,
+                       ngx_http_deepseek_guard_cache_fill, &f);
+
+    if (rc == DSG_STORE_OK) {
+        (void) ngx_atomic_fetch_add(&cache->sh->stores, 1);
+        ngx_log_debug2(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                       "deepseek_guard cache: stored %uz bytes for %uL ms",
+                       size, cctx->ttl);
+
+    } else {
+        (void) ngx_atomic_fetch_add(&cache->sh->store_failures, 1);
+        level = (rc == DSG_STORE_EFULL) ? NGX_LOG_WARN : NGX_LOG_ERR;
+
+        ngx_log_error(level, r->connection->log, 0,
+                      "deepseek_guard cache \"%V\": response not stored: %s",
+                      &cache->name, dsg_store_strerror(rc));
+    }
+
+    (void) lcf;
+
+    ngx_http_deepseek_guard_cache_unlock(cctx);
+}
+
+
+static void
+ngx_http_deepseek_guard_cache_cleanup(void *data)
+{
+    ngx_http_deepseek_guard_cache_ctx_t *cctx = data;
+
+    if (cctx->waiting) {
+        ngx_queue_remove(&cctx->wait_link);
+        ngx_http_deepseek_guard_cache_nwaiters--;
+        cctx->waiting = 0;
+    }
+
+    /* a filler that failed: one waiter takes over */
+    ngx_http_deepseek_guard_cache_unlock(cctx);
+}
+
+
+/*
+ * One worker a second (elected through the shared zone) removes expired
+ * entries past their stale window and evicts beyond the high-water mark,
+ * in one small write transaction, then refreshes the gauges.
+ */
+
+static void
+ngx_http_deepseek_guard_cache_sweep(ngx_event_t *ev)
+{
+    int                                rc, dead;
+    unsigned                           expired, evicted;
+    uint64_t                           now;
+    ngx_uint_t                         i, j, mine, npids;
+    ngx_pid_t                          pids[8];
+    dsg_store_stat_t                   st;
+    ngx_http_deepseek_guard_cache_t  **caches, *cache;
+
+    caches = ngx_http_deepseek_guard_cache_list->elts;
+    now = ngx_http_deepseek_guard_now_ms();
+
+    for (i = 0; i < ngx_http_deepseek_guard_cache_list->nelts; i++) {
+        cache = caches[i];
+
+        if (cache->store == NULL) {
+            continue;
+        }
+
+        /* fill locks of dead workers */
+
+        npids = 0;
+
+        ngx_shmtx_lock(&cache->shpool->mutex);
+
+        for (j = 0; j < cache->sh->nlocks && npids < 8; j++) {
+            if (cache->sh->locks[j].pid != 0
+                && cache->sh->locks[j].pid != ngx_pid)
+            {
+                pids[npids++] = cache->sh->locks[j].pid;
+            }
+        }
+
+        mine = (now - cache->sh->last_sweep >= NGX_HTTP_DSG_SWEEP_MS);
+        if (mine) {
+            cache->sh->last_sweep = now;
+        }
+
+        ngx_shmtx_unlock(&cache->shpool->mutex);
+
+        for (j = 0; j < npids; j++) {
+            if (kill(pids[j], 0) == -1 && ngx_errno == NGX_ESRCH) {
+                ngx_shmtx_lock(&cache->shpool->mutex);
+                for (dead = 0; (ngx_uint_t) dead < cache->sh->nlocks; dead++) {
+                    if (cache->sh->locks[dead].pid == pids[j]) {
+                        cache->sh->locks[dead].pid = 0;
+                    }
+                }
+                ngx_shmtx_unlock(&cache->shpool->mutex);
+            }
+        }
+
+        if (!mine) {
+            continue;
+        }
+
+        expired = 0;
+        evicted = 0;
+
+        rc = dsg_store_sweep(cache->store, now, cache->inactive,
+                             NGX_HTTP_DSG_SWEEP_ITEMS, &expired, &evicted);
+        if (rc != DSG_STORE_OK) {
+            ngx_log_error(NGX_LOG_ERR, ev->log, 0,
+                          "deepseek_guard cache \"%V\": sweep failed: %s",
+                          &cache->name, dsg_store_strerror(rc));
+        }
+
+        (void) ngx_atomic_fetch_add(&cache->sh->expirations, expired);
+        (void) ngx_atomic_fetch_add(&cache->sh->evictions, evicted);
+
+        if (dsg_store_stat(cache->store, &st) == DSG_STORE_OK) {
+            cache->sh->entries = st.entries;
+            cache->sh->bytes = st.data_bytes;
+            cache->sh->file_bytes = st.used_bytes;
+            cache->sh->capacity = st.map_size;
+
+            if (st.put_evicted > cache->put_evicted) {
+                (void) ngx_atomic_fetch_add(&cache->sh->evictions,
+                                        st.put_evicted - cache->put_evicted);
+                cache->put_evicted = st.put_evicted;
+            }
+        }
+
+        (void) dsg_store_sync(cache->store);
+        (void) dsg_store_reader_check(cache->store, NULL);
+    }
+
+    ngx_add_timer(ev, NGX_HTTP_DSG_SWEEP_MS);
+}
+
+
+ngx_int_t
+ngx_http_deepseek_guard_cache_init_process(ngx_cycle_t *cycle)
+{
+    int                                   rc, recreated;
+    ngx_uint_t                            i, readers;
+    ngx_core_conf_t                      *ccf;
+    ngx_http_deepseek_guard_cache_t     **caches, *cache;
+    ngx_http_deepseek_guard_main_conf_t  *mcf;
+
+    ngx_queue_init(&ngx_http_deepseek_guard_cache_waiters);
+    ngx_http_deepseek_guard_cache_nwaiters = 0;
+
+    mcf = ngx_http_cycle_get_module_main_conf(cycle,
+                                              ngx_http_deepseek_guard_module);
+    if (mcf == NULL || mcf->caches.nelts == 0) {
+        return NGX_OK;
+    }
+
+    ccf = (ngx_core_conf_t *) ngx_get_conf(cycle->conf_ctx, ngx_core_module);
+
+    /* old and new workers overlap during a reload: room for both, twice */
+    readers = ngx_max(126, 4 * (ngx_uint_t) ccf->worker_processes + 8);
+
+    ngx_http_deepseek_guard_cache_list = &mcf->caches;
+    caches = mcf->caches.elts;
+
+    for (i = 0; i < mcf->caches.nelts; i++) {
+        cache = caches[i];
+        recreated = 0;
+
+        rc = dsg_store_open((dsg_store_t **) &cache->store,
+                            (char *) cache->path->name.data, cache->max_size,
+                            (unsigned) readers, DSG_STORE_RECREATE,
+                            &recreated);
+
+        if (rc != DSG_STORE_OK) {
+            cache->store = NULL;
+            ngx_log_error(NGX_LOG_ALERT, cycle->log, 0,
+                          "deepseek_guard cache \"%V\": cannot open \"%V\": "
+                          "%s, serving uncached", &cache->name,
+                          &cache->path->name, dsg_store_strerror(rc));
+            continue;
+        }
+
+        if (recreated) {
+            (void) ngx_atomic_fetch_add(&cache->sh->recreated, 1);
+            ngx_log_error(NGX_LOG_WARN, cycle->log, 0,
+                          "deepseek_guard cache \"%V\": the data file in "
+                          "\"%V\" was corrupt or incompatible and was "
+                          "recreated", &cache->name, &cache->path->name);
+        }
+    }
+
+    ngx_http_deepseek_guard_cache_poll_ev.handler =
+                                      ngx_http_deepseek_guard_cache_poll;
+    ngx_http_deepseek_guard_cache_poll_ev.log = cycle->log;
+    ngx_http_deepseek_guard_cache_poll_ev.data =
+                                      &ngx_http_deepseek_guard_cache_poll_ev;
+    ngx_http_deepseek_guard_cache_poll_ev.cancelable = 1;
+
+    ngx_http_deepseek_guard_cache_sweep_ev.handler =
+                                      ngx_http_deepseek_guard_cache_sweep;
+    ngx_http_deepseek_guard_cache_sweep_ev.log = cycle->log;
+    ngx_http_deepseek_guard_cache_sweep_ev.data =
+                                      &ngx_http_deepseek_guard_cache_sweep_ev;
+    ngx_http_deepseek_guard_cache_sweep_ev.cancelable = 1;
+
+    ngx_add_timer(&ngx_http_deepseek_guard_cache_sweep_ev, 10);
+
+    return NGX_OK;
+}
+
+
+void
+ngx_http_deepseek_guard_cache_exit_process(ngx_cycle_t *cycle)
+{
+    ngx_uint_t                         i;
+    ngx_http_deepseek_guard_cache_t  **caches;
+
+    if (ngx_http_deepseek_guard_cache_list == NULL) {
+        return;
+    }
+
+    caches = ngx_http_deepseek_guard_cache_list->elts;
+
+    for (i = 0; i < ngx_http_deepseek_guard_cache_list->nelts; i++) {
+        if (caches[i]->store) {
+            (void) dsg_store_sync(caches[i]->store);
+            dsg_store_close(caches[i]->store);
+            caches[i]->store = NULL;
+        }
+    }
+}
+
+
+/* in the master, after the paths exist: the directory must be writable */
+
+ngx_int_t
+ngx_http_deepseek_guard_cache_init_module(ngx_cycle_t *cycle)
+{
+    u_char                               *name;
+    ngx_fd_t                              fd;
+    ngx_uint_t                            i;
+    ngx_http_deepseek_guard_cache_t     **caches;
+    ngx_http_deepseek_guard_main_conf_t  *mcf;
+
+    mcf = ngx_http_cycle_get_module_main_conf(cycle,
+                                              ngx_http_deepseek_guard_module);
+    if (mcf == NULL) {
+        return NGX_OK;
+    }
+
+    caches = mcf->caches.elts;
+
+    for (i = 0; i < mcf->caches.nelts; i++) {
+        name = ngx_pnalloc(cycle->pool, caches[i]->path->name.len
+                                        + sizeof("/.deepseek_guard_probe"));
+        if (name == NULL) {
+            return NGX_ERROR;
+        }
+
+        ngx_sprintf(name, "%V/.deepseek_guard_probe%Z",
+                    &caches[i]->path->name);
+
+        fd = ngx_open_file(name, NGX_FILE_WRONLY, NGX_FILE_CREATE_OR_OPEN,
+                           NGX_FILE_DEFAULT_ACCESS);
+
+        if (fd == NGX_INVALID_FILE) {
+            ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
+                          "deepseek_guard_cache_path \"%V\" is not writable",
+                          &caches[i]->path->name);
+            return NGX_ERROR;
+        }
+
+        (void) ngx_close_file(fd);
+        (void) ngx_delete_file(name);
+    }
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_deepseek_guard_cache_init_zone(ngx_shm_zone_t *shm_zone, void *data)
+{
+    ngx_http_deepseek_guard_cache_t  *ocache = data;
+
+    size_t                            size, n;
+    ngx_slab_pool_t                  *shpool;
+    ngx_http_deepseek_guard_cache_t  *cache;
+
+    cache = shm_zone->data;
+
+    if (ocache) {
+        cache->sh = ocache->sh;
+        cache->shpool = ocache->shpool;
+        return NGX_OK;
+    }
+
+    shpool = (ngx_slab_pool_t *) shm_zone->shm.addr;
+    cache->shpool = shpool;
+
+    if (shm_zone->shm.exists) {
+        cache->sh = shpool->data;
+        return NGX_OK;
+    }
+
+    /* the fill locks take what the zone has, about half of it */
+
+    size = shm_zone->shm.size / 2;
+    n = (size - sizeof(ngx_http_deepseek_guard_cache_sh_t))
+        / sizeof(ngx_http_deepseek_guard_lock_t) + 1;
+
+    cache->sh = ngx_slab_calloc(shpool,
+                                sizeof(ngx_http_deepseek_guard_cache_sh_t)
+                                + (n - 1)
+                                  * sizeof(ngx_http_deepseek_guard_lock_t));
+    if (cache->sh == NULL) {
+        return NGX_ERROR;
+    }
+
+    cache->sh->nlocks = n;
+    shpool->data = cache->sh;
+
+    return NGX_OK;
+}
+
+
+/*
+ * deepseek_guard_cache_path <dir> keys_zone=<name>:<size>
+ *     [max_size=<size>] [inactive=<time>];
+ */
+
+char *
+ngx_http_deepseek_guard_cache_path(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
+{
+    ngx_http_deepseek_guard_main_conf_t *mcf = conf;
+
+    u_char                            *p;
+    ssize_t                            size;
+    ngx_int_t                          t;
+    ngx_str_t                         *value, s, name;
+    ngx_uint_t                         i;
+    ngx_http_deepseek_guard_cache_t   *cache, **pc;
+
+    value = cf->args->elts;
+
+    cache = ngx_pcalloc(cf->pool, sizeof(ngx_http_deepseek_guard_cache_t));
+    if (cache == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    cache->path = ngx_pcalloc(cf->pool, sizeof(ngx_path_t));
+    if (cache->path == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    cache->path->name = value[1];
+
+    if (cache->path->name.data[cache->path->name.len - 1] == '/') {
+        cache->path->name.len--;
+    }
+
+    if (ngx_conf_full_name(cf->cycle, &cache->path->name, 0) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    cache->path->conf_file = cf->conf_file->file.name.data;
+    cache->path->line = cf->conf_file->line;
+    cache->max_size = 256 * 1024 * 1024;
+    cache->inactive = 600000;
+    cache->file = cf->conf_file->file.name.data;
+    cache->line = cf->conf_file->line;
+
+    name.len = 0;
+    size = 0;
+
+    for (i = 2; i < cf->args->nelts; i++) {
+
+        if (ngx_strncmp(value[i].data, "keys_zone=", 10) == 0) {
+            name.data = value[i].data + 10;
+
+            p = (u_char *) ngx_strchr(name.data, ':');
+            if (p == NULL || p == name.data) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid keys zone \"%V\"", &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            name.len = p - name.data;
+            s.data = p + 1;
+            s.len = value[i].data + value[i].len - s.data;
+
+            size = ngx_parse_size(&s);
+            if (size == NGX_ERROR) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid keys zone size \"%V\"",
+                                   &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            if (size < (ssize_t) (8 * ngx_pagesize)) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "zone \"%V\" is too small", &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "max_size=", 9) == 0) {
+            s.data = value[i].data + 9;
+            s.len = value[i].len - 9;
+
+            t = ngx_parse_offset(&s);
+            if (t == NGX_ERROR || t < 64 * 1024) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid max_size \"%V\", at least 64k",
+                                   &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            cache->max_size = (uint64_t) t;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "inactive=", 9) == 0) {
+            s.data = value[i].data + 9;
+            s.len = value[i].len - 9;
+
+            t = ngx_parse_time(&s, 0);
+            if (t == NGX_ERROR) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid inactive value \"%V\"",
+                                   &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            cache->inactive = (ngx_msec_t) t;
+            continue;
+        }
+
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid parameter \"%V\"", &value[i]);
+        return NGX_CONF_ERROR;
+    }
+
+    if (name.len == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"%V\" must have \"keys_zone\" parameter",
+                           &cmd->name);
+        return NGX_CONF_ERROR;
+    }
+
+    pc = mcf->caches.elts;
+    for (i = 0; i < mcf->caches.nelts; i++) {
+        if (pc[i]->path->name.len == cache->path->name.len
+            && ngx_strcmp(pc[i]->path->name.data, cache->path->name.data)
+               == 0)
+        {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "cache path \"%V\" is used by another cache",
+                               &cache->path->name);
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    cache->name = name;
+
+    cache->shm_zone = ngx_shared_memory_add(cf, &name, size,
+                                            &ngx_http_deepseek_guard_module);
+    if (cache->shm_zone == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    if (cache->shm_zone->data) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "duplicate zone \"%V\"", &name);
+        return NGX_CONF_ERROR;
+    }
+
+    cache->shm_zone->init = ngx_http_deepseek_guard_cache_init_zone;
+    cache->shm_zone->data = cache;
+
+    /* nginx creates the directory and hands it to the worker user */
+    if (ngx_add_path(cf, &cache->path) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    pc = ngx_array_push(&mcf->caches);
+    if (pc == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    *pc = cache;
+
+    return NGX_CONF_OK;
+}
+
+
+/* deepseek_guard_cache <name> | off; */
+
+char *
+ngx_http_deepseek_guard_cache(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_deepseek_guard_loc_conf_t *lcf = conf;
+
+    ngx_str_t  *value;
+
+    if (lcf->cache_name.data) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    lcf->cache_name = value[1];
+    lcf->cfile = cf->conf_file->file.name.data;
+    lcf->cline = cf->conf_file->line;
+
+    return NGX_CONF_OK;
+}
+
+
+/* deepseek_guard_cache_valid [code ...|any] <time>; */
+
+char *
+ngx_http_deepseek_guard_cache_valid(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
+{
+    ngx_http_deepseek_guard_loc_conf_t *lcf = conf;
+
+    ngx_int_t                         n, valid;
+    ngx_str_t                        *value;
+    ngx_uint_t                        i, last;
+    ngx_http_deepseek_guard_valid_t  *v;
+
+    value = cf->args->elts;
+    last = cf->args->nelts - 1;
+
+    valid = ngx_parse_time(&value[last], 0);
+    if (valid == NGX_ERROR) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid time value \"%V\"", &value[last]);
+        return NGX_CONF_ERROR;
+    }
+
+    if (lcf->cache_valid == NULL) {
+        lcf->cache_valid = ngx_array_create(cf->pool, 4,
+                                     sizeof(ngx_http_deepseek_guard_valid_t));
+        if (lcf->cache_valid == NULL) {
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    if (last == 1) {
+        /* like proxy_cache_valid: 200 only when no code is given */
+        v = ngx_array_push(lcf->cache_valid);
+        if (v == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        v->status = 200;
+        v->valid = (ngx_msec_t) valid;
+        return NGX_CONF_OK;
+    }
+
+    for (i = 1; i < last; i++) {
+
+        if (ngx_strcmp(value[i].data, "any") == 0) {
+            n = 0;
+
+        } else {
+            n = ngx_atoi(value[i].data, value[i].len);
+            if (n < 100 || n > 599) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid status \"%V\"", &value[i]);
+                return NGX_CONF_ERROR;
+            }
+        }
+
+        v = ngx_array_push(lcf->cache_valid);
+        if (v == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        v->status = (ngx_uint_t) n;
+        v->valid = (ngx_msec_t) valid;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+char *
+ngx_http_deepseek_guard_cache_merge(ngx_conf_t *cf,
+    ngx_http_deepseek_guard_loc_conf_t *prev,
+    ngx_http_deepseek_guard_loc_conf_t *conf)
+{
+    ngx_str_t                             v;
+    ngx_uint_t                            i;
+    ngx_http_deepseek_guard_cache_t     **caches;
+    ngx_http_deepseek_guard_main_conf_t  *mcf;
+    ngx_http_compile_complex_value_t      ccv;
+
+    if (conf->cache_name.data == NULL) {
+        conf->cache_name = prev->cache_name;
+        conf->cfile = prev->cfile;
+        conf->cline = prev->cline;
+    }
+
+    if (conf->cache_key == NULL) {
+        conf->cache_key = prev->cache_key;
+    }
+
+    if (conf->cache_key == NULL) {
+        conf->cache_key = ngx_palloc(cf->pool,
+                                     sizeof(ngx_http_complex_value_t));
+        if (conf->cache_key == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        ngx_str_set(&v, "$request_method|$scheme://$host$request_uri|"
+                        "$deepseek_guard_body_sha256");
+
+        ngx_memzero(&ccv, sizeof(ngx_http_compile_complex_value_t));
+        ccv.cf = cf;
+        ccv.value = &v;
+        ccv.complex_value = conf->cache_key;
+
+        if (ngx_http_compile_complex_value(&ccv) != NGX_OK) {
+            return NGX_CONF_ERROR;
+        }
+
+        prev->cache_key = conf->cache_key;
+    }
+
+    if (conf->cache_valid == NULL) {
+        conf->cache_valid = prev->cache_valid;
+    }
+
+    ngx_conf_merge_bitmask_value(conf->use_stale, prev->use_stale,
+                                 NGX_CONF_BITMASK_SET);
+    if (conf->use_stale & NGX_HTTP_DSG_STALE_OFF) {
+        conf->use_stale = 0;
+    }
+
+    conf->use_stale &= ~NGX_CONF_BITMASK_SET;
+
+    ngx_conf_merge_msec_value(conf->lock_timeout, prev->lock_timeout, 60000);
+    ngx_conf_merge_size_value(conf->max_entry_size, prev->max_entry_size,
+                              1024 * 1024);
+    ngx_conf_merge_value(conf->json_canonical, prev->json_canonical, 0);
+    ngx_conf_merge_str_value(conf->status_header, prev->status_header, "");
+    ngx_conf_merge_bitmask_value(conf->methods, prev->methods,
+                                 (NGX_CONF_BITMASK_SET|NGX_HTTP_GET
+                                  |NGX_HTTP_HEAD|NGX_HTTP_POST));
+
+    /* NGX_CONF_BITMASK_SET is NGX_HTTP_UNKNOWN's bit: never cache those */
+    conf->methods &= ~NGX_CONF_BITMASK_SET;
+
+    conf->cache = NULL;
+
+    if (conf->cache_name.data == NULL
+        || ngx_strcmp(conf->cache_name.data, "off") == 0)
+    {
+        return NGX_CONF_OK;
+    }
+
+    mcf = ngx_http_conf_get_module_main_conf(cf,
+                                             ngx_http_deepseek_guard_module);
+    caches = mcf->caches.elts;
+
+    for (i = 0; i < mcf->caches.nelts; i++) {
+        if (caches[i]->name.len == conf->cache_name.len
+            && ngx_strncmp(caches[i]->name.data, conf->cache_name.data,
+                           conf->cache_name.len) == 0)
+        {
+            conf->cache = caches[i];
+            return NGX_CONF_OK;
+        }
+    }
+
+    ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                  "deepseek_guard_cache: unknown cache \"%V\" in %s:%ui",
+                  &conf->cache_name, conf->cfile, conf->cline);
+
+    return NGX_CONF_ERROR;
+}
+
+
+/* $deepseek_guard_body_sha256: of the (canonical JSON) request body */
+
+static ngx_int_t
+ngx_http_deepseek_guard_body_sha(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_cache_ctx_t *cctx)
+{
+    int                                  rc;
+    u_char                              *all, *canon, buf[4096];
+    off_t                                off;
+    size_t                               len, total, clen;
+    ssize_t                              n;
+    unsigned int                         dlen;
+    ngx_buf_t                           *b;
+    ngx_chain_t                         *cl;
+    EVP_MD_CTX                          *md;
+    u_char                               digest[32];
+    ngx_http_deepseek_guard_loc_conf_t  *lcf;
+
+    lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
+
+    md = EVP_MD_CTX_new();
+    if (md == NULL) {
+        return NGX_ERROR;
+    }
+
+    if (EVP_DigestInit_ex(md, EVP_sha256(), NULL) != 1) {
+        goto failed;
+    }
+
+    total = 0;
+    all = NULL;
+
+    if (r->request_body && r->request_body->bufs) {
+        for (cl = r->request_body->bufs; cl; cl = cl->next) {
+            b = cl->buf;
+            total += b->in_file ? (size_t) (b->file_last - b->file_pos)
+                                : (size_t) (b->last - b->pos);
+        }
+
+        /* canonical JSON needs the whole body at once: bounded */
+        if (lcf->json_canonical && total <= NGX_HTTP_DSG_JSON_MAX) {
+            all = ngx_pnalloc(r->pool, total + 1);
+            if (all == NULL) {
+                goto failed;
+            }
+        }
+
+        len = 0;
+
+        for (cl = r->request_body->bufs; cl; cl = cl->next) {
+            b = cl->buf;
+
+            if (!b->in_file) {
+                if (all) {
+                    ngx_memcpy(all + len, b->pos, b->last - b->pos);
+                    len += b->last - b->pos;
+
+                } else if (EVP_DigestUpdate(md, b->pos, b->last - b->pos)
+                           != 1)
+                {
+                    goto failed;
+                }
+
+                continue;
+            }
+
+            /* a body spilled to a temporary file: read it in slices */
+
+            for (off = b->file_pos; off < b->file_last; off += n) {
+                n = ngx_read_file(b->file, all ? all + len : buf,
+                                  all ? (size_t) (b->file_last - off)
+                                      : ngx_min(sizeof(buf),
+                                           (size_t) (b->file_last - off)),
+                                  off);
+                if (n <= 0) {
+                    goto failed;
+                }
+
+                if (all) {
+                    len += n;
+
+                } else if (EVP_DigestUpdate(md, buf, n) != 1) {
+                    goto failed;
+                }
+            }
+        }
+
+        if (all) {
+            canon = ngx_pnalloc(r->pool, len + 64);
+            if (canon == NULL) {
+                goto failed;
+            }
+
+            rc = dsg_json_canonical((char *) all, len, (char *) canon,
+                                    len + 64, &clen);
+
+            if (rc == DSG_JSON_ESPACE) {
+                canon = ngx_pnalloc(r->pool, clen);
+                if (canon == NULL) {
+                    goto failed;
+                }
+
+                rc = dsg_json_canonical((char *) all, len, (char *) canon,
+                                        clen, &clen);
+            }
+
+            if (rc == DSG_JSON_OK) {
+                if (EVP_DigestUpdate(md, canon, clen) != 1) {
+                    goto failed;
+                }
+
+            } else {
+                /* not JSON: key on the raw bytes */
+                ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                              "deepseek_guard cache: request body is not "
+                              "canonical JSON (%s), keyed on its bytes",
+                              dsg_json_strerror(rc));
+
+                if (EVP_DigestUpdate(md, all, len) != 1) {
+                    goto failed;
+                }
+            }
+        }
+    }
+
+    if (EVP_DigestFinal_ex(md, digest, &dlen) != 1) {
+        goto failed;
+    }
+
+    EVP_MD_CTX_free(md);
+
+    ngx_hex_dump(cctx->body_sha, digest, 32);
+    cctx->body_sha_done = 1;
+
+    return NGX_OK;
+
+failed:
+
+    EVP_MD_CTX_free(md);
+
+    return NGX_ERROR;
+}
+
+
+static ngx_int_t
+ngx_http_deepseek_guard_body_sha_variable(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data)
+{
+    ngx_http_deepseek_guard_ctx_t        *ctx;
+    ngx_http_deepseek_guard_cache_ctx_t  *cctx, tmp;
+
+    ctx = ngx_http_deepseek_guard_get_ctx(r);
+    cctx = (ctx && ctx->cache) ? ctx->cache : NULL;
+
+    if (cctx == NULL) {
+        ngx_memzero(&tmp, sizeof(tmp));
+        cctx = &tmp;
+    }
+
+    if (!cctx->body_sha_done
+        && ngx_http_deepseek_guard_body_sha(r->main, cctx) != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    v->data = ngx_pnalloc(r->pool, 64);
+    if (v->data == NULL) {
+        return NGX_ERROR;
+    }
+
+    ngx_memcpy(v->data, cctx->body_sha, 64);
+    v->len = 64;
+    v->valid = 1;
+    v->no_cacheable = 0;
+    v->not_found = 0;
+
+    return NGX_OK;
+}
+
+
+/* $deepseek_guard_auth_sha256: keys the cache per customer, not by secret */
+
+static ngx_int_t
+ngx_http_deepseek_guard_auth_sha_variable(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data)
+{
+    u_char        digest[32];
+    ngx_str_t     auth;
+    unsigned int  dlen;
+
+    auth.len = 0;
+    auth.data = (u_char *) "";
+
+    if (r->headers_in.authorization) {
+        auth = r->headers_in.authorization->value;
+    }
+
+    if (EVP_Digest(auth.data, auth.len, digest, &dlen, EVP_sha256(), NULL)
+        != 1)
+    {
+        return NGX_ERROR;
+    }
+
+    v->data = ngx_pnalloc(r->pool, 64);
+    if (v->data == NULL) {
+        return NGX_ERROR;
+    }
+
+    ngx_hex_dump(v->data, digest, 32);
+    v->len = 64;
+    v->valid = 1;
+    v->no_cacheable = 0;
+    v->not_found = 0;
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_deepseek_guard_cache_status_variable(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data)
+{
+    ngx_str_t                      *s;
+    ngx_http_deepseek_guard_ctx_t  *ctx;
+
+    ctx = ngx_http_deepseek_guard_get_ctx(r);
+
+    if (ctx == NULL || ctx->cache == NULL || ctx->cache->status == 0) {
+        v->not_found = 1;
+        return NGX_OK;
+    }
+
+    s = &ngx_http_deepseek_guard_cache_status_names[ctx->cache->status];
+
+    v->data = s->data;
+    v->len = s->len;
+    v->valid = 1;
+    v->no_cacheable = 1;
+    v->not_found = 0;
+
+    return NGX_OK;
+}
+
+
+static ngx_http_variable_t  ngx_http_deepseek_guard_cache_vars[] = {
+
+    { ngx_string("deepseek_guard_cache_status"), NULL,
+      ngx_http_deepseek_guard_cache_status_variable, 0,
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("deepseek_guard_body_sha256"), NULL,
+      ngx_http_deepseek_guard_body_sha_variable, 0, 0, 0 },
+
+    { ngx_string("deepseek_guard_auth_sha256"), NULL,
+      ngx_http_deepseek_guard_auth_sha_variable, 0, 0, 0 },
+
+      ngx_http_null_variable
+};
+
+
+ngx_int_t
+ngx_http_deepseek_guard_cache_add_variables(ngx_conf_t *cf)
+{
+    ngx_http_variable_t  *var, *v;
+
+    for (v = ngx_http_deepseek_guard_cache_vars; v->name.len; v++) {
+        var = ngx_http_add_variable(cf, &v->name, v->flags);
+        if (var == NULL) {
+            return NGX_ERROR;
+        }
+
+        var->get_handler = v->get_handler;
+        var->data = v->data;
+    }
+
+    return NGX_OK;
+}
+
+
+ngx_int_t
+ngx_http_deepseek_guard_cache_init(ngx_conf_t *cf)
+{
+    ngx_http_handler_pt        *h;
+    ngx_http_core_main_conf_t  *cmcf;
+
+    cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
+
+    h = ngx_array_push(&cmcf->phases[NGX_HTTP_PRECONTENT_PHASE].handlers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    *h = ngx_http_deepseek_guard_precontent_handler;
+
+    ngx_http_next_header_filter = ngx_http_top_header_filter;
+    ngx_http_top_header_filter = ngx_http_deepseek_guard_header_filter;
+
+    ngx_http_next_body_filter = ngx_http_top_body_filter;
+    ngx_http_top_body_filter = ngx_http_deepseek_guard_body_filter;
+
+    return NGX_OK;
 }

@@ -182,7 +182,7 @@ ngx_http_deepseek_guard_access_handler(ngx_http_request_t *r)
 
     lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
 
-    if (lcf->zones == NULL || lcf->zones->nelts == 0) {
+    if ((lcf->zones == NULL || lcf->zones->nelts == 0) && lcf->cache == NULL) {
         return NGX_DECLINED;
     }
 
@@ -197,6 +197,25 @@ ngx_http_deepseek_guard_access_handler(ngx_http_request_t *r)
         if (ctx == NULL) {
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
+    }
+
+    /* the cache first: a fresh hit costs no admission capacity */
+
+    rc = ngx_http_deepseek_guard_cache_access(r, ctx);
+
+    if (rc == NGX_OK) {
+        ctx->decided = 1;
+        ctx->status = NGX_HTTP_DSG_CACHED;
+        return NGX_DECLINED;
+    }
+
+    if (rc != NGX_DECLINED) {
+        return rc;
+    }
+
+    if (lcf->zones == NULL || lcf->zones->nelts == 0) {
+        ctx->decided = 1;
+        return NGX_DECLINED;
     }
 
     ctx->cls = ngx_http_deepseek_guard_classify(r, lcf);

@@ -19,6 +19,7 @@ static char *ngx_http_deepseek_guard_merge_loc_conf(ngx_conf_t *cf,
 static ngx_int_t ngx_http_deepseek_guard_preconf(ngx_conf_t *cf);
 static ngx_int_t ngx_http_deepseek_guard_init(ngx_conf_t *cf);
 static ngx_int_t ngx_http_deepseek_guard_init_process(ngx_cycle_t *cycle);
+static void ngx_http_deepseek_guard_exit_process(ngx_cycle_t *cycle);
 
 
 static ngx_conf_enum_t  ngx_http_deepseek_guard_log_levels[] = {
@@ -81,6 +82,83 @@ static ngx_command_t  ngx_http_deepseek_guard_commands[] = {
       offsetof(ngx_http_deepseek_guard_loc_conf_t, log_level),
       &ngx_http_deepseek_guard_log_levels },
 
+    { ngx_string("deepseek_guard_cache_path"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_2MORE,
+      ngx_http_deepseek_guard_cache_path,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("deepseek_guard_cache"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_deepseek_guard_cache,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("deepseek_guard_cache_key"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_set_complex_value_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_deepseek_guard_loc_conf_t, cache_key),
+      NULL },
+
+    { ngx_string("deepseek_guard_cache_valid"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_1MORE,
+      ngx_http_deepseek_guard_cache_valid,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("deepseek_guard_cache_bypass"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_1MORE,
+      ngx_http_set_predicate_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_deepseek_guard_loc_conf_t, cache_bypass),
+      NULL },
+
+    { ngx_string("deepseek_guard_cache_use_stale"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_1MORE,
+      ngx_conf_set_bitmask_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_deepseek_guard_loc_conf_t, use_stale),
+      &ngx_http_deepseek_guard_use_stale_masks },
+
+    { ngx_string("deepseek_guard_cache_lock_timeout"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_deepseek_guard_loc_conf_t, lock_timeout),
+      NULL },
+
+    { ngx_string("deepseek_guard_cache_max_entry_size"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_size_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_deepseek_guard_loc_conf_t, max_entry_size),
+      NULL },
+
+    { ngx_string("deepseek_guard_cache_json_canonical"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_deepseek_guard_loc_conf_t, json_canonical),
+      NULL },
+
+    { ngx_string("deepseek_guard_cache_status_header"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_str_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_deepseek_guard_loc_conf_t, status_header),
+      NULL },
+
+    { ngx_string("deepseek_guard_cache_methods"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_1MORE,
+      ngx_conf_set_bitmask_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_deepseek_guard_loc_conf_t, methods),
+      &ngx_http_deepseek_guard_methods_masks },
+
       ngx_null_command
 };
 
@@ -106,11 +184,11 @@ ngx_module_t  ngx_http_deepseek_guard_module = {
     ngx_http_deepseek_guard_commands,      /* module directives */
     NGX_HTTP_MODULE,                       /* module type */
     NULL,                                  /* init master */
-    NULL,                                  /* init module */
+    ngx_http_deepseek_guard_cache_init_module, /* init module */
     ngx_http_deepseek_guard_init_process,  /* init process */
     NULL,                                  /* init thread */
     NULL,                                  /* exit thread */
-    NULL,                                  /* exit process */
+    ngx_http_deepseek_guard_exit_process,  /* exit process */
     NULL,                                  /* exit master */
     NGX_MODULE_V1_PADDING
 };
@@ -119,7 +197,18 @@ ngx_module_t  ngx_http_deepseek_guard_module = {
 static ngx_int_t
 ngx_http_deepseek_guard_init_process(ngx_cycle_t *cycle)
 {
-    return ngx_http_deepseek_guard_limit_init_process(cycle);
+    if (ngx_http_deepseek_guard_limit_init_process(cycle) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    return ngx_http_deepseek_guard_cache_init_process(cycle);
+}
+
+
+static void
+ngx_http_deepseek_guard_exit_process(ngx_cycle_t *cycle)
+{
+    ngx_http_deepseek_guard_cache_exit_process(cycle);
 }
 
 
@@ -141,6 +230,13 @@ ngx_http_deepseek_guard_create_main_conf(ngx_conf_t *cf)
     }
 
     if (ngx_array_init(&mcf->zones, cf->pool, 4, sizeof(ngx_shm_zone_t *))
+        != NGX_OK)
+    {
+        return NULL;
+    }
+
+    if (ngx_array_init(&mcf->caches, cf->pool, 2,
+                       sizeof(ngx_http_deepseek_guard_cache_t *))
         != NGX_OK)
     {
         return NULL;
@@ -199,6 +295,12 @@ ngx_http_deepseek_guard_create_loc_conf(ngx_conf_t *cf)
     conf->ratelimit_headers = NGX_CONF_UNSET;
     conf->log_level = NGX_CONF_UNSET_UINT;
     conf->metrics = NGX_CONF_UNSET;
+    conf->cache_key = NULL;
+    conf->cache_valid = NULL;
+    conf->cache_bypass = NGX_CONF_UNSET_PTR;
+    conf->lock_timeout = NGX_CONF_UNSET_MSEC;
+    conf->max_entry_size = NGX_CONF_UNSET_SIZE;
+    conf->json_canonical = NGX_CONF_UNSET;
 
     return conf;
 }
@@ -246,6 +348,12 @@ ngx_http_deepseek_guard_merge_loc_conf(ngx_conf_t *cf, void *parent,
     ngx_conf_merge_value(conf->ratelimit_headers, prev->ratelimit_headers, 0);
     ngx_conf_merge_uint_value(conf->log_level, prev->log_level, NGX_LOG_WARN);
     ngx_conf_merge_value(conf->metrics, prev->metrics, 0);
+
+    ngx_conf_merge_ptr_value(conf->cache_bypass, prev->cache_bypass, NULL);
+
+    if (ngx_http_deepseek_guard_cache_merge(cf, prev, conf) != NGX_CONF_OK) {
+        return NGX_CONF_ERROR;
+    }
 
     mcf = ngx_http_conf_get_module_main_conf(cf,
                                              ngx_http_deepseek_guard_module);
@@ -435,7 +543,11 @@ ngx_http_deepseek_guard_classify(ngx_conf_t *cf, ngx_command_t *cmd,
 static ngx_int_t
 ngx_http_deepseek_guard_preconf(ngx_conf_t *cf)
 {
-    return ngx_http_deepseek_guard_add_variables(cf);
+    if (ngx_http_deepseek_guard_add_variables(cf) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    return ngx_http_deepseek_guard_cache_add_variables(cf);
 }
 
 
@@ -454,5 +566,5 @@ ngx_http_deepseek_guard_init(ngx_conf_t *cf)
 
     *h = ngx_http_deepseek_guard_access_handler;
 
-    return NGX_OK;
+    return ngx_http_deepseek_guard_cache_init(cf);
 }

@@ -87,8 +87,56 @@ typedef struct {
 } ngx_http_deepseek_guard_zone_t;
 
 
+/* one coalescing lock: the request filling an entry, in shared memory */
+typedef struct {
+    u_char                       digest[32];
+    ngx_pid_t                    pid;       /* 0: free */
+    uint32_t                     waiters;
+    uint64_t                     deadline;
+} ngx_http_deepseek_guard_lock_t;
+
+
+typedef struct {
+    ngx_atomic_t                 hits;
+    ngx_atomic_t                 misses;
+    ngx_atomic_t                 expired;
+    ngx_atomic_t                 stale;
+    ngx_atomic_t                 coalesced;
+    ngx_atomic_t                 bypass;
+    ngx_atomic_t                 stores;
+    ngx_atomic_t                 store_failures;
+    ngx_atomic_t                 not_cacheable;
+    ngx_atomic_t                 evictions;
+    ngx_atomic_t                 expirations;
+    ngx_atomic_t                 entries;       /* gauge */
+    ngx_atomic_t                 bytes;         /* gauge: live data */
+    ngx_atomic_t                 file_bytes;    /* gauge: data.mdb extent */
+    ngx_atomic_t                 capacity;      /* gauge: map size */
+    ngx_atomic_t                 recreated;
+    uint64_t                     last_sweep;
+    ngx_uint_t                   nlocks;
+    ngx_http_deepseek_guard_lock_t  locks[1];
+} ngx_http_deepseek_guard_cache_sh_t;
+
+
+typedef struct {
+    ngx_str_t                    name;
+    ngx_path_t                  *path;
+    ngx_shm_zone_t              *shm_zone;
+    ngx_http_deepseek_guard_cache_sh_t  *sh;
+    ngx_slab_pool_t             *shpool;
+    uint64_t                     max_size;
+    ngx_msec_t                   inactive;  /* expired entries kept so long */
+    void                        *store;     /* dsg_store_t, per worker */
+    uint64_t                     put_evicted;   /* this worker's, seen */
+    u_char                      *file;
+    ngx_uint_t                   line;
+} ngx_http_deepseek_guard_cache_t;
+
+
 typedef struct {
     ngx_array_t                  classes;   /* ngx_http_deepseek_guard_class_t */
+    ngx_array_t                  caches;    /* ngx_http_deepseek_guard_cache_t * */
     ngx_array_t                  zones;     /* ngx_shm_zone_t * */
     ngx_uint_t                   default_class_set;
 } ngx_http_deepseek_guard_main_conf_t;
@@ -107,6 +155,21 @@ typedef struct {
     ngx_uint_t                   line;
     u_char                      *zfile;      /* where the zones were used */
     ngx_uint_t                   zline;
+
+    /* cache */
+    ngx_http_deepseek_guard_cache_t  *cache;
+    ngx_str_t                    cache_name;
+    u_char                      *cfile;
+    ngx_uint_t                   cline;
+    ngx_http_complex_value_t    *cache_key;
+    ngx_array_t                 *cache_valid;
+    ngx_array_t                 *cache_bypass;
+    ngx_uint_t                   use_stale;
+    ngx_msec_t                   lock_timeout;
+    size_t                       max_entry_size;
+    ngx_flag_t                   json_canonical;
+    ngx_str_t                    status_header;
+    ngx_uint_t                   methods;
 } ngx_http_deepseek_guard_loc_conf_t;
 
 
@@ -141,8 +204,8 @@ struct ngx_http_deepseek_guard_ctx_s {
     uint64_t                     retry_ms;
     ngx_http_deepseek_guard_zone_t  *reject_zone;
 
-    /* cache module's per-request state */
-    void                        *cache;
+    /* the cache's per-request state */
+    struct ngx_http_deepseek_guard_cache_ctx_s  *cache;
 };
 
 
@@ -165,6 +228,24 @@ extern ngx_msec_t  ngx_http_deepseek_guard_wait_bounds[];
 
 /* ngx_http_deepseek_guard_cache.c */
 ngx_int_t ngx_http_deepseek_guard_cache_overload(ngx_http_request_t *r);
+ngx_int_t ngx_http_deepseek_guard_cache_access(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_ctx_t *ctx);
+ngx_int_t ngx_http_deepseek_guard_cache_init(ngx_conf_t *cf);
+ngx_int_t ngx_http_deepseek_guard_cache_init_module(ngx_cycle_t *cycle);
+ngx_int_t ngx_http_deepseek_guard_cache_init_process(ngx_cycle_t *cycle);
+void ngx_http_deepseek_guard_cache_exit_process(ngx_cycle_t *cycle);
+char *ngx_http_deepseek_guard_cache_merge(ngx_conf_t *cf,
+    ngx_http_deepseek_guard_loc_conf_t *prev,
+    ngx_http_deepseek_guard_loc_conf_t *conf);
+ngx_int_t ngx_http_deepseek_guard_cache_add_variables(ngx_conf_t *cf);
+char *ngx_http_deepseek_guard_cache_path(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+char *ngx_http_deepseek_guard_cache(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+char *ngx_http_deepseek_guard_cache_valid(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+extern ngx_conf_bitmask_t  ngx_http_deepseek_guard_use_stale_masks[];
+extern ngx_conf_bitmask_t  ngx_http_deepseek_guard_methods_masks[];
 
 /* ngx_http_deepseek_guard_metrics.c */
 ngx_int_t ngx_http_deepseek_guard_add_variables(ngx_conf_t *cf);
