@@ -37,14 +37,18 @@ need() {
     [ "$(id -u)" -ne 0 ] && sudo=sudo
     export DEBIAN_FRONTEND=noninteractive
     $sudo apt-get update -qq
-    # prometheus pulls in a daemon; never start it on install
-    $sudo env RUNLEVEL=1 apt-get install -y -qq --no-install-recommends \
-        "${missing[@]}" >/dev/null
-    # Debian starts nginx and prometheus on install: stop them, tests run
-    # their own instances on free ports
-    if command -v systemctl >/dev/null 2>&1; then
-        $sudo systemctl stop nginx prometheus >/dev/null 2>&1 || true
+    # Debian starts nginx and prometheus on install: forbid it for the
+    # install (policy-rc.d), tests run their own instances on free ports
+    local policy=/usr/sbin/policy-rc.d ours=
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
+        $sudo chmod 755 "$policy"
+        ours=1
     fi
+    $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" \
+        >/dev/null || { [ -n "$ours" ] && $sudo rm -f "$policy"; exit 1; }
+    [ -n "$ours" ] && $sudo rm -f "$policy"
+    return 0
 }
 
 build() {
