@@ -107,6 +107,8 @@ static uint64_t ngx_http_deepseek_guard_now_ms(void);
 static ngx_int_t ngx_http_deepseek_guard_cache_init_zone(
     ngx_shm_zone_t *shm_zone, void *data);
 static void ngx_http_deepseek_guard_cache_body_handler(ngx_http_request_t *r);
+static ngx_int_t ngx_http_deepseek_guard_cache_key(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_cache_ctx_t *cctx);
 static ngx_int_t ngx_http_deepseek_guard_cache_lookup(ngx_http_request_t *r,
     ngx_http_deepseek_guard_cache_ctx_t *cctx);
 static ngx_int_t ngx_http_deepseek_guard_cache_lock(ngx_http_request_t *r,
@@ -279,6 +281,12 @@ ngx_http_deepseek_guard_cache_access(ngx_http_request_t *r,
     }
 
     if (ngx_http_test_predicates(r, lcf->cache_bypass) == NGX_DECLINED) {
+
+        /* the response is still stored: under this request's key */
+        if (ngx_http_deepseek_guard_cache_key(r, cctx) != NGX_OK) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
         cctx->looked_up = 1;
         cctx->bypass = 1;
         cctx->store = 1;
@@ -393,6 +401,36 @@ ngx_http_deepseek_guard_cache_alloc(void *pool, size_t n)
 }
 
 
+/* computes the key and its digest, once */
+
+static ngx_int_t
+ngx_http_deepseek_guard_cache_key(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_cache_ctx_t *cctx)
+{
+    unsigned int                         dlen;
+    ngx_http_deepseek_guard_loc_conf_t  *lcf;
+
+    if (cctx->key.data) {
+        return NGX_OK;
+    }
+
+    lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
+
+    if (ngx_http_complex_value(r, lcf->cache_key, &cctx->key) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    if (EVP_Digest(cctx->key.data, cctx->key.len, cctx->digest, &dlen,
+                   EVP_sha256(), NULL)
+        != 1)
+    {
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
 /*
  * Computes the key and its digest, then reads the entry.  NGX_OK: fresh;
  * NGX_DECLINED: none or expired (cctx->have_entry says which).
@@ -402,27 +440,14 @@ static ngx_int_t
 ngx_http_deepseek_guard_cache_lookup(ngx_http_request_t *r,
     ngx_http_deepseek_guard_cache_ctx_t *cctx)
 {
-    int                                  rc;
-    size_t                               len;
-    uint8_t                             *val;
-    uint64_t                             now;
-    unsigned int                         dlen;
-    dsg_entry_t                          e;
-    ngx_http_deepseek_guard_loc_conf_t  *lcf;
+    int           rc;
+    size_t        len;
+    uint8_t      *val;
+    uint64_t      now;
+    dsg_entry_t   e;
 
-    lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
-
-    if (cctx->key.data == NULL) {
-        if (ngx_http_complex_value(r, lcf->cache_key, &cctx->key) != NGX_OK) {
-            return NGX_ERROR;
-        }
-
-        if (EVP_Digest(cctx->key.data, cctx->key.len, cctx->digest, &dlen,
-                       EVP_sha256(), NULL)
-            != 1)
-        {
-            return NGX_ERROR;
-        }
+    if (ngx_http_deepseek_guard_cache_key(r, cctx) != NGX_OK) {
+        return NGX_ERROR;
     }
 
     cctx->have_entry = 0;
@@ -853,16 +878,21 @@ ngx_http_deepseek_guard_cache_status_header(ngx_http_request_t *r,
 }
 
 
-/* the TTL an upstream response allows, in ms; 0: do not store */
+/*
+ * The TTL an upstream response allows, in ms; 0: do not store.  Whatever
+ * the order of the header lines: Set-Cookie forbids storing, then
+ * X-Accel-Expires wins, then Cache-Control no-store, private or max-age=0
+ * forbid it, and max-age sets the TTL of a status with a valid line.
+ */
 
 static uint64_t
 ngx_http_deepseek_guard_cache_ttl(ngx_http_request_t *r,
     ngx_http_deepseek_guard_loc_conf_t *lcf, ngx_uint_t status)
 {
     u_char                           *p, *last;
-    ngx_int_t                         n;
-    ngx_uint_t                        i, found;
-    uint64_t                          ttl;
+    ngx_int_t                         n, maxage;
+    ngx_uint_t                        i, found, forbid, xae;
+    uint64_t                          ttl, xttl;
     ngx_list_part_t                  *part;
     ngx_table_elt_t                  *h;
     ngx_http_deepseek_guard_valid_t  *v;
@@ -885,6 +915,11 @@ ngx_http_deepseek_guard_cache_ttl(ngx_http_request_t *r,
     if (r->upstream == NULL) {
         return ttl;
     }
+
+    xae = 0;
+    xttl = 0;
+    forbid = 0;
+    maxage = 0;
 
     part = &r->upstream->headers_in.headers.part;
     h = part->elts;
@@ -916,22 +951,24 @@ ngx_http_deepseek_guard_cache_ttl(ngx_http_request_t *r,
             && ngx_strncasecmp(h[i].key.data, (u_char *) "X-Accel-Expires",
                                h[i].key.len) == 0)
         {
+            xae = 1;
+            xttl = 0;
+
             if (h[i].value.len && h[i].value.data[0] == '@') {
                 n = ngx_atoi(h[i].value.data + 1, h[i].value.len - 1);
-                if (n == NGX_ERROR || n <= ngx_time()) {
-                    return 0;
+                if (n != NGX_ERROR && n > ngx_time()) {
+                    xttl = (uint64_t) (n - ngx_time()) * 1000;
                 }
 
-                return (uint64_t) (n - ngx_time()) * 1000;
+                continue;
             }
 
             n = ngx_atoi(h[i].value.data, h[i].value.len);
-            if (n == NGX_ERROR || n == 0) {
-                return 0;
+            if (n != NGX_ERROR) {
+                xttl = (uint64_t) n * 1000;
             }
 
-            /* X-Accel-Expires wins over everything else */
-            return (uint64_t) n * 1000;
+            continue;
         }
 
         if (h[i].key.len == sizeof("Cache-Control") - 1
@@ -949,7 +986,8 @@ ngx_http_deepseek_guard_cache_ttl(ngx_http_request_t *r,
             if (ngx_strlcasestrn(p, last, (u_char *) "no-store", 8 - 1)
                 || ngx_strlcasestrn(p, last, (u_char *) "private", 7 - 1))
             {
-                return 0;
+                forbid = 1;
+                continue;
             }
 
             p = ngx_strlcasestrn(p, last, (u_char *) "max-age=", 8 - 1);
@@ -965,14 +1003,27 @@ ngx_http_deepseek_guard_cache_ttl(ngx_http_request_t *r,
                 }
 
                 if (n == 0) {
-                    return 0;
-                }
+                    forbid = 1;
 
-                if (found) {
-                    ttl = (uint64_t) n * 1000;
+                } else {
+                    maxage = n;
                 }
             }
         }
+    }
+
+    /* X-Accel-Expires wins over everything else */
+
+    if (xae) {
+        return xttl;
+    }
+
+    if (forbid) {
+        return 0;
+    }
+
+    if (maxage && found) {
+        ttl = (uint64_t) maxage * 1000;
     }
 
     return ttl;
