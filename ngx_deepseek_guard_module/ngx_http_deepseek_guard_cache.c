@@ -1574,7 +1574,12 @@ ngx_http_deepseek_guard_cache_init_process(ngx_cycle_t *cycle)
     ngx_http_deepseek_guard_cache_poll_ev.log = cycle->log;
     ngx_http_deepseek_guard_cache_poll_ev.data =
                                       &ngx_http_deepseek_guard_cache_poll_ev;
-    ngx_http_deepseek_guard_cache_poll_ev.cancelable = 1;
+
+    /*
+     * not cancelable: a worker shutting down on reload must stay until its
+     * coalesced waiters are answered; the timer runs only while it has any
+     */
+    ngx_http_deepseek_guard_cache_poll_ev.cancelable = 0;
 
     ngx_http_deepseek_guard_cache_sweep_ev.handler =
                                       ngx_http_deepseek_guard_cache_sweep;
