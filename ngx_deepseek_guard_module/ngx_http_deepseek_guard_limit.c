@@ -1298,7 +1298,16 @@ ngx_http_deepseek_guard_limit_init_process(ngx_cycle_t *cycle)
                                         ngx_http_deepseek_guard_wake_handler;
     ngx_http_deepseek_guard_wake_ev.log = cycle->log;
     ngx_http_deepseek_guard_wake_ev.data = &ngx_http_deepseek_guard_wake_ev;
-    ngx_http_deepseek_guard_wake_ev.cancelable = 1;
+
+    /*
+     * not cancelable: a worker shutting down gracefully (reload) exits as
+     * soon as only cancelable timers are left, and a parked request has no
+     * timer of its own; the worker must stay until its waiters are
+     * admitted or time out.  The timer is armed only while there are
+     * waiters, so an idle worker still exits at once.
+     */
+
+    ngx_http_deepseek_guard_wake_ev.cancelable = 0;
 
     ngx_http_deepseek_guard_reap_ev.handler =
                                         ngx_http_deepseek_guard_reap_handler;
