@@ -286,7 +286,17 @@ ngx_http_deepseek_guard_access_handler(ngx_http_request_t *r)
         goto reject;
     }
 
-    if (z->status != NGX_HTTP_TOO_MANY_REQUESTS) {
+    if (z->status == NGX_HTTP_TOO_MANY_REQUESTS) {
+        if (kind == DSG_INFLIGHT) {
+            /* a quota on concurrency: when will one of its slots free */
+            ngx_shmtx_lock(&z->shpool->mutex);
+            retry_ms = ngx_http_deepseek_guard_estimate(z, ctx->cls,
+                                          ctx->holds[blocked].node, kind, 0,
+                                          NULL);
+            ngx_shmtx_unlock(&z->shpool->mutex);
+        }
+
+    } else {
         rc = ngx_http_deepseek_guard_enqueue(r, ctx, blocked, kind, wait_ms,
                                              &retry_ms);
         if (rc == NGX_AGAIN) {

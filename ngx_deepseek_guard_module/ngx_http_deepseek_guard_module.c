@@ -367,8 +367,8 @@ ngx_http_deepseek_guard_merge_loc_conf(ngx_conf_t *cf, void *parent,
 
     for (i = 0; i < mcf->classes.nelts; i++) {
         if (c[i].name.len == conf->default_class.len
-            && ngx_strncmp(c[i].name.data, conf->default_class.data,
-                           c[i].name.len) == 0)
+            && ngx_strncasecmp(c[i].name.data, conf->default_class.data,
+                               c[i].name.len) == 0)
         {
             conf->default_index = i;
             return NGX_CONF_OK;
@@ -396,7 +396,7 @@ ngx_http_deepseek_guard_class(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     size_t                            len;
     ngx_int_t                         n;
     ngx_str_t                        *value, s;
-    ngx_uint_t                        i;
+    ngx_uint_t                        i, k, sum;
     ngx_http_deepseek_guard_class_t  *c;
 
     value = cf->args->elts;
@@ -449,6 +449,20 @@ ngx_http_deepseek_guard_class(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
             }
 
             c->reserve = (uint32_t) n;
+
+            /* the lowest class must keep a share */
+            for (sum = 0, k = 0; k < mcf->classes.nelts; k++) {
+                sum += ((ngx_http_deepseek_guard_class_t *)
+                        mcf->classes.elts)[k].reserve;
+            }
+
+            if (sum > 99) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "reserved shares of all classes add up to "
+                                   "%ui%%, must be less than 100%%", sum);
+                return NGX_CONF_ERROR;
+            }
+
             continue;
         }
 
