@@ -26,15 +26,16 @@
 #define NGX_HTTP_DSG_CACHE_COALESCED  5
 #define NGX_HTTP_DSG_CACHE_BYPASS     6
 
-#define NGX_HTTP_DSG_STALE_OVERLOAD   0x0001
-#define NGX_HTTP_DSG_STALE_ERROR      0x0002
-#define NGX_HTTP_DSG_STALE_TIMEOUT    0x0004
-#define NGX_HTTP_DSG_STALE_500        0x0008
-#define NGX_HTTP_DSG_STALE_502        0x0010
-#define NGX_HTTP_DSG_STALE_503        0x0020
-#define NGX_HTTP_DSG_STALE_504        0x0040
-#define NGX_HTTP_DSG_STALE_429        0x0080
-#define NGX_HTTP_DSG_STALE_UPDATING   0x0100
+/* bit 0 is NGX_CONF_BITMASK_SET, which the merge clears */
+#define NGX_HTTP_DSG_STALE_OVERLOAD   0x0002
+#define NGX_HTTP_DSG_STALE_ERROR      0x0004
+#define NGX_HTTP_DSG_STALE_TIMEOUT    0x0008
+#define NGX_HTTP_DSG_STALE_500        0x0010
+#define NGX_HTTP_DSG_STALE_502        0x0020
+#define NGX_HTTP_DSG_STALE_503        0x0040
+#define NGX_HTTP_DSG_STALE_504        0x0080
+#define NGX_HTTP_DSG_STALE_429        0x0100
+#define NGX_HTTP_DSG_STALE_UPDATING   0x0200
 #define NGX_HTTP_DSG_STALE_OFF        0x8000
 
 #define NGX_HTTP_DSG_CACHE_POLL_MS    5
@@ -1099,6 +1100,15 @@ ngx_http_deepseek_guard_header_filter(ngx_http_request_t *r)
             }
 
             ngx_http_deepseek_guard_cache_set_headers(r, cctx);
+
+            /*
+             * the upstream's status line ("503 Service Unavailable") would
+             * go out instead of the entry's status, and nginx's own error
+             * status (502, 504) would be logged as $status
+             */
+            ngx_str_null(&r->headers_out.status_line);
+            r->err_status = 0;
+
             r->headers_out.location = NULL;
             r->headers_out.www_authenticate = NULL;
             r->headers_out.refresh = NULL;
