@@ -66,6 +66,8 @@ static ngx_int_t ngx_http_deepseek_guard_reject(ngx_http_request_t *r,
     uint64_t retry_ms);
 static void ngx_http_deepseek_guard_record_wait(
     ngx_http_deepseek_guard_ctx_t *ctx);
+static void ngx_http_deepseek_guard_count_admitted(
+    ngx_http_deepseek_guard_ctx_t *ctx);
 
 
 static ngx_queue_t   ngx_http_deepseek_guard_waiters;
@@ -254,6 +256,7 @@ ngx_http_deepseek_guard_access_handler(ngx_http_request_t *r)
         ctx->decided = 1;
         ctx->status = NGX_HTTP_DSG_ADMITTED;
         ctx->admitted_at = ngx_current_msec;
+        ngx_http_deepseek_guard_count_admitted(ctx);
 
         ngx_log_debug2(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
                        "deepseek_guard: class %ui admitted, %ui zones",
@@ -820,6 +823,7 @@ ngx_http_deepseek_guard_wake_handler(ngx_event_t *ev)
             ctx->admitted_at = ngx_current_msec;
             ctx->wait_ms = ngx_current_msec - ctx->enqueued;
             ngx_http_deepseek_guard_record_wait(ctx);
+            ngx_http_deepseek_guard_count_admitted(ctx);
 
             ngx_log_debug2(NGX_LOG_DEBUG_HTTP, c->log, 0,
                            "deepseek_guard: class %ui admitted after %M ms",
@@ -1079,6 +1083,25 @@ ngx_http_deepseek_guard_record_wait(ngx_http_deepseek_guard_ctx_t *ctx)
     (void) ngx_atomic_fetch_add(&cnt->wait_bucket[b], 1);
     (void) ngx_atomic_fetch_add(&cnt->wait_count, 1);
     (void) ngx_atomic_fetch_add(&cnt->wait_sum_ms, ctx->wait_ms);
+}
+
+
+/* the admitted counter of every zone the request holds (metrics) */
+
+static void
+ngx_http_deepseek_guard_count_admitted(ngx_http_deepseek_guard_ctx_t *ctx)
+{
+    ngx_uint_t                       i;
+    ngx_http_deepseek_guard_zone_t  *z;
+
+    for (i = 0; i < ctx->nholds; i++) {
+        z = ctx->holds[i].zone;
+
+        if (z != NULL) {
+            (void) ngx_atomic_fetch_add(&z->sh->counters[ctx->cls].admitted,
+                                        1);
+        }
+    }
 }
 
 
