@@ -1,10 +1,55 @@
 /*
  * Copyright (C) ngx_deepseek_guard_module authors
+ *
+ * dsg_json: canonical form of a JSON text, used to build cache keys from
+ * request bodies: two requests that differ only in object key order or in
+ * insignificant whitespace get the same canonical text (and so the same
+ * cache key); array order is significant and kept.
+ *
+ * Canonical form: jansson's compact encoding (no whitespace), object keys
+ * sorted bytewise, non-ASCII characters as raw UTF-8, escapes normalized
+ * ("\u00e9" and "é" are equal, "\/" becomes "/"), reals re-printed by
+ * jansson (1.0, 1.00 and 10e-1 all become 1.0; 1 and 1.0 stay distinct:
+ * integer and real are different JSON types to jansson).
+ *
+ * Inputs rejected with DSG_JSON_EPARSE (the glue must then not cache, or
+ * key on the raw bytes): invalid JSON or UTF-8, trailing garbage, nesting
+ * deeper than jansson's limit (2048), integers outside the 64-bit signed
+ * range, and objects with a duplicate key.  Duplicates are rejected
+ * because parsers disagree on them (first wins, last wins, both kept):
+ * the upstream may see a different request than the one the key was
+ * built from, which could let one request be answered from another's
+ * cache entry.
+ *
+ * The parse allocates (jansson's own allocator); the output goes to the
+ * caller's buffer.  No global state: jansson's hash seed is initialized
+ * by jansson itself on first use.
  */
 
 
 #ifndef DSG_JSON_H
 #define DSG_JSON_H
+
+
+#include <stddef.h>
+
+
+#define DSG_JSON_OK         0
+#define DSG_JSON_EPARSE    -1   /* invalid or rejected input */
+#define DSG_JSON_ESPACE    -2   /* cap too small: *outlen = size needed */
+#define DSG_JSON_ENOMEM    -3   /* jansson could not allocate */
+
+
+/*
+ * Canonicalizes in[0 .. len) (any JSON value, not only objects; "\u0000"
+ * in strings is allowed) into out[0 .. cap).  The output is not
+ * NUL-terminated; *outlen is its length.  On DSG_JSON_ESPACE *outlen is
+ * the capacity needed and out is undefined.
+ */
+int dsg_json_canonical(const char *in, size_t len, char *out, size_t cap,
+    size_t *outlen);
+
+const char *dsg_json_strerror(int rc);
 
 
 #endif /* DSG_JSON_H */
