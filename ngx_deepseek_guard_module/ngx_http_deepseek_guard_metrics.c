@@ -1,7 +1,8 @@
 /*
  * Copyright (C) ngx_deepseek_guard_module authors
  *
- * Variables for access logs.
+ * Variables for access logs, the per-zone response counter (log phase) and
+ * the metrics endpoint.
  */
 
 
@@ -16,6 +17,155 @@ static ngx_int_t ngx_http_deepseek_guard_num_variable(
     ngx_http_request_t *r, ngx_http_variable_value_t *v, uintptr_t data);
 static ngx_int_t ngx_http_deepseek_guard_zone_variable(
     ngx_http_request_t *r, ngx_http_variable_value_t *v, uintptr_t data);
+
+
+/*
+ * The metrics endpoint, "deepseek_guard_metrics;" in a location: a content
+ * handler, as stub_status, that serves the counters of every zone and cache
+ * of the http block in the Prometheus text exposition format 0.0.4, or the
+ * same numbers as JSON with "?format=json" or "Accept: application/json"
+ * ("?format=prometheus" forces the text format).
+ *
+ * Every number lives in shared memory: the counters add up all workers and
+ * survive "nginx -s reload" with their zone (nginx keeps a zone's memory
+ * when its name and size are unchanged).  They are read without the zone's
+ * lock, one atomic word at a time, so a scrape is not a snapshot of a
+ * single instant, but every counter is monotonic from scrape to scrape.
+ *
+ * Per zone and class ("class" is the position of a deepseek_guard_class;
+ * a reload that reorders or renames classes relabels their counters):
+ *
+ *   deepseek_guard_requests_total{zone,class,decision}          counter
+ *       admitted        admitted, at once or after a wait in the queue;
+ *                       counted in every zone the request holds
+ *       queued          took a place in this zone's queue (it leaves the
+ *                       queue admitted, or rejected_* and, if its wait ran
+ *                       out, queue_timeout)
+ *       rejected_429    rejected by this zone with 429, 503 or another
+ *       rejected_503    status= of the zone; counted only in the zone that
+ *       rejected_other  refused, not in the zones checked before it
+ *       dry_run         would have been rejected by this zone, let through
+ *                       (deepseek_guard_dry_run)
+ *       queue_timeout   waited queue_timeout= in vain (a subset of the
+ *                       rejections)
+ *     A fresh cache hit is answered before admission: it is in no zone's
+ *     requests_total (it is in responses_total).
+ *
+ *   deepseek_guard_inflight{zone,class}                          gauge
+ *       admitted requests not finished yet (SSE streams included)
+ *   deepseek_guard_queue_depth{zone,class}                       gauge
+ *       requests waiting in the zone's queue now
+ *   deepseek_guard_queue_capacity{zone,class}                    gauge
+ *       the class's waiter places in the zone: its queue=, 0 in a
+ *       status=429 zone (a quota never queues)
+ *   deepseek_guard_queue_wait_seconds{zone,class}                histogram
+ *       the time spent in the queue by requests that left it, admitted or
+ *       rejected (a client that goes away while queued is not counted);
+ *       le = 0.005 0.01 0.025 0.05 0.1 0.25 0.5 1 5 10 +Inf seconds,
+ *       cumulative; _count is the +Inf bucket of the same scrape; _sum has
+ *       millisecond precision
+ *
+ * Per zone:
+ *
+ *   deepseek_guard_zone_keys{zone}                               gauge
+ *       keys tracked in the zone's shared memory
+ *   deepseek_guard_zone_evictions_total{zone}                    counter
+ *       idle keys evicted, least recently used first, for new keys
+ *   deepseek_guard_zone_reaped_total{zone}                       counter
+ *       in-flight slots and queue places freed after a worker died
+ *   deepseek_guard_zone_inflight_limit{zone}                     gauge
+ *       the zone's inflight= (0: no in-flight cap)
+ *   deepseek_guard_responses_total{zone,code}                    counter
+ *       responses by status class, code = "1xx" .. "5xx", of the requests
+ *       whose location applies the zone, whatever answered them: the
+ *       upstream, a rejection, the cache; counted in the log phase, so a
+ *       request is counted once it has finished (a long stream, when it
+ *       ends).  The denominator and numerator of the gateway's error
+ *       ratio.  A request that never got a status is not counted.
+ *
+ * Per cache (deepseek_guard_cache_path keys_zone=<cache>):
+ *
+ *   deepseek_guard_cache_requests_total{cache,status}            counter
+ *       lookups by outcome, as $deepseek_guard_cache_status: hit, miss,
+ *       expired (an entry past its TTL, fetched again), stale (an expired
+ *       entry served: use_stale), coalesced (served from the entry another
+ *       request was filling), bypass (deepseek_guard_cache_bypass)
+ *   deepseek_guard_cache_stores_total{cache}                     counter
+ *       responses stored
+ *   deepseek_guard_cache_store_failures_total{cache}             counter
+ *       stores that failed (map full after eviction, LMDB errors)
+ *   deepseek_guard_cache_not_cacheable_total{cache}              counter
+ *       responses of misses not stored: status without a cache_valid,
+ *       Cache-Control, Set-Cookie, over max_entry_size, a stream without
+ *       "data: [DONE]"
+ *   deepseek_guard_cache_evictions_total{cache}                  counter
+ *       entries removed to make room (max_size)
+ *   deepseek_guard_cache_expirations_total{cache}                counter
+ *       expired entries removed after inactive=
+ *   deepseek_guard_cache_recreated_total{cache}                  counter
+ *       data files found corrupt or incompatible and recreated
+ *   deepseek_guard_cache_entries{cache}                          gauge
+ *   deepseek_guard_cache_bytes{cache}                            gauge
+ *       bytes of the live entries
+ *   deepseek_guard_cache_file_bytes{cache}                       gauge
+ *       the used extent of data.mdb
+ *   deepseek_guard_cache_capacity_bytes{cache}                   gauge
+ *       the map size: max_size=
+ *     These four gauges are refreshed by the once-a-second sweep: they lag
+ *     by up to a second and are 0 before the first sweep.
+ *
+ * JSON has the same numbers under the same names:
+ *
+ *   {"zones":[{"zone":"backend","keys":1,"evictions":0,"reaped":0,
+ *     "inflight_limit":32,"responses":{"1xx":0,"2xx":9,..,"5xx":1},
+ *     "classes":[{"class":"critical","requests":{"admitted":3,..},
+ *       "inflight":0,"queue_depth":0,"queue_capacity":16,
+ *       "queue_wait":{"count":1,"sum_seconds":0.012,
+ *         "buckets":{"0.005":0,"0.01":0,"0.025":1,..,"+Inf":1}}},..]},..],
+ *    "caches":[{"cache":"llm","requests":{"hit":2,"miss":3,..},
+ *      "stores":3,..,"capacity_bytes":268435456}]}
+ */
+
+
+typedef struct {
+    u_char                      *pos;      /* NULL: only measuring */
+    u_char                      *end;
+    size_t                       size;
+} ngx_http_deepseek_guard_out_t;
+
+
+typedef struct {
+    ngx_str_t                    name;
+    size_t                       offset;
+    char                        *type;     /* cache metrics: gauge, counter */
+    char                        *help;
+} ngx_http_deepseek_guard_field_t;
+
+
+static ngx_int_t ngx_http_deepseek_guard_log_handler(ngx_http_request_t *r);
+static ngx_int_t ngx_http_deepseek_guard_metrics_handler(
+    ngx_http_request_t *r);
+static ngx_uint_t ngx_http_deepseek_guard_metrics_json(ngx_http_request_t *r);
+static void ngx_http_deepseek_guard_text(ngx_http_deepseek_guard_out_t *o,
+    ngx_http_deepseek_guard_main_conf_t *mcf);
+static void ngx_http_deepseek_guard_json(ngx_http_deepseek_guard_out_t *o,
+    ngx_http_deepseek_guard_main_conf_t *mcf);
+static void ngx_http_deepseek_guard_out(ngx_http_deepseek_guard_out_t *o,
+    u_char *s, size_t len);
+static void ngx_http_deepseek_guard_out_num(ngx_http_deepseek_guard_out_t *o,
+    uint64_t n);
+static void ngx_http_deepseek_guard_out_value(
+    ngx_http_deepseek_guard_out_t *o, uint64_t n);
+static void ngx_http_deepseek_guard_out_secs(ngx_http_deepseek_guard_out_t *o,
+    uint64_t ms);
+static u_char *ngx_http_deepseek_guard_secs(u_char *p, uint64_t ms);
+static void ngx_http_deepseek_guard_out_esc(ngx_http_deepseek_guard_out_t *o,
+    ngx_str_t *s, ngx_uint_t json);
+static void ngx_http_deepseek_guard_family(ngx_http_deepseek_guard_out_t *o,
+    char *name, char *type, char *help);
+static void ngx_http_deepseek_guard_series(ngx_http_deepseek_guard_out_t *o,
+    char *name, char *key, ngx_str_t *val, ngx_str_t *cls, char *lname,
+    ngx_str_t *lval);
 
 
 #define NGX_HTTP_DSG_VAR_WAIT    0
@@ -201,4 +351,919 @@ ngx_http_deepseek_guard_zone_variable(ngx_http_request_t *r,
     v->data = ctx->reject_zone->shm_zone->shm.name.data;
 
     return NGX_OK;
+}
+
+
+#define ngx_http_deepseek_guard_read(base, off)                              \
+    (*(ngx_atomic_t *) ((u_char *) (base) + (off)))
+
+#define ngx_http_deepseek_guard_out_lit(o, s)                                \
+    ngx_http_deepseek_guard_out(o, (u_char *) s, sizeof(s) - 1)
+
+#define ngx_http_deepseek_guard_out_cstr(o, s)                               \
+    ngx_http_deepseek_guard_out(o, (u_char *) (s), ngx_strlen((s)))
+
+
+static ngx_http_deepseek_guard_field_t  ngx_http_deepseek_guard_decisions[] = {
+
+    { ngx_string("admitted"),
+      offsetof(ngx_http_deepseek_guard_counters_t, admitted), NULL, NULL },
+
+    { ngx_string("queued"),
+      offsetof(ngx_http_deepseek_guard_counters_t, queued), NULL, NULL },
+
+    { ngx_string("rejected_429"),
+      offsetof(ngx_http_deepseek_guard_counters_t, rejected_429),
+      NULL, NULL },
+
+    { ngx_string("rejected_503"),
+      offsetof(ngx_http_deepseek_guard_counters_t, rejected_503),
+      NULL, NULL },
+
+    { ngx_string("rejected_other"),
+      offsetof(ngx_http_deepseek_guard_counters_t, rejected_other),
+      NULL, NULL },
+
+    { ngx_string("dry_run"),
+      offsetof(ngx_http_deepseek_guard_counters_t, dry_run), NULL, NULL },
+
+    { ngx_string("queue_timeout"),
+      offsetof(ngx_http_deepseek_guard_counters_t, timeouts), NULL, NULL },
+
+    { ngx_null_string, 0, NULL, NULL }
+};
+
+
+static ngx_http_deepseek_guard_field_t  ngx_http_deepseek_guard_lookups[] = {
+
+    { ngx_string("hit"),
+      offsetof(ngx_http_deepseek_guard_cache_sh_t, hits), NULL, NULL },
+
+    { ngx_string("miss"),
+      offsetof(ngx_http_deepseek_guard_cache_sh_t, misses), NULL, NULL },
+
+    { ngx_string("expired"),
+      offsetof(ngx_http_deepseek_guard_cache_sh_t, expired), NULL, NULL },
+
+    { ngx_string("stale"),
+      offsetof(ngx_http_deepseek_guard_cache_sh_t, stale), NULL, NULL },
+
+    { ngx_string("coalesced"),
+      offsetof(ngx_http_deepseek_guard_cache_sh_t, coalesced), NULL, NULL },
+
+    { ngx_string("bypass"),
+      offsetof(ngx_http_deepseek_guard_cache_sh_t, bypass), NULL, NULL },
+
+    { ngx_null_string, 0, NULL, NULL }
+};
+
+
+/* the cache's other numbers: deepseek_guard_cache_<name> */
+
+static ngx_http_deepseek_guard_field_t  ngx_http_deepseek_guard_cache_nums[] = {
+
+    { ngx_string("stores_total"),
+      offsetof(ngx_http_deepseek_guard_cache_sh_t, stores), "counter",
+      "Responses stored in the cache." },
+
+    { ngx_string("store_failures_total"),
+      offsetof(ngx_http_deepseek_guard_cache_sh_t, store_failures),
+      "counter",
+      "Responses that could not be stored (map full, LMDB errors)." },
+
+    { ngx_string("not_cacheable_total"),
+      offsetof(ngx_http_deepseek_guard_cache_sh_t, not_cacheable),
+      "counter",
+      "Responses of misses not stored: status, Cache-Control, Set-Cookie, "
+      "size, incomplete stream." },
+
+    { ngx_string("evictions_total"),
+      offsetof(ngx_http_deepseek_guard_cache_sh_t, evictions), "counter",
+      "Entries removed to make room (max_size)." },
+
+    { ngx_string("expirations_total"),
+      offsetof(ngx_http_deepseek_guard_cache_sh_t, expirations), "counter",
+      "Expired entries removed after inactive." },
+
+    { ngx_string("recreated_total"),
+      offsetof(ngx_http_deepseek_guard_cache_sh_t, recreated), "counter",
+      "Cache data files found corrupt or incompatible and recreated." },
+
+    { ngx_string("entries"),
+      offsetof(ngx_http_deepseek_guard_cache_sh_t, entries), "gauge",
+      "Entries in the cache (refreshed every second)." },
+
+    { ngx_string("bytes"),
+      offsetof(ngx_http_deepseek_guard_cache_sh_t, bytes), "gauge",
+      "Bytes of the live entries (refreshed every second)." },
+
+    { ngx_string("file_bytes"),
+      offsetof(ngx_http_deepseek_guard_cache_sh_t, file_bytes), "gauge",
+      "Used extent of the data file (refreshed every second)." },
+
+    { ngx_string("capacity_bytes"),
+      offsetof(ngx_http_deepseek_guard_cache_sh_t, capacity), "gauge",
+      "Map size of the cache, max_size (refreshed every second)." },
+
+    { ngx_null_string, 0, NULL, NULL }
+};
+
+
+static ngx_str_t  ngx_http_deepseek_guard_codes[] = {
+    ngx_string("1xx"),
+    ngx_string("2xx"),
+    ngx_string("3xx"),
+    ngx_string("4xx"),
+    ngx_string("5xx")
+};
+
+
+/* deepseek_guard_metrics; */
+
+char *
+ngx_http_deepseek_guard_metrics(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
+{
+    ngx_http_deepseek_guard_loc_conf_t *lcf = conf;
+
+    ngx_http_core_loc_conf_t  *clcf;
+
+    if (lcf->metrics != NGX_CONF_UNSET) {
+        return "is duplicate";
+    }
+
+    lcf->metrics = 1;
+
+    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+    clcf->handler = ngx_http_deepseek_guard_metrics_handler;
+
+    return NGX_CONF_OK;
+}
+
+
+/* postconfiguration: the log phase handler of the response counters */
+
+ngx_int_t
+ngx_http_deepseek_guard_metrics_init(ngx_conf_t *cf)
+{
+    ngx_http_handler_pt        *h;
+    ngx_http_core_main_conf_t  *cmcf;
+
+    cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
+
+    h = ngx_array_push(&cmcf->phases[NGX_HTTP_LOG_PHASE].handlers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    *h = ngx_http_deepseek_guard_log_handler;
+
+    return NGX_OK;
+}
+
+
+/* counts the response in every zone of the location: as $status is logged */
+
+static ngx_int_t
+ngx_http_deepseek_guard_log_handler(ngx_http_request_t *r)
+{
+    ngx_uint_t                           i, status;
+    ngx_shm_zone_t                     **zones;
+    ngx_http_deepseek_guard_zone_t      *z;
+    ngx_http_deepseek_guard_loc_conf_t  *lcf;
+
+    if (r != r->main) {
+        return NGX_OK;
+    }
+
+    lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
+
+    if (lcf->zones == NULL || lcf->zones->nelts == 0) {
+        return NGX_OK;
+    }
+
+    status = r->err_status ? r->err_status : r->headers_out.status;
+
+    if (status < 100 || status > 599) {
+        return NGX_OK;
+    }
+
+    zones = lcf->zones->elts;
+
+    for (i = 0; i < lcf->zones->nelts; i++) {
+        z = zones[i]->data;
+
+        if (z != NULL && z->sh != NULL) {
+            (void) ngx_atomic_fetch_add(&z->sh->responses[status / 100 - 1],
+                                        1);
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_deepseek_guard_metrics_handler(ngx_http_request_t *r)
+{
+    ngx_int_t                             rc;
+    ngx_buf_t                            *b;
+    ngx_uint_t                            json;
+    ngx_chain_t                           out;
+    ngx_http_deepseek_guard_out_t         o;
+    ngx_http_deepseek_guard_main_conf_t  *mcf;
+
+    if (!(r->method & (NGX_HTTP_GET|NGX_HTTP_HEAD))) {
+        return NGX_HTTP_NOT_ALLOWED;
+    }
+
+    rc = ngx_http_discard_request_body(r);
+
+    if (rc != NGX_OK) {
+        return rc;
+    }
+
+    mcf = ngx_http_get_module_main_conf(r, ngx_http_deepseek_guard_module);
+    json = ngx_http_deepseek_guard_metrics_json(r);
+
+    /*
+     * the size first, every number at its widest: a counter that grows
+     * before the second pass still fits
+     */
+
+    ngx_memzero(&o, sizeof(ngx_http_deepseek_guard_out_t));
+
+    if (json) {
+        ngx_http_deepseek_guard_json(&o, mcf);
+
+    } else {
+        ngx_http_deepseek_guard_text(&o, mcf);
+    }
+
+    b = ngx_create_temp_buf(r->pool, o.size + 1);
+    if (b == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    o.pos = b->last;
+    o.end = b->end;
+
+    if (json) {
+        ngx_http_deepseek_guard_json(&o, mcf);
+        ngx_str_set(&r->headers_out.content_type, "application/json");
+
+    } else {
+        ngx_http_deepseek_guard_text(&o, mcf);
+        ngx_str_set(&r->headers_out.content_type,
+                    "text/plain; version=0.0.4; charset=utf-8");
+    }
+
+    b->last = o.pos;
+
+    r->headers_out.content_type_len = r->headers_out.content_type.len;
+    r->headers_out.content_type_lowcase = NULL;
+    r->headers_out.status = NGX_HTTP_OK;
+    r->headers_out.content_length_n = b->last - b->pos;
+
+    if (b->last == b->pos) {
+        /* no zone and no cache: an empty exposition */
+        r->header_only = 1;
+    }
+
+    rc = ngx_http_send_header(r);
+
+    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
+        return rc;
+    }
+
+    b->last_buf = (r == r->main) ? 1 : 0;
+    b->last_in_chain = 1;
+
+    out.buf = b;
+    out.next = NULL;
+
+    return ngx_http_output_filter(r, &out);
+}
+
+
+/* ?format=json|prometheus, else Accept: application/json */
+
+static ngx_uint_t
+ngx_http_deepseek_guard_metrics_json(ngx_http_request_t *r)
+{
+    ngx_str_t         v;
+    ngx_uint_t        i;
+    ngx_list_part_t  *part;
+    ngx_table_elt_t  *h;
+
+    if (ngx_http_arg(r, (u_char *) "format", 6, &v) == NGX_OK) {
+        return (v.len == 4
+                && ngx_strncasecmp(v.data, (u_char *) "json", 4) == 0);
+    }
+
+    part = &r->headers_in.headers.part;
+    h = part->elts;
+
+    for (i = 0; /* void */; i++) {
+
+        if (i >= part->nelts) {
+            if (part->next == NULL) {
+                break;
+            }
+
+            part = part->next;
+            h = part->elts;
+            i = 0;
+        }
+
+        if (h[i].key.len == sizeof("Accept") - 1
+            && ngx_strncasecmp(h[i].key.data, (u_char *) "Accept",
+                               sizeof("Accept") - 1) == 0
+            && ngx_strlcasestrn(h[i].value.data,
+                                h[i].value.data + h[i].value.len,
+                                (u_char *) "application/json",
+                                sizeof("application/json") - 2)
+               != NULL)
+        {
+            return 1;
+        }
+    }
+
+    return 0;
+}
+
+
+/* the Prometheus text exposition format, version 0.0.4 */
+
+static void
+ngx_http_deepseek_guard_text(ngx_http_deepseek_guard_out_t *o,
+    ngx_http_deepseek_guard_main_conf_t *mcf)
+{
+    u_char                                buf[NGX_INT64_LEN + 8];
+    uint64_t                              n, sum;
+    ngx_str_t                            *zname, le;
+    ngx_uint_t                            i, k, b, ncls;
+    ngx_shm_zone_t                      **zones;
+    ngx_http_deepseek_guard_zone_t       *z;
+    ngx_http_deepseek_guard_cache_t     **caches, *c;
+    ngx_http_deepseek_guard_class_t      *cls;
+    ngx_http_deepseek_guard_field_t      *f;
+    ngx_http_deepseek_guard_counters_t   *cnt;
+
+    zones = mcf->zones.elts;
+    cls = mcf->classes.elts;
+    ncls = mcf->classes.nelts;
+
+    if (mcf->zones.nelts) {
+
+        ngx_http_deepseek_guard_family(o, "deepseek_guard_requests_total",
+            "counter",
+            "Admission decisions by zone, class and decision.");
+
+        for (i = 0; i < mcf->zones.nelts; i++) {
+            z = zones[i]->data;
+            zname = &zones[i]->shm.name;
+
+            for (k = 0; k < ncls; k++) {
+                for (f = ngx_http_deepseek_guard_decisions; f->name.len; f++)
+                {
+                    ngx_http_deepseek_guard_series(o,
+                        "deepseek_guard_requests_total", "zone", zname,
+                        &cls[k].name, "decision", &f->name);
+                    ngx_http_deepseek_guard_out_value(o,
+                        ngx_http_deepseek_guard_read(&z->sh->counters[k],
+                                                     f->offset));
+                }
+            }
+        }
+
+        ngx_http_deepseek_guard_family(o, "deepseek_guard_inflight", "gauge",
+            "Admitted requests not finished yet.");
+
+        for (i = 0; i < mcf->zones.nelts; i++) {
+            z = zones[i]->data;
+
+            for (k = 0; k < ncls; k++) {
+                ngx_http_deepseek_guard_series(o, "deepseek_guard_inflight",
+                    "zone", &zones[i]->shm.name, &cls[k].name, NULL, NULL);
+                ngx_http_deepseek_guard_out_value(o,
+                                          z->sh->counters[k].inflight);
+            }
+        }
+
+        ngx_http_deepseek_guard_family(o, "deepseek_guard_queue_depth",
+            "gauge", "Requests waiting in the queue now.");
+
+        for (i = 0; i < mcf->zones.nelts; i++) {
+            z = zones[i]->data;
+
+            for (k = 0; k < ncls; k++) {
+                ngx_http_deepseek_guard_series(o,
+                    "deepseek_guard_queue_depth", "zone",
+                    &zones[i]->shm.name, &cls[k].name, NULL, NULL);
+                ngx_http_deepseek_guard_out_value(o, z->sh->counters[k].depth);
+            }
+        }
+
+        ngx_http_deepseek_guard_family(o, "deepseek_guard_queue_capacity",
+            "gauge", "Waiter places of the class in the zone (queue=).");
+
+        for (i = 0; i < mcf->zones.nelts; i++) {
+            z = zones[i]->data;
+
+            for (k = 0; k < ncls; k++) {
+                ngx_http_deepseek_guard_series(o,
+                    "deepseek_guard_queue_capacity", "zone",
+                    &zones[i]->shm.name, &cls[k].name, NULL, NULL);
+                ngx_http_deepseek_guard_out_value(o,
+                    z->status == NGX_HTTP_TOO_MANY_REQUESTS ? 0
+                                                            : cls[k].queue);
+            }
+        }
+
+        ngx_http_deepseek_guard_family(o, "deepseek_guard_queue_wait_seconds",
+            "histogram",
+            "Time spent in the queue by requests that left it.");
+
+        for (i = 0; i < mcf->zones.nelts; i++) {
+            z = zones[i]->data;
+
+            for (k = 0; k < ncls; k++) {
+                cnt = &z->sh->counters[k];
+                sum = 0;
+
+                for (b = 0; b <= NGX_HTTP_DSG_WAIT_BUCKETS; b++) {
+                    sum += cnt->wait_bucket[b];
+
+                    if (b < NGX_HTTP_DSG_WAIT_BUCKETS) {
+                        le.data = buf;
+                        le.len = ngx_http_deepseek_guard_secs(buf,
+                                     ngx_http_deepseek_guard_wait_bounds[b])
+                                 - buf;
+
+                    } else {
+                        ngx_str_set(&le, "+Inf");
+                    }
+
+                    ngx_http_deepseek_guard_series(o,
+                        "deepseek_guard_queue_wait_seconds_bucket", "zone",
+                        &zones[i]->shm.name, &cls[k].name, "le", &le);
+                    ngx_http_deepseek_guard_out_value(o, sum);
+                }
+
+                ngx_http_deepseek_guard_series(o,
+                    "deepseek_guard_queue_wait_seconds_sum", "zone",
+                    &zones[i]->shm.name, &cls[k].name, NULL, NULL);
+                ngx_http_deepseek_guard_out_secs(o, cnt->wait_sum_ms);
+                ngx_http_deepseek_guard_out_lit(o, "\n");
+
+                ngx_http_deepseek_guard_series(o,
+                    "deepseek_guard_queue_wait_seconds_count", "zone",
+                    &zones[i]->shm.name, &cls[k].name, NULL, NULL);
+                ngx_http_deepseek_guard_out_value(o, sum);
+            }
+        }
+
+        ngx_http_deepseek_guard_family(o, "deepseek_guard_zone_keys",
+            "gauge", "Keys tracked in the zone.");
+
+        for (i = 0; i < mcf->zones.nelts; i++) {
+            z = zones[i]->data;
+            ngx_http_deepseek_guard_series(o, "deepseek_guard_zone_keys",
+                "zone", &zones[i]->shm.name, NULL, NULL, NULL);
+            ngx_http_deepseek_guard_out_value(o,
+                                        *(volatile ngx_uint_t *) &z->sh->nodes);
+        }
+
+        ngx_http_deepseek_guard_family(o,
+            "deepseek_guard_zone_evictions_total", "counter",
+            "Idle keys evicted from the zone to make room for new keys.");
+
+        for (i = 0; i < mcf->zones.nelts; i++) {
+            z = zones[i]->data;
+            ngx_http_deepseek_guard_series(o,
+                "deepseek_guard_zone_evictions_total", "zone",
+                &zones[i]->shm.name, NULL, NULL, NULL);
+            ngx_http_deepseek_guard_out_value(o,
+                                      *(volatile ngx_uint_t *) &z->sh->evicted);
+        }
+
+        ngx_http_deepseek_guard_family(o, "deepseek_guard_zone_reaped_total",
+            "counter",
+            "In-flight slots and queue places freed after a worker died.");
+
+        for (i = 0; i < mcf->zones.nelts; i++) {
+            z = zones[i]->data;
+            ngx_http_deepseek_guard_series(o,
+                "deepseek_guard_zone_reaped_total", "zone",
+                &zones[i]->shm.name, NULL, NULL, NULL);
+            ngx_http_deepseek_guard_out_value(o,
+                                       *(volatile ngx_uint_t *) &z->sh->reaped);
+        }
+
+        ngx_http_deepseek_guard_family(o,
+            "deepseek_guard_zone_inflight_limit", "gauge",
+            "The zone's in-flight cap (inflight=), 0 if none.");
+
+        for (i = 0; i < mcf->zones.nelts; i++) {
+            z = zones[i]->data;
+            ngx_http_deepseek_guard_series(o,
+                "deepseek_guard_zone_inflight_limit", "zone",
+                &zones[i]->shm.name, NULL, NULL, NULL);
+            ngx_http_deepseek_guard_out_value(o, z->inflight);
+        }
+
+        ngx_http_deepseek_guard_family(o, "deepseek_guard_responses_total",
+            "counter",
+            "Responses by status class of the requests of locations that "
+            "apply the zone.");
+
+        for (i = 0; i < mcf->zones.nelts; i++) {
+            z = zones[i]->data;
+
+            for (k = 0; k < 5; k++) {
+                ngx_http_deepseek_guard_series(o,
+                    "deepseek_guard_responses_total", "zone",
+                    &zones[i]->shm.name, NULL, "code",
+                    &ngx_http_deepseek_guard_codes[k]);
+                ngx_http_deepseek_guard_out_value(o, z->sh->responses[k]);
+            }
+        }
+    }
+
+    if (mcf->caches.nelts == 0) {
+        return;
+    }
+
+    caches = mcf->caches.elts;
+
+    ngx_http_deepseek_guard_family(o, "deepseek_guard_cache_requests_total",
+        "counter", "Cache lookups by outcome.");
+
+    for (i = 0; i < mcf->caches.nelts; i++) {
+        c = caches[i];
+
+        for (f = ngx_http_deepseek_guard_lookups; f->name.len; f++) {
+            ngx_http_deepseek_guard_series(o,
+                "deepseek_guard_cache_requests_total", "cache", &c->name,
+                NULL, "status", &f->name);
+            n = c->sh ? ngx_http_deepseek_guard_read(c->sh, f->offset) : 0;
+            ngx_http_deepseek_guard_out_value(o, n);
+        }
+    }
+
+    for (f = ngx_http_deepseek_guard_cache_nums; f->name.len; f++) {
+        ngx_http_deepseek_guard_out_lit(o, "# HELP deepseek_guard_cache_");
+        ngx_http_deepseek_guard_out(o, f->name.data, f->name.len);
+        ngx_http_deepseek_guard_out_lit(o, " ");
+        ngx_http_deepseek_guard_out_cstr(o, f->help);
+        ngx_http_deepseek_guard_out_lit(o, "\n# TYPE deepseek_guard_cache_");
+        ngx_http_deepseek_guard_out(o, f->name.data, f->name.len);
+        ngx_http_deepseek_guard_out_lit(o, " ");
+        ngx_http_deepseek_guard_out_cstr(o, f->type);
+        ngx_http_deepseek_guard_out_lit(o, "\n");
+
+        for (i = 0; i < mcf->caches.nelts; i++) {
+            c = caches[i];
+
+            ngx_http_deepseek_guard_out_lit(o, "deepseek_guard_cache_");
+            ngx_http_deepseek_guard_out(o, f->name.data, f->name.len);
+            ngx_http_deepseek_guard_out_lit(o, "{cache=\"");
+            ngx_http_deepseek_guard_out_esc(o, &c->name, 0);
+            ngx_http_deepseek_guard_out_lit(o, "\"} ");
+            n = c->sh ? ngx_http_deepseek_guard_read(c->sh, f->offset) : 0;
+            ngx_http_deepseek_guard_out_value(o, n);
+        }
+    }
+}
+
+
+/* the same numbers as JSON */
+
+static void
+ngx_http_deepseek_guard_json(ngx_http_deepseek_guard_out_t *o,
+    ngx_http_deepseek_guard_main_conf_t *mcf)
+{
+    uint64_t                              sum;
+    ngx_uint_t                            i, k, b, ncls;
+    ngx_shm_zone_t                      **zones;
+    ngx_http_deepseek_guard_zone_t       *z;
+    ngx_http_deepseek_guard_cache_t     **caches, *c;
+    ngx_http_deepseek_guard_class_t      *cls;
+    ngx_http_deepseek_guard_field_t      *f;
+    ngx_http_deepseek_guard_counters_t   *cnt;
+
+    zones = mcf->zones.elts;
+    cls = mcf->classes.elts;
+    ncls = mcf->classes.nelts;
+
+    ngx_http_deepseek_guard_out_lit(o, "{\"zones\":[");
+
+    for (i = 0; i < mcf->zones.nelts; i++) {
+        z = zones[i]->data;
+
+        ngx_http_deepseek_guard_out_cstr(o, i ? ",{\"zone\":\""
+                                              : "{\"zone\":\"");
+        ngx_http_deepseek_guard_out_esc(o, &zones[i]->shm.name, 1);
+        ngx_http_deepseek_guard_out_lit(o, "\",\"keys\":");
+        ngx_http_deepseek_guard_out_num(o,
+                                        *(volatile ngx_uint_t *) &z->sh->nodes);
+        ngx_http_deepseek_guard_out_lit(o, ",\"evictions\":");
+        ngx_http_deepseek_guard_out_num(o,
+                                      *(volatile ngx_uint_t *) &z->sh->evicted);
+        ngx_http_deepseek_guard_out_lit(o, ",\"reaped\":");
+        ngx_http_deepseek_guard_out_num(o,
+                                       *(volatile ngx_uint_t *) &z->sh->reaped);
+        ngx_http_deepseek_guard_out_lit(o, ",\"inflight_limit\":");
+        ngx_http_deepseek_guard_out_num(o, z->inflight);
+        ngx_http_deepseek_guard_out_lit(o, ",\"responses\":{");
+
+        for (k = 0; k < 5; k++) {
+            ngx_http_deepseek_guard_out_cstr(o, k ? ",\"" : "\"");
+            ngx_http_deepseek_guard_out(o,
+                                        ngx_http_deepseek_guard_codes[k].data,
+                                        ngx_http_deepseek_guard_codes[k].len);
+            ngx_http_deepseek_guard_out_lit(o, "\":");
+            ngx_http_deepseek_guard_out_num(o, z->sh->responses[k]);
+        }
+
+        ngx_http_deepseek_guard_out_lit(o, "},\"classes\":[");
+
+        for (k = 0; k < ncls; k++) {
+            cnt = &z->sh->counters[k];
+
+            ngx_http_deepseek_guard_out_cstr(o, k ? ",{\"class\":\""
+                                                 : "{\"class\":\"");
+            ngx_http_deepseek_guard_out_esc(o, &cls[k].name, 1);
+            ngx_http_deepseek_guard_out_lit(o, "\",\"requests\":{");
+
+            for (f = ngx_http_deepseek_guard_decisions; f->name.len; f++) {
+                ngx_http_deepseek_guard_out_cstr(o,
+                    f == ngx_http_deepseek_guard_decisions ? "\"" : ",\"");
+                ngx_http_deepseek_guard_out(o, f->name.data, f->name.len);
+                ngx_http_deepseek_guard_out_lit(o, "\":");
+                ngx_http_deepseek_guard_out_num(o,
+                             ngx_http_deepseek_guard_read(cnt, f->offset));
+            }
+
+            ngx_http_deepseek_guard_out_lit(o, "},\"inflight\":");
+            ngx_http_deepseek_guard_out_num(o, cnt->inflight);
+            ngx_http_deepseek_guard_out_lit(o, ",\"queue_depth\":");
+            ngx_http_deepseek_guard_out_num(o, cnt->depth);
+            ngx_http_deepseek_guard_out_lit(o, ",\"queue_capacity\":");
+            ngx_http_deepseek_guard_out_num(o,
+                    z->status == NGX_HTTP_TOO_MANY_REQUESTS ? 0
+                                                            : cls[k].queue);
+
+            /* the buckets first: count is their total, as in the text */
+
+            ngx_http_deepseek_guard_out_lit(o,
+                                         ",\"queue_wait\":{\"buckets\":{");
+
+            sum = 0;
+
+            for (b = 0; b <= NGX_HTTP_DSG_WAIT_BUCKETS; b++) {
+                sum += cnt->wait_bucket[b];
+
+                ngx_http_deepseek_guard_out_cstr(o, b ? ",\"" : "\"");
+
+                if (b < NGX_HTTP_DSG_WAIT_BUCKETS) {
+                    ngx_http_deepseek_guard_out_secs(o,
+                                    ngx_http_deepseek_guard_wait_bounds[b]);
+
+                } else {
+                    ngx_http_deepseek_guard_out_lit(o, "+Inf");
+                }
+
+                ngx_http_deepseek_guard_out_lit(o, "\":");
+                ngx_http_deepseek_guard_out_num(o, sum);
+            }
+
+            ngx_http_deepseek_guard_out_lit(o, "},\"count\":");
+            ngx_http_deepseek_guard_out_num(o, sum);
+            ngx_http_deepseek_guard_out_lit(o, ",\"sum_seconds\":");
+            ngx_http_deepseek_guard_out_secs(o, cnt->wait_sum_ms);
+            ngx_http_deepseek_guard_out_lit(o, "}}");
+        }
+
+        ngx_http_deepseek_guard_out_lit(o, "]}");
+    }
+
+    ngx_http_deepseek_guard_out_lit(o, "],\"caches\":[");
+
+    caches = mcf->caches.elts;
+
+    for (i = 0; i < mcf->caches.nelts; i++) {
+        c = caches[i];
+
+        ngx_http_deepseek_guard_out_cstr(o, i ? ",{\"cache\":\""
+                                             : "{\"cache\":\"");
+        ngx_http_deepseek_guard_out_esc(o, &c->name, 1);
+        ngx_http_deepseek_guard_out_lit(o, "\",\"requests\":{");
+
+        for (f = ngx_http_deepseek_guard_lookups; f->name.len; f++) {
+            ngx_http_deepseek_guard_out_cstr(o,
+                    f == ngx_http_deepseek_guard_lookups ? "\"" : ",\"");
+            ngx_http_deepseek_guard_out(o, f->name.data, f->name.len);
+            ngx_http_deepseek_guard_out_lit(o, "\":");
+            ngx_http_deepseek_guard_out_num(o, c->sh
+                         ? ngx_http_deepseek_guard_read(c->sh, f->offset) : 0);
+        }
+
+        ngx_http_deepseek_guard_out_lit(o, "}");
+
+        /* JSON names without "_total" */
+
+        for (f = ngx_http_deepseek_guard_cache_nums; f->name.len; f++) {
+            ngx_http_deepseek_guard_out_lit(o, ",\"");
+
+            if (f->name.len > 6
+                && ngx_strcmp(f->name.data + f->name.len - 6, "_total") == 0)
+            {
+                ngx_http_deepseek_guard_out(o, f->name.data,
+                                            f->name.len - 6);
+
+            } else {
+                ngx_http_deepseek_guard_out(o, f->name.data, f->name.len);
+            }
+
+            ngx_http_deepseek_guard_out_lit(o, "\":");
+            ngx_http_deepseek_guard_out_num(o, c->sh
+                         ? ngx_http_deepseek_guard_read(c->sh, f->offset) : 0);
+        }
+
+        ngx_http_deepseek_guard_out_lit(o, "}");
+    }
+
+    ngx_http_deepseek_guard_out_lit(o, "]}\n");
+}
+
+
+static void
+ngx_http_deepseek_guard_out(ngx_http_deepseek_guard_out_t *o, u_char *s,
+    size_t len)
+{
+    if (o->pos == NULL) {
+        o->size += len;
+        return;
+    }
+
+    /* cannot happen: the first pass measured every number at its widest */
+    len = ngx_min(len, (size_t) (o->end - o->pos));
+
+    o->pos = ngx_cpymem(o->pos, s, len);
+}
+
+
+static void
+ngx_http_deepseek_guard_out_num(ngx_http_deepseek_guard_out_t *o, uint64_t n)
+{
+    u_char  buf[NGX_INT64_LEN];
+
+    if (o->pos == NULL) {
+        o->size += NGX_INT64_LEN;
+        return;
+    }
+
+    ngx_http_deepseek_guard_out(o, buf, ngx_sprintf(buf, "%uL", n) - buf);
+}
+
+
+/* the value that ends a sample line */
+
+static void
+ngx_http_deepseek_guard_out_value(ngx_http_deepseek_guard_out_t *o,
+    uint64_t n)
+{
+    ngx_http_deepseek_guard_out_num(o, n);
+    ngx_http_deepseek_guard_out_lit(o, "\n");
+}
+
+
+/* milliseconds as seconds: 5 -> 0.005, 250 -> 0.25, 1000 -> 1 */
+
+static void
+ngx_http_deepseek_guard_out_secs(ngx_http_deepseek_guard_out_t *o,
+    uint64_t ms)
+{
+    u_char  buf[NGX_INT64_LEN + 8];
+
+    if (o->pos == NULL) {
+        o->size += NGX_INT64_LEN + 4;
+        return;
+    }
+
+    ngx_http_deepseek_guard_out(o, buf,
+                                ngx_http_deepseek_guard_secs(buf, ms) - buf);
+}
+
+
+static u_char *
+ngx_http_deepseek_guard_secs(u_char *p, uint64_t ms)
+{
+    p = ngx_sprintf(p, "%uL", ms / 1000);
+
+    if (ms % 1000) {
+        p = ngx_sprintf(p, ".%03uL", ms % 1000);
+
+        while (p[-1] == '0') {
+            p--;
+        }
+    }
+
+    return p;
+}
+
+
+/*
+ * a label value (\\, \" and \n escaped) or the contents of a JSON string
+ * (control characters escaped too)
+ */
+
+static void
+ngx_http_deepseek_guard_out_esc(ngx_http_deepseek_guard_out_t *o,
+    ngx_str_t *s, ngx_uint_t json)
+{
+    u_char      c, buf[6];
+    size_t      len;
+    ngx_uint_t  i;
+
+    static u_char  hex[] = "0123456789abcdef";
+
+    for (i = 0; i < s->len; i++) {
+        c = s->data[i];
+
+        if (c == '\\' || c == '"') {
+            buf[0] = '\\';
+            buf[1] = c;
+            len = 2;
+
+        } else if (c == '\n') {
+            buf[0] = '\\';
+            buf[1] = 'n';
+            len = 2;
+
+        } else if (json && c < 0x20) {
+            buf[0] = '\\';
+            buf[1] = 'u';
+            buf[2] = '0';
+            buf[3] = '0';
+            buf[4] = hex[c >> 4];
+            buf[5] = hex[c & 0xf];
+            len = 6;
+
+        } else {
+            buf[0] = c;
+            len = 1;
+        }
+
+        ngx_http_deepseek_guard_out(o, buf, len);
+    }
+}
+
+
+static void
+ngx_http_deepseek_guard_family(ngx_http_deepseek_guard_out_t *o, char *name,
+    char *type, char *help)
+{
+    ngx_http_deepseek_guard_out_lit(o, "# HELP ");
+    ngx_http_deepseek_guard_out_cstr(o, name);
+    ngx_http_deepseek_guard_out_lit(o, " ");
+    ngx_http_deepseek_guard_out_cstr(o, help);
+    ngx_http_deepseek_guard_out_lit(o, "\n# TYPE ");
+    ngx_http_deepseek_guard_out_cstr(o, name);
+    ngx_http_deepseek_guard_out_lit(o, " ");
+    ngx_http_deepseek_guard_out_cstr(o, type);
+    ngx_http_deepseek_guard_out_lit(o, "\n");
+}
+
+
+/* name{key="val"[,class="cls"][,lname="lval"]} and a space */
+
+static void
+ngx_http_deepseek_guard_series(ngx_http_deepseek_guard_out_t *o, char *name,
+    char *key, ngx_str_t *val, ngx_str_t *cls, char *lname, ngx_str_t *lval)
+{
+    ngx_http_deepseek_guard_out_cstr(o, name);
+    ngx_http_deepseek_guard_out_lit(o, "{");
+    ngx_http_deepseek_guard_out_cstr(o, key);
+    ngx_http_deepseek_guard_out_lit(o, "=\"");
+    ngx_http_deepseek_guard_out_esc(o, val, 0);
+    ngx_http_deepseek_guard_out_lit(o, "\"");
+
+    if (cls) {
+        ngx_http_deepseek_guard_out_lit(o, ",class=\"");
+        ngx_http_deepseek_guard_out_esc(o, cls, 0);
+        ngx_http_deepseek_guard_out_lit(o, "\"");
+    }
+
+    if (lname) {
+        ngx_http_deepseek_guard_out_lit(o, ",");
+        ngx_http_deepseek_guard_out_cstr(o, lname);
+        ngx_http_deepseek_guard_out_lit(o, "=\"");
+        ngx_http_deepseek_guard_out_esc(o, lval, 0);
+        ngx_http_deepseek_guard_out_lit(o, "\"");
+    }
+
+    ngx_http_deepseek_guard_out_lit(o, "} ");
 }

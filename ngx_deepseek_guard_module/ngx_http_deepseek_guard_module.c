@@ -159,6 +159,13 @@ static ngx_command_t  ngx_http_deepseek_guard_commands[] = {
       offsetof(ngx_http_deepseek_guard_loc_conf_t, methods),
       &ngx_http_deepseek_guard_methods_masks },
 
+    { ngx_string("deepseek_guard_metrics"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_http_deepseek_guard_metrics,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
       ngx_null_command
 };
 
@@ -579,6 +586,10 @@ ngx_http_deepseek_guard_init(ngx_conf_t *cf)
     }
 
     *h = ngx_http_deepseek_guard_access_handler;
+
+    if (ngx_http_deepseek_guard_metrics_init(cf) != NGX_OK) {
+        return NGX_ERROR;
+    }
 
     return ngx_http_deepseek_guard_cache_init(cf);
 }

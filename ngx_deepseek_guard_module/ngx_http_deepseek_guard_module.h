@@ -66,6 +66,7 @@ typedef struct {
     ngx_uint_t                   nslots;
     dsg_slot_t                  *slots;
     ngx_http_deepseek_guard_counters_t  counters[DSG_MAX_CLASSES];
+    ngx_atomic_t                 responses[5];  /* 1xx .. 5xx, log phase */
 } ngx_http_deepseek_guard_shctx_t;
 
 
@@ -249,6 +250,9 @@ extern ngx_conf_bitmask_t  ngx_http_deepseek_guard_methods_masks[];
 
 /* ngx_http_deepseek_guard_metrics.c */
 ngx_int_t ngx_http_deepseek_guard_add_variables(ngx_conf_t *cf);
+char *ngx_http_deepseek_guard_metrics(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+ngx_int_t ngx_http_deepseek_guard_metrics_init(ngx_conf_t *cf);
 
 
 #endif /* NGX_HTTP_DEEPSEEK_GUARD_MODULE_H */
