@@ -1311,8 +1311,8 @@ ngx_http_deepseek_guard_cache_store(ngx_http_request_t *r,
     ngx_http_deepseek_guard_cache_ctx_t *cctx)
 {
     int                                  rc;
-    u_char                              *p, *hdrs, *s;
-    size_t                               size, n;
+    u_char                              *p, *hdrs, *s, tail[64];
+    size_t                               size, n, tlen;
     uint64_t                             now;
     ngx_uint_t                           level;
     dsg_entry_t                          e;
@@ -1328,21 +1328,41 @@ ngx_http_deepseek_guard_cache_store(ngx_http_request_t *r,
         /* an event stream is complete only with its terminal event */
 
         s = (u_char *) "data: [DONE]";
-        n = 0;
+
+        /*
+         * the last bytes of the body, whatever buffers they came in: a
+         * read may end inside "data: [DONE]"
+         */
+
+        tlen = 0;
 
         for (cl = cctx->chain; cl; cl = cl->next) {
-            if (cl->next == NULL) {
-                p = cl->buf->last;
-                while (p > cl->buf->pos
-                       && (p[-1] == '\n' || p[-1] == '\r' || p[-1] == ' '))
-                {
-                    p--;
-                }
+            n = cl->buf->last - cl->buf->pos;
 
-                n = (p - cl->buf->pos >= 12
-                     && ngx_strncmp(p - 12, s, 12) == 0);
+            if (n >= sizeof(tail)) {
+                ngx_memcpy(tail, cl->buf->last - sizeof(tail), sizeof(tail));
+                tlen = sizeof(tail);
+                continue;
             }
+
+            if (tlen > sizeof(tail) - n) {
+                ngx_memmove(tail, tail + tlen - (sizeof(tail) - n),
+                            sizeof(tail) - n);
+                tlen = sizeof(tail) - n;
+            }
+
+            ngx_memcpy(tail + tlen, cl->buf->pos, n);
+            tlen += n;
         }
+
+        p = tail + tlen;
+
+        while (p > tail && (p[-1] == '\n' || p[-1] == '\r' || p[-1] == ' '))
+        {
+            p--;
+        }
+
+        n = (p - tail >= 12 && ngx_strncmp(p - 12, s, 12) == 0);
 
         if (!n) {
             ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
