@@ -111,6 +111,18 @@ EOF
 $t->start;
 ok(-d $t->prefix . '/cache', 'nginx created the cache directory');
 
+
+# The cache status a client saw.  A request sent right after the previous
+# one completed may find that response's store still in progress (nginx
+# sends the last bytes to the client before the filter chain sees the end
+# of the upstream response): it then waits for that entry and is answered
+# from it, COALESCED.  For requests sent one after another this is a HIT.
+sub xcs {
+    my ($r) = @_;
+    my $s = $r->{headers}{'x-cache-status'} // '';
+    return $s eq 'COALESCED' ? 'HIT' : $s;
+}
+
 my $tagn = 0;
 
 # one chat through nginx; returns the response, its tag and the X-Cache-Status
@@ -121,7 +133,7 @@ sub chat {
     my $tag = 't' . ++$tagn;
     my $r = $t->chat(%o, uri => $uri, headers => [@$h, 'X-Tag' => $tag]);
     $r->{tag} = $tag;
-    $r->{cache} = $r->{headers}{'x-cache-status'} // '';
+    $r->{cache} = xcs($r);
     return $r;
 }
 
@@ -130,6 +142,7 @@ sub logged {
     my ($tag) = @_;
     $t->wait_until(sub { $t->access_log =~ /tag=\Q$tag\E$/m }, 3);
     my ($st) = $t->access_log =~ /^\d+ \d+ "([^"]*)" \S+ \S+ tag=\Q$tag\E$/m;
+    $st = 'HIT' if defined $st && $st eq 'COALESCED';    # see xcs()
     return $st // '?';
 }
 
@@ -235,7 +248,7 @@ for my $loc (['/v1/', 'proxy_buffering off'], ['/buf/', 'proxy_buffering on']) {
     # GET of a JSON resource: stored and replayed, one upstream request
     my $before = $t->mock_stats->{requests};
     my @g = map { my $r = $t->get('/v1/models');
-                  $r->{cache} = $r->{headers}{'x-cache-status'} // ''; $r } 1 .. 3;
+                  $r->{cache} = xcs($r); $r } 1 .. 3;
     is_deeply([map { $_->{cache} } @g], [qw(MISS HIT HIT)], 'GET: MISS, HIT, HIT');
     is(scalar(grep { $_->{body} eq $g[0]{body} && $_->{status} == 200 } @g), 3,
        '... identical 200 bodies');
@@ -247,7 +260,7 @@ for my $loc (['/v1/', 'proxy_buffering off'], ['/buf/', 'proxy_buffering on']) {
     is($h->{status}, 404, 'HEAD /v1/models (default key): the upstream 404');
     is($h->{body}, '', '... no body');
     my $g = $t->get('/v1/models');
-    is($g->{headers}{'x-cache-status'}, 'HIT', '... GET still a HIT');
+    is(xcs($g), 'HIT', '... GET still a HIT');
     is($g->{body}, $g[0]{body}, '... with the full body');
 
     # HEAD first, then GET, on a key without the method: the HEAD went
@@ -261,10 +274,10 @@ for my $loc (['/v1/', 'proxy_buffering off'], ['/buf/', 'proxy_buffering on']) {
     is($g1->{status}, 200, 'then GET: 200');
     is($g1->{body}, $doc, '... the whole document, not an empty entry');
     my $g2 = $t->get('/static/doc.txt');
-    is($g2->{headers}{'x-cache-status'}, 'HIT', 'GET again: HIT');
+    is(xcs($g2), 'HIT', 'GET again: HIT');
     is($g2->{body}, $doc, '... the whole document');
     my $h2 = $t->http(method => 'HEAD', uri => '/static/doc.txt');
-    is($h2->{headers}{'x-cache-status'}, 'HIT', 'HEAD after GET: a HIT of the GET entry');
+    is(xcs($h2), 'HIT', 'HEAD after GET: a HIT of the GET entry');
     is($h2->{headers}{'content-length'}, length $doc, '... its Content-Length');
     is($h2->{body}, '', '... and no body');
 
@@ -272,7 +285,7 @@ for my $loc (['/v1/', 'proxy_buffering off'], ['/buf/', 'proxy_buffering on']) {
     # for HEAD, and a HEAD answered upstream (no body) is never stored
     my @s = map { $t->http(method => $_, uri => '/static2/doc.txt') }
             qw(GET HEAD GET HEAD);
-    is_deeply([map { $_->{headers}{'x-cache-status'} } @s],
+    is_deeply([map { xcs($_) } @s],
               [qw(MISS MISS HIT MISS)],
               'default key: GET stored, HEAD its own key and not stored');
     is_deeply([map { $_->{status} } @s], [200, 200, 200, 200], '... all 200');
@@ -412,6 +425,7 @@ for my $loc (['/v1/', 'proxy_buffering off'], ['/buf/', 'proxy_buffering on']) {
 {
     my %seen = map { /^\d+ \d+ "([A-Z]*)"/ ? ($1 => 1) : () }
                split /\n/, $t->access_log;
+    delete $seen{COALESCED};    # possible, see xcs()
     is_deeply([sort grep { length } keys %seen], [qw(BYPASS EXPIRED HIT MISS)],
               'access log: MISS, HIT, EXPIRED, BYPASS were all logged');
 }

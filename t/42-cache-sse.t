@@ -61,6 +61,13 @@ $t->write_config(<<'EOF');
             proxy_buffering off;
         }
 
+        # nginx reads the upstream at most 256 bytes at a time
+        location /split/ {
+            proxy_pass http://%%MOCK%%/v1/;
+            proxy_buffering off;
+            proxy_buffer_size 256;
+        }
+
         location /static/ {
             proxy_pass http://127.0.0.1:%%PORT_1%%/;
             proxy_buffering off;
@@ -76,6 +83,18 @@ $t->write_config(<<'EOF');
 EOF
 $t->start;
 
+
+# The cache status a client saw.  A request sent right after the previous
+# one completed may find that response's store still in progress (nginx
+# sends the last bytes to the client before the filter chain sees the end
+# of the upstream response): it then waits for that entry and is answered
+# from it, COALESCED.  For requests sent one after another this is a HIT.
+sub xcs {
+    my ($r) = @_;
+    my $s = $r->{headers}{'x-cache-status'} // '';
+    return $s eq 'COALESCED' ? 'HIT' : $s;
+}
+
 my $tagn = 0;
 
 sub stream {
@@ -85,7 +104,7 @@ sub stream {
     my $r = $t->chat(stream => 1, timeout => 15, %o,
                      headers => [@$h, 'X-Tag' => $tag]);
     $r->{tag} = $tag;
-    $r->{cache} = $r->{headers}{'x-cache-status'} // '';
+    $r->{cache} = xcs($r);
     return $r;
 }
 
@@ -95,6 +114,7 @@ sub logged {
     my ($tag) = @_;
     $t->wait_until(sub { $t->access_log =~ /tag=\Q$tag\E$/m }, 3);
     my ($st, $s) = $t->access_log =~ /^(\d+) "([^"]*)" \S+ tag=\Q$tag\E$/m;
+    $s = 'HIT' if defined $s && $s eq 'COALESCED';    # see xcs()
     return defined $s ? "$st $s" : '?';
 }
 
@@ -194,16 +214,53 @@ for my $loc (['/v1/', 'proxy_buffering off'], ['/buf/', 'proxy_buffering on']) {
     # both end cleanly (the file is sent whole); only the one with the
     # terminal event is a complete LLM stream
     my @d = map { my $r = $t->get('/static/done.sse');
-                  [$r->{headers}{'x-cache-status'} // '', $r->{body}] } 1 .. 2;
+                  [xcs($r), $r->{body}] } 1 .. 2;
     is("$d[0][0] $d[1][0]", 'MISS HIT', 'a clean stream ending with [DONE]: stored');
     is($d[1][1], $ev x 3 . "data: [DONE]\n\n", '... replayed whole');
 
     my @n = map { my $r = $t->get('/static/nodone.sse');
-                  [$r->{headers}{'x-cache-status'} // '', $r->{body}] } 1 .. 2;
+                  [xcs($r), $r->{body}] } 1 .. 2;
     is("$n[0][0] $n[1][0]", 'MISS MISS', 'a clean stream without [DONE]: not stored');
     is($n[1][1], $ev x 3, '... passed through whole');
     like($t->error_log, qr/event stream without "data: \[DONE\]" not stored/,
          '... logged');
+}
+
+# ------------------------------------------------ [DONE] split over two reads
+
+{
+    # The mock writes the stop event, the [DONE] event and the chunked
+    # terminator in one go; /split/ reads 256 bytes at a time.  When the
+    # stop event's chunk is S bytes long, "data: [DONE]" starts at S + 3 in
+    # that write: for S in about 242 .. 252 the 256-byte read ends inside
+    # it and nginx hands the text over in two buffers (a few more sizes on
+    # each side for safety).  S grows by one byte per X-Mock-Pad byte:
+    # measure it at pad 1 straight from the mock.
+    my %o = (stream => 1, max_tokens => 2, content => 'split done');
+    my $raw = $t->http(%{ $t->chat_req(%o, port => $t->mock_port,
+                                       headers => ['X-Mock-Pad' => 1]) })->{raw};
+    my $done = index($raw, "e\r\ndata: [DONE]");
+    my $stop = rindex($raw, "\r\n", rindex($raw, 'data: {', $done) - 3) + 2;
+    my $s1 = $done - $stop;
+    cmp_ok($s1, '<', 238, "the stop event's chunk at pad 1: $s1 bytes");
+
+    $t->mock_reset;
+    my @pads = map { $_ - $s1 + 1 } 238 .. 256;
+    my (@first, @second);
+    for my $pad (@pads) {
+        my %h = (headers => ['X-Mock-Pad' => $pad, 'X-Mock-Token-Ms' => 30]);
+        push @first, stream(%o, %h, uri => '/split/chat/completions',
+                            content => "split $pad");
+        push @second, stream(%o, %h, uri => '/split/chat/completions',
+                             content => "split $pad");
+    }
+    is(scalar(grep { (DSG::Test::sse_data($_->{body}))[-1] eq '[DONE]' } @first),
+       scalar @pads, scalar(@pads) . ' streams whose [DONE] straddles two reads: complete');
+    is(join(' ', map { $_->{cache} } @second), join(' ', ('HIT') x @pads),
+       '... all stored: HIT')
+        or diag "pads @pads";
+    is(scalar(grep { $second[$_]{body} eq $first[$_]{body} } 0 .. $#pads),
+       scalar @pads, '... replayed identically');
 }
 
 # ------------------------------------------------ too big to store

@@ -11,6 +11,7 @@ use Test::More;
 use lib 't/lib';
 use DSG::Test;
 use List::Util qw(max min);
+use POSIX ();
 
 my $t = DSG::Test->new(workers => 2);
 
@@ -182,6 +183,38 @@ sub calls { $t->mock_stats->{chat_requests} }
     is(scalar(grep { $_->{status} == 200 } @res[1 .. $#res]), 19, '... 19 waiters get 200');
     is(scalar(grep { defined $_->{error} } @res), 0, '... nobody hangs');
     is(calls(), 2, '... two upstream calls');
+}
+
+# ------------------------------------------------ a reload while waiting
+
+{
+    $t->mock_reset;
+
+    # The filler takes 1.5 s; 20 waiters park behind it, in both workers;
+    # at 400 ms nginx reloads.  The old workers shut down gracefully: one
+    # holds the filler's upstream connection, the other only parked
+    # waiters, which must still be answered, not dropped when their worker
+    # exits.
+    my @r = reqs(21, content => 'reload while waiting');
+    push @{ $r[0]{headers} }, ['X-Mock-Delay-Ms', 1500];
+    $_->{at_ms} = 100 for @r[1 .. $#r];
+    my $master = $t->master_pid;
+    my $k = fork();
+    die "fork: $!" unless defined $k;
+    if (!$k) {
+        select(undef, undef, undef, 0.4);
+        kill 'HUP', $master;
+        POSIX::_exit(0);
+    }
+    my @res = $t->parallel(\@r, timeout => 30);
+    waitpid($k, 0);
+
+    is(scalar(grep { $_->{status} == 200 } @res), 21,
+       'reload while 20 requests wait for the filler: all 21 answered 200')
+        or diag explain [map { $_->{error} // $_->{status} } @res];
+    is(scalar(grep { $_->{body} eq $res[0]{body} } @res), 21, '... identical answers');
+    is(calls(), 1, '... one upstream call');
+    ok($t->wait_until(sub { $t->worker_pids == 2 }, 10), '... the new workers run');
 }
 
 # ------------------------------------------------ short lock_timeout
