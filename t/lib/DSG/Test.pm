@@ -26,7 +26,11 @@ package DSG::Test;
 #
 # Environment: NGINX_BIN, DSG_MODULE, DSG_NO_MODULE=1 (no load_module line),
 # DSG_KEEP=1 (keep the prefix, its path is printed), DSG_PYTHON (default
-# /usr/bin/python3), DSG_MOCK (default <repo>/t/mock/mock_llm.py).
+# /usr/bin/python3), DSG_MOCK (default <repo>/t/mock/mock_llm.py),
+# DSG_NGINX_PRELOAD (LD_PRELOAD of the nginx processes only, never of perl
+# or the mock: the sanitizer runtimes for an ASan build of the module, see
+# ./build.sh test-asan; ASAN_OPTIONS and UBSAN_OPTIONS pass through the
+# environment).  Sanitizer reports in error.log fail check_log like alerts.
 #
 # Many concurrent connections need `ulimit -n` >= 4096; the harness raises
 # its own soft RLIMIT_NOFILE up to the hard limit (at most 65536) when loaded.
@@ -221,12 +225,14 @@ sub _bind_check {
     return $p;
 }
 
-# run a command, stdout+stderr into a file; returns (exit status, output)
+# run a command, stdout+stderr into a file; returns (exit status, output);
+# %$env is added to the command's environment
 sub _run_cmd {
-    my ($cmd, $out, $timeout) = @_;
+    my ($cmd, $out, $timeout, $env) = @_;
     my $pid = fork();
     croak "fork: $!" unless defined $pid;
     if (!$pid) {
+        $ENV{$_} = $env->{$_} for keys %{ $env || {} };
         open(STDIN, '<', '/dev/null');
         open(STDOUT, '>>', $out) or POSIX::_exit(126);
         open(STDERR, '>&', \*STDOUT) or POSIX::_exit(126);
@@ -327,6 +333,7 @@ sub mock_start {
     my $pid = fork();
     croak "fork: $!" unless defined $pid;
     if (!$pid) {
+        delete $ENV{LD_PRELOAD};    # a sanitizer runtime is nginx's only
         open(STDIN, '<', '/dev/null');
         open(STDOUT, '>>', $log) or POSIX::_exit(126);
         open(STDERR, '>&', \*STDOUT) or POSIX::_exit(126);
@@ -473,6 +480,12 @@ sub conf_line {
     return undef;
 }
 
+# environment of the nginx processes: see DSG_NGINX_PRELOAD above
+sub _nginx_env {
+    return $ENV{DSG_NGINX_PRELOAD} ? { LD_PRELOAD => $ENV{DSG_NGINX_PRELOAD} }
+                                   : {};
+}
+
 sub _nginx_cmd {
     my ($self, @extra) = @_;
     return [$self->{nginx}, '-p', "$self->{prefix}/", '-c', $self->conf_file,
@@ -484,7 +497,8 @@ sub test_config {
     croak "test_config: no config written" unless -f $self->conf_file;
     my $out = "$self->{prefix}/logs/nginx-t.out";
     unlink $out;
-    my ($rc, $text) = _run_cmd($self->_nginx_cmd('-t'), $out, 30);
+    my ($rc, $text) = _run_cmd($self->_nginx_cmd('-t'), $out, 30,
+                               _nginx_env());
     return ($rc == 0 ? 1 : 0, $text);
 }
 
@@ -521,7 +535,7 @@ sub start {
     my $stderr = "$self->{prefix}/logs/stderr.log";
     unlink $stderr;
 
-    my ($rc) = _run_cmd($self->_nginx_cmd, $stderr, 30);
+    my ($rc) = _run_cmd($self->_nginx_cmd, $stderr, 30, _nginx_env());
     $self->_die_start("exit status " . ($rc >> 8) . ($rc & 127 ? " signal " . ($rc & 127) : ''))
         if $rc != 0;
 
@@ -624,12 +638,21 @@ sub allow_log {
     return $self;
 }
 
-# error.log lines that are alerts not declared with allow_log
+# the first line of an ASan, LSan or UBSan report (a worker's stderr is
+# error.log): "==pid==ERROR: AddressSanitizer: ...", "SUMMARY: ...Sanitizer",
+# "file.c:12:5: runtime error: ..."
+our $SANITIZER_RE = qr/^==\d+==\s*ERROR:[ ]\w*Sanitizer\b
+                      |^SUMMARY:[ ]\w*Sanitizer\b
+                      |^\S+:[ ]runtime[ ]error:[ ]/x;
+
+# error.log lines that are alerts or sanitizer reports not declared with
+# allow_log
 sub bad_log_lines {
     my ($self) = @_;
     my @bad;
     LINE: for my $l (split /\n/, $self->error_log) {
-        next unless $l =~ /\[(?:alert|crit|emerg)\]/ || $l =~ /exited on signal/;
+        next unless $l =~ /\[(?:alert|crit|emerg)\]/ || $l =~ /exited on signal/
+                    || $l =~ $SANITIZER_RE;
         for my $re (@{ $self->{allow} }) {
             next LINE if $l =~ $re;
         }
