@@ -1133,7 +1133,13 @@ ngx_http_deepseek_guard_header_filter(ngx_http_request_t *r)
     }
 
     if (cctx->store && cctx->cache->store && r->upstream) {
-        cctx->ttl = ngx_http_deepseek_guard_cache_ttl(r, lcf, status);
+
+        /*
+         * an error page nginx made itself (no upstream, timeout) is not
+         * an upstream answer: never stored, even with "valid any"
+         */
+        cctx->ttl = r->err_status
+                    ? 0 : ngx_http_deepseek_guard_cache_ttl(r, lcf, status);
 
         if (cctx->ttl > 0
             && (r->headers_out.content_length_n < 0
