@@ -85,6 +85,14 @@ $t->write_config(<<'EOF');
             proxy_pass http://%%MOCK%%/v1/;
         }
 
+        # POST is not a cached method here
+        location /getonly/ {
+            deepseek_guard_cache llm;
+            deepseek_guard_cache_valid 200 1m;
+            deepseek_guard_cache_methods GET HEAD;
+            proxy_pass http://%%MOCK%%/v1/;
+        }
+
         # HEAD and GET share one key here (no $request_method in it): a
         # HEAD answered upstream must never leave an empty body for GET
         location /static/ {
@@ -214,6 +222,40 @@ for my $loc (['/v1/', 'proxy_buffering off'], ['/buf/', 'proxy_buffering on']) {
     is_deeply([map { $_->{status} } @r], [500, 500], 'a 500 passes through');
     is_deeply([map { $_->{cache} } @r], ['MISS', 'MISS'], '... not stored: MISS twice');
     is(upstream_calls(), 3, '... both went upstream');
+}
+
+# ------------------------------------------------ keep-alive
+
+{
+    # three requests pipelined on one keep-alive connection (what SDKs do):
+    # MISS, then two HITs answered from the precontent phase; each response
+    # must be complete and the connection must go on to the next request
+    $t->mock_reset;
+    my $body = DSG::Test::json_encode({ model => 'deepseek-chat',
+        messages => [{ role => 'user', content => 'keep-alive' }] });
+    my $one = "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+            . "Content-Type: application/json\r\nContent-Length: "
+            . length($body) . "\r\n";
+    my $raw = $t->http(request_raw => $one . "\r\n" . $body
+                                      . $one . "\r\n" . $body
+                                      . $one . "Connection: close\r\n\r\n" . $body,
+                       timeout => 10)->{raw};
+    my @resp;
+    while ($raw =~ /\GHTTP\/1\.1 (\d+)[^\r]*\r\n(.*?)\r\n\r\n/gcs) {
+        my ($st, $h) = ($1, $2);
+        my ($len) = $h =~ /^Content-Length: (\d+)/mi;
+        my ($cs) = $h =~ /^X-Cache-Status: (\w+)/mi;
+        last unless defined $len;
+        my $b = substr($raw, pos($raw), $len);
+        pos($raw) = pos($raw) + $len;
+        push @resp, [$st, $cs // '', $b];
+    }
+    is(scalar @resp, 3, 'three pipelined requests on one connection: three responses');
+    is(join(' ', map { $_->[0] } @resp), '200 200 200', '... all 200');
+    is(join(' ', map { $_->[1] eq 'COALESCED' ? 'HIT' : $_->[1] } @resp), 'MISS HIT HIT',
+       '... MISS, HIT, HIT');
+    is(scalar(grep { $_->[2] eq ($resp[0][2] // 'x') } @resp), 3, '... identical bodies');
+    is(upstream_calls(), 1, '... one upstream call');
 }
 
 # ------------------------------------------------ restart and reload
@@ -418,6 +460,18 @@ for my $loc (['/v1/', 'proxy_buffering off'], ['/buf/', 'proxy_buffering on']) {
     my $e = chat(%o, content => 'bypass new', headers => ['X-Bypass' => 'yes']);
     my $f = chat(%o, content => 'bypass new');
     is("$e->{cache} $f->{cache}", 'BYPASS HIT', 'a bypassed miss is stored');
+}
+
+# ------------------------------------------------ methods
+
+{
+    $t->mock_reset;
+    my @r = map { chat(uri => '/getonly/chat/completions', content => 'methods') } 1 .. 2;
+    is_deeply([map { $_->{status} } @r], [200, 200], 'cache_methods GET HEAD: POST answered');
+    is_deeply([map { $_->{cache} } @r], ['', ''], '... not looked up (no X-Cache-Status)');
+    is(upstream_calls(), 2, '... both went upstream');
+    my @g = map { $t->get('/getonly/models') } 1 .. 2;
+    is(join(' ', map { xcs($_) } @g), 'MISS HIT', '... while GET is cached');
 }
 
 # ------------------------------------------------ the status values seen

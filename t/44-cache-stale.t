@@ -70,6 +70,12 @@ $t->write_config(<<'EOF');
             proxy_pass http://%%MOCK%%/v1/;
         }
 
+        # every status cached: still never nginx's own error pages
+        location /any/ {
+            deepseek_guard_cache_valid any 1m;
+            proxy_pass http://%%MOCK%%/v1/;
+        }
+
         # stale while another request refills the entry
         location /updating/ {
             deepseek_guard_cache_use_stale updating;
@@ -204,6 +210,16 @@ sleep 2.5;
     is(chat(content => 'stale v1')->{cache}, 'HIT', '... stored again: HIT');
 }
 
+# ------------------------------------------------ valid any
+
+{
+    # an error status the upstream itself sent is stored under "valid any"
+    my @a = map { chat(uri => '/any/chat/completions', content => 'any 429',
+                       headers => ['X-Mock-Status' => 429]) } 1 .. 2;
+    is(join(' ', map { "$_->{status} $_->{cache}" } @a), '429 MISS 429 HIT',
+       'valid any: an upstream 429 is stored');
+}
+
 # ------------------------------------------------ updating
 
 {
@@ -254,6 +270,14 @@ sleep 2.5;
 
     my $ns = chat(uri => '/nostale/chat/completions', content => 'stale nostale');
     is($ns->{status}, 502, 'without use_stale: 502');
+
+    # "valid any" caches what the upstream answers, but a 502 that nginx
+    # made up because there was no upstream must not be served for a
+    # minute once the upstream is back
+    my @a = map { chat(uri => '/any/chat/completions', content => 'any status') } 1 .. 2;
+    is_deeply([map { $_->{status} } @a], [502, 502], 'valid any, upstream down: 502');
+    is_deeply([map { $_->{cache} } @a], [qw(MISS MISS)],
+              '... nginx\'s own 502 is not stored');
 }
 
 $t->done;
