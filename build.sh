@@ -5,6 +5,12 @@
 #   ./build.sh test       build, run the Check unit tests and the prove suite
 #   ./build.sh run        build, start the example gateway and the mock LLM
 #   ./build.sh bench      build, run the benchmarks in bench/
+#   ./build.sh test-asan  the prove suite against an ASan/UBSan build of the
+#                         module (build/asan/) loaded into the stock nginx
+#   ./build.sh test-valgrind  a subset (admission, cache, SSE) under valgrind
+#   ./build.sh fuzz [s]   replay t/fuzz/regress and the seed corpora, then run
+#                         each libFuzzer target s seconds (default 60; 0: only
+#                         the replay)
 #
 # The module is left at build/ngx_http_deepseek_guard_module.so.
 # NGINX_SRC=<dir> builds against another nginx source tree (it must be
@@ -15,6 +21,7 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 BUILD="$REPO/build"
 SO="$BUILD/ngx_http_deepseek_guard_module.so"
+ASAN_SO="$BUILD/asan/ngx_http_deepseek_guard_module.so"
 NGINX_SRC=${NGINX_SRC:-/usr/share/nginx/src}
 export NGINX_BIN=${NGINX_BIN:-/usr/sbin/nginx}
 export DSG_MODULE="$SO"
@@ -23,6 +30,12 @@ DEPS="nginx nginx-dev liblmdb-dev lmdb-utils libssl-dev libjansson-dev
       libpcre2-dev zlib1g-dev check pkg-config gcc make perl python3
       curl prometheus"
 BENCH_DEPS="wrk"
+FUZZ_DEPS="clang libclang-rt-dev"
+VALGRIND_DEPS="valgrind"
+
+# fuzz targets: t/fuzz/fuzz_<name>.c exercises ngx_deepseek_guard_module/dsg_<name>.c
+FUZZ_TARGETS=${FUZZ_TARGETS:-"entry json bucket queue"}
+SAN_FLAGS="-fsanitize=address,undefined -fno-omit-frame-pointer"
 
 need() {
     local missing=()
@@ -133,6 +146,171 @@ unit() {
     (cd "$out" && CK_DEFAULT_TIMEOUT=60 ./check_dsg)
 }
 
+# The module compiled with ASan and UBSan into build/asan/: a copy of the
+# configured tree of build/nginx (same flags: the .so loads into Debian's
+# nginx) where only the module's objects get the sanitizer flags.
+asan_build() {
+    local dir="$BUILD/asan"
+    local src="$dir/nginx"
+    if ! cmp -s "$BUILD/configure.stamp" "$dir/configure.stamp" \
+       || [ ! -f "$src/objs/Makefile" ]
+    then
+        echo "build.sh: copying the configured nginx tree to ${dir#"$REPO"/}"
+        rm -rf "$src"
+        mkdir -p "$dir"
+        cp -r "$BUILD/nginx" "$src"
+        # objects of the plain build must not satisfy make here
+        find "$src/objs" -name '*.o' -delete
+        rm -f "$src"/objs/*.so
+        cp "$BUILD/configure.stamp" "$dir/configure.stamp"
+    fi
+    local cflags
+    cflags=$(sed -n 's/^CFLAGS =//p' "$src/objs/Makefile")
+    make -s -C "$src" -f objs/Makefile modules \
+        CFLAGS="$cflags $SAN_FLAGS" LINK="\$(CC) $SAN_FLAGS" \
+        >"$dir/make.log" 2>&1 || { cat "$dir/make.log"; exit 1; }
+    grep -E 'warning|error' "$dir/make.log" || true
+    if ! cmp -s "$src/objs/ngx_http_deepseek_guard_module.so" "$ASAN_SO"; then
+        cp "$src/objs/ngx_http_deepseek_guard_module.so" "$ASAN_SO.tmp"
+        mv -f "$ASAN_SO.tmp" "$ASAN_SO"
+    fi
+}
+
+# nginx -t of a configuration that loads the ASan module, runtime preloaded
+asan_smoke() {
+    local d
+    d=$(mktemp -d)
+    mkdir -p "$d/logs"
+    cat >"$d/nginx.conf" <<EOF
+load_module $ASAN_SO;
+error_log $d/logs/error.log;
+pid $d/nginx.pid;
+events { }
+http {
+    access_log off;
+    server { listen 127.0.0.1:1; }
+}
+EOF
+    LD_PRELOAD="$DSG_NGINX_PRELOAD" "$NGINX_BIN" -p "$d" -c "$d/nginx.conf" \
+        -t -q -e "$d/logs/error.log" || {
+        cat "$d/logs/error.log"; rm -rf "$d"; exit 1; }
+    rm -rf "$d"
+}
+
+# The sanitizer runtimes must be loaded before anything else in the stock
+# (uninstrumented) nginx: LD_PRELOAD, for nginx only (DSG::Test applies
+# DSG_NGINX_PRELOAD to the nginx it runs, never to perl or the mock).
+# Workers are forks of the master: they inherit the runtime and the
+# options it read at exec, whatever nginx does to their environment.
+# Reports go to stderr, which nginx points at error.log: the harness fails
+# a test on any "ERROR: AddressSanitizer" or "runtime error:" line there.
+# Leak detection is valgrind's part (nginx never frees its last cycle).
+test_asan() {
+    build
+    asan_build
+    local rt lib
+    rt=
+    for lib in libasan.so libubsan.so; do
+        rt="$rt $(readlink -f "$(gcc -print-file-name=$lib)")"
+    done
+    export DSG_MODULE="$ASAN_SO"
+    export DSG_NGINX_PRELOAD="${rt# }"
+    export ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:halt_on_error=1:strip_path_prefix=$REPO/:${ASAN_OPTIONS:-}"
+    export UBSAN_OPTIONS="print_stacktrace=1:strip_path_prefix=$REPO/:${UBSAN_OPTIONS:-}"
+    asan_smoke
+    echo "build.sh: ASan/UBSan module at ${ASAN_SO#"$REPO"/}"
+    cd "$REPO"
+    local start=$SECONDS rc=0
+    if [ $# -gt 0 ]; then
+        prove -v "$@" || rc=$?
+    else
+        prove ${PROVE_ARGS:-} t/*.t || rc=$?
+    fi
+    echo "build.sh: test-asan took $((SECONDS - start)) s"
+    return $rc
+}
+
+test_valgrind() {
+    build
+    # shellcheck disable=SC2086
+    need $VALGRIND_DEPS
+    cd "$REPO"
+    prove -v t/valgrind/*.t
+}
+
+# Each fuzz target built with gcc and t/fuzz/replay.c (no clang needed):
+# replays the regression inputs and the seed corpora once.
+fuzz_replay() {
+    local out="$BUILD/fuzz" t
+    mkdir -p "$out"
+    for t in $FUZZ_TARGETS; do
+        gcc -std=gnu11 -g -O1 -Wall -Wextra -Werror -Wno-unused-parameter \
+            $SAN_FLAGS -fno-sanitize-recover=all \
+            -I "$REPO/ngx_deepseek_guard_module" \
+            "$REPO/t/fuzz/replay.c" "$REPO/t/fuzz/fuzz_$t.c" \
+            "$REPO/ngx_deepseek_guard_module/dsg_$t.c" -ljansson \
+            -o "$out/replay_$t"
+        "$out/replay_$t" "$REPO/t/fuzz/regress/$t" "$REPO/t/fuzz/corpus/$t"
+    done
+}
+
+# libFuzzer runs of every target, $(nproc) at a time (FUZZ_JOBS), each
+# $1 seconds; new inputs go to build/fuzz/corpus/<target> (the seeds in
+# t/fuzz/corpus/ are only read), crashes to build/fuzz/artifacts/<target>/.
+# FUZZ_TARGETS selects targets, FUZZ_ARGS adds libFuzzer flags.
+fuzz() {
+    local secs=${1:-60}
+    case "$secs" in
+        ''|*[!0-9]*) echo "build.sh: fuzz: seconds expected, got '$secs'" >&2
+                     exit 2 ;;
+    esac
+    need gcc libjansson-dev
+    fuzz_replay
+    [ "$secs" -gt 0 ] || return 0
+    # shellcheck disable=SC2086
+    need $FUZZ_DEPS
+    local out="$BUILD/fuzz" t jobs=${FUZZ_JOBS:-$(nproc)} failed=
+    for t in $FUZZ_TARGETS; do
+        clang -g -O1 $SAN_FLAGS -fsanitize=fuzzer -fno-sanitize-recover=all \
+            -I "$REPO/ngx_deepseek_guard_module" \
+            "$REPO/t/fuzz/fuzz_$t.c" \
+            "$REPO/ngx_deepseek_guard_module/dsg_$t.c" -ljansson \
+            -o "$out/fuzz_$t"
+    done
+    for t in $FUZZ_TARGETS; do
+        while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do
+            wait -n || true
+        done
+        mkdir -p "$out/corpus/$t" "$out/artifacts/$t"
+        local dict=()
+        [ -f "$REPO/t/fuzz/$t.dict" ] && dict=(-dict="$REPO/t/fuzz/$t.dict")
+        echo "build.sh: fuzzing $t for $secs s"
+        # shellcheck disable=SC2086
+        ( "$out/fuzz_$t" -max_total_time="$secs" -print_final_stats=1 \
+              -artifact_prefix="$out/artifacts/$t/" "${dict[@]}" \
+              ${FUZZ_ARGS:-} "$out/corpus/$t" "$REPO/t/fuzz/corpus/$t" \
+              >"$out/$t.log" 2>&1
+          echo $? >"$out/$t.rc" ) &
+    done
+    wait
+    for t in $FUZZ_TARGETS; do
+        local runs rate
+        runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$out/$t.log")
+        rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$out/$t.log")
+        if [ "$(cat "$out/$t.rc")" = 0 ]; then
+            echo "build.sh: fuzz $t: ok, ${runs:-?} runs, ${rate:-?} exec/s"
+        else
+            failed="$failed $t"
+            echo "build.sh: fuzz $t: FAILED, log in ${out#"$REPO"/}/$t.log:"
+            grep -E -A30 'ERROR|invariant failed|runtime error' "$out/$t.log" \
+                | head -60
+            ls "$out/artifacts/$t/"
+            echo "build.sh: keep the input: cp it into t/fuzz/regress/$t/"
+        fi
+    done
+    [ -z "$failed" ] || exit 1
+}
+
 integration() {
     cd "$REPO"
     prove ${PROVE_ARGS:-} t/*.t
@@ -145,6 +323,7 @@ case "${1:-build}" in
     test)
         build
         unit
+        fuzz_replay
         if [ $# -gt 1 ]; then
             shift
             cd "$REPO" && prove -v "$@"
@@ -166,8 +345,18 @@ case "${1:-build}" in
         need $BENCH_DEPS
         exec "$REPO/bench/run.sh" "${@:2}"
         ;;
+    test-asan)
+        shift
+        test_asan "$@"
+        ;;
+    test-valgrind)
+        test_valgrind
+        ;;
+    fuzz)
+        fuzz "${2:-60}"
+        ;;
     *)
-        echo "usage: $0 [build|test [t/file.t ...]|unit|run|bench]" >&2
+        echo "usage: $0 [build|test [t/file.t ...]|unit|run|bench|test-asan [t/file.t ...]|test-valgrind|fuzz [seconds]]" >&2
         exit 2
         ;;
 esac
