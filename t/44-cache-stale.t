@@ -26,6 +26,7 @@ $t->write_config(<<'EOF');
     deepseek_guard_cache_path %%PREFIX%%/brief keys_zone=brief:1m inactive=1s;
     deepseek_guard_zone ov:1m   key=backend rate=1r/m;
     deepseek_guard_zone ov2:1m  key=backend rate=1r/m;
+    deepseek_guard_zone q429:1m key=backend rate=1r/m status=429;
     log_format st '$status "$deepseek_guard_cache_status" '
                   '"$deepseek_guard_status" $uri tag=$http_x_tag';
 
@@ -61,6 +62,13 @@ $t->write_config(<<'EOF');
         # the guard in front: stale instead of its rejection
         location /guard/ {
             deepseek_guard ov;
+            deepseek_guard_cache_use_stale overload;
+            proxy_pass http://%%MOCK%%/v1/;
+        }
+
+        # a quota zone: its rejection is a 429
+        location /guard429/ {
+            deepseek_guard q429;
             deepseek_guard_cache_use_stale overload;
             proxy_pass http://%%MOCK%%/v1/;
         }
@@ -130,6 +138,8 @@ for my $loc (qw(v1 nostale brief updating)) {
 # the guard locations: the first request uses the minute's only token
 $e{guard} = chat(uri => '/guard/chat/completions', content => 'stale guard');
 is(logged($e{guard}{tag}), '200 MISS ADMITTED', '/guard/: admitted and stored');
+$e{guard429} = chat(uri => '/guard429/chat/completions', content => 'stale guard');
+is(logged($e{guard429}{tag}), '200 MISS ADMITTED', '/guard429/: admitted and stored');
 $e{guardns} = chat(uri => '/guard-nostale/chat/completions', content => 'stale guard');
 is(logged($e{guardns}{tag}), '200 MISS ADMITTED', '/guard-nostale/: admitted and stored');
 
@@ -156,6 +166,13 @@ sleep 2.5;
     is($r->{body}, $e{guard}{body}, '... the stored answer');
     is($r->{headers}{'content-type'}, 'application/json', '... its content type');
     ok(!exists $r->{headers}{'retry-after'}, '... not a rejection (no Retry-After)');
+
+    # the same instead of a quota zone's 429
+    my $q = chat(uri => '/guard429/chat/completions', content => 'stale guard');
+    is(logged($q->{tag}), '200 STALE STALE', 'instead of a 429 rejection: 200 STALE');
+    is($q->{body}, $e{guard429}{body}, '... the stored answer');
+    my $q2 = chat(uri => '/guard429/chat/completions', content => 'no entry 429');
+    is($q2->{status}, 429, '... no entry: the 429');
 
     # a prompt with no entry at all: the guard's rejection goes out
     my $n = chat(uri => '/guard/chat/completions', content => 'never stored');
