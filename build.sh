@@ -34,7 +34,7 @@ FUZZ_DEPS="clang libclang-rt-dev"
 VALGRIND_DEPS="valgrind"
 
 # fuzz targets: t/fuzz/fuzz_<name>.c exercises ngx_deepseek_guard_module/dsg_<name>.c
-FUZZ_TARGETS=${FUZZ_TARGETS:-"entry json bucket queue"}
+FUZZ_TARGETS=${FUZZ_TARGETS:-"entry json bucket queue store"}
 SAN_FLAGS="-fsanitize=address,undefined -fno-omit-frame-pointer"
 
 need() {
@@ -248,7 +248,7 @@ fuzz_replay() {
             $SAN_FLAGS -fno-sanitize-recover=all \
             -I "$REPO/ngx_deepseek_guard_module" \
             "$REPO/t/fuzz/replay.c" "$REPO/t/fuzz/fuzz_$t.c" \
-            "$REPO/ngx_deepseek_guard_module/dsg_$t.c" -ljansson \
+            "$REPO/ngx_deepseek_guard_module/dsg_$t.c" -ljansson -llmdb \
             -o "$out/replay_$t"
         "$out/replay_$t" "$REPO/t/fuzz/regress/$t" "$REPO/t/fuzz/corpus/$t"
     done
@@ -274,7 +274,7 @@ fuzz() {
         clang -g -O1 $SAN_FLAGS -fsanitize=fuzzer -fno-sanitize-recover=all \
             -I "$REPO/ngx_deepseek_guard_module" \
             "$REPO/t/fuzz/fuzz_$t.c" \
-            "$REPO/ngx_deepseek_guard_module/dsg_$t.c" -ljansson \
+            "$REPO/ngx_deepseek_guard_module/dsg_$t.c" -ljansson -llmdb \
             -o "$out/fuzz_$t"
     done
     for t in $FUZZ_TARGETS; do
