@@ -3,9 +3,9 @@
 # ASan or UBSan report in error.log (a worker's stderr goes there) fails
 # the test script like an [alert] does; lines that merely mention such
 # words do not.  Under ./build.sh test-asan (DSG_NGINX_PRELOAD set) also
-# end to end: the runtime is mapped in the workers, and a worker killed
-# by SIGSEGV leaves an AddressSanitizer report in error.log that the
-# harness catches.
+# end to end: the runtime is mapped in the workers, a worker killed by
+# SIGSEGV leaves an AddressSanitizer report in error.log that the harness
+# catches, and exits with the code that ASAN_OPTIONS asked for.
 
 use strict;
 use warnings;
@@ -50,6 +50,12 @@ for my $kind (qw(asan ubsan)) {
 
 # ------------------------------------------------ what is and is not a report
 
+# under ASan: an exit code of our own, to see that the options given to
+# the master at exec are those of its workers (nginx empties a worker's
+# environment, but the runtime read ASAN_OPTIONS before the fork)
+local $ENV{ASAN_OPTIONS} = ($ENV{ASAN_OPTIONS} || '') . ':exitcode=42'
+    if $ENV{DSG_NGINX_PRELOAD};
+
 my $t = DSG::Test->new(workers => 1);
 $t->write_config(<<'EOF_CONF');
     server {
@@ -86,7 +92,7 @@ $t->allow_log(map { qr/^\Q$_\E$/ } @reports);
 # ------------------------------------------------ end to end, under ASan
 
 SKIP: {
-    skip 'not an ASan run (DSG_NGINX_PRELOAD unset)', 4
+    skip 'not an ASan run (DSG_NGINX_PRELOAD unset)', 5
         unless $ENV{DSG_NGINX_PRELOAD};
 
     my ($w) = $t->worker_pids;
@@ -102,6 +108,10 @@ SKIP: {
     ok($t->wait_until(sub { grep { /^==$w==ERROR: AddressSanitizer: SEGV/ }
                                  $t->bad_log_lines }, 15),
        'its ASan report reached error.log and is flagged')
+        or diag $t->error_log;
+    ok($t->wait_until(sub { $t->error_log
+                            =~ /worker process $w exited with code 42\b/ }, 10),
+       '... and it exited with the code set in ASAN_OPTIONS')
         or diag $t->error_log;
     is($t->get('/')->{status}, 200, 'a new worker serves');
     $t->allow_log(qr/^==$w==ERROR: AddressSanitizer: SEGV/,
