@@ -10,6 +10,8 @@
 #   DSG_PYTHON        default /usr/bin/python3
 #   DSG_KEEP=1        keep the temporary prefix (logs, cache) on exit
 #   MOCK_ARGS         extra mock options, e.g. "--capacity 4"
+#   DSG_NGINX_PRELOAD LD_PRELOAD of nginx only: the sanitizer runtimes of
+#                     an ASan build of the module (./build.sh test-asan)
 
 set -euo pipefail
 
@@ -34,6 +36,7 @@ mkdir -p "$PREFIX/logs"
 MOCK_PID=
 NGINX_PID=
 
+# shellcheck disable=SC2317  # called from the traps
 stop() {
     trap - INT TERM EXIT
     if [ -n "$NGINX_PID" ] && kill -0 "$NGINX_PID" 2>/dev/null; then
@@ -92,6 +95,9 @@ sed -e "s|@MODULE@|$MODULE|g" \
     -e "s|@PORT@|$PORT|g" \
     "$CONF_IN" >"$PREFIX/nginx.conf"
 
+NGINX_PRELOAD=${DSG_NGINX_PRELOAD:-${LD_PRELOAD:-}}
+
+LD_PRELOAD=$NGINX_PRELOAD \
 "$NGINX_BIN" -p "$PREFIX/" -c "$PREFIX/nginx.conf" -t -q \
     -e "$PREFIX/logs/error.log" || {
     tail -5 "$PREFIX/logs/error.log" >&2 || true
@@ -100,6 +106,7 @@ sed -e "s|@MODULE@|$MODULE|g" \
 
 # nginx in the foreground of this script: master and workers stay its
 # children, Ctrl-C (or a TERM to this script) stops them
+LD_PRELOAD=$NGINX_PRELOAD \
 "$NGINX_BIN" -p "$PREFIX/" -c "$PREFIX/nginx.conf" -e "$PREFIX/logs/error.log" \
     -g 'daemon off;' &
 NGINX_PID=$!

@@ -76,6 +76,9 @@ for my $conf (@confs) {
     print {$fh} $text;
     close $fh;
 
+    # an ASan build of the module needs its runtime preloaded in nginx
+    local $ENV{LD_PRELOAD} = $ENV{DSG_NGINX_PRELOAD}
+        if $ENV{DSG_NGINX_PRELOAD};
     my $out = `$nginx -p $p/ -c $p/nginx.conf -e $p/logs/error.log -t 2>&1`;
     is($?, 0, "$name: nginx -t") or diag $out;
     like($out, qr/test is successful/, "$name: ... test is successful");
@@ -216,7 +219,8 @@ like($alog, qr/ 200 \d+ rt=\S+ urt=\S+ class=normal decision=ADMITTED wait_ms=0 
 like($alog, qr/class=- decision=CACHED .* cache=HIT$/m,
      'access log: a hit, decided by the cache');
 
-my @bad = grep { /\[(?:alert|crit|emerg)\]|exited on signal/ }
+my @bad = grep { /\[(?:alert|crit|emerg)\]|exited on signal
+                  |ERROR:\ AddressSanitizer|runtime\ error:/x }
           split /\n/, slurp("$prefix/logs/error.log");
 is("@bad", '', "the gateway's error.log has no alerts");
 
