@@ -39,8 +39,8 @@ static ngx_int_t ngx_http_deepseek_guard_zone_variable(
  *       admitted        admitted, at once or after a wait in the queue;
  *                       counted in every zone the request holds
  *       queued          took a place in this zone's queue (it leaves the
- *                       queue admitted, or rejected_* and, if its wait ran
- *                       out, queue_timeout)
+ *                       queue admitted, rejected_* (and queue_timeout if
+ *                       its wait ran out), or with its client)
  *       rejected_429    rejected by this zone with 429, 503 or another
  *       rejected_503    status= of the zone; counted only in the zone that
  *       rejected_other  refused, not in the zones checked before it
@@ -49,7 +49,8 @@ static ngx_int_t ngx_http_deepseek_guard_zone_variable(
  *       queue_timeout   waited queue_timeout= in vain (a subset of the
  *                       rejections)
  *     A fresh cache hit is answered before admission: it is in no zone's
- *     requests_total (it is in responses_total).
+ *     requests_total (it is in responses_total).  A rejection answered
+ *     with a stale entry (use_stale overload) is counted as a rejection.
  *
  *   deepseek_guard_inflight{zone,class}                          gauge
  *       admitted requests not finished yet (SSE streams included)
@@ -81,7 +82,8 @@ static ngx_int_t ngx_http_deepseek_guard_zone_variable(
  *       upstream, a rejection, the cache; counted in the log phase, so a
  *       request is counted once it has finished (a long stream, when it
  *       ends).  The denominator and numerator of the gateway's error
- *       ratio.  A request that never got a status is not counted.
+ *       ratio.  The status is the one $status logs (499: the client
+ *       closed the connection); a request without one is not counted.
  *
  * Per cache (deepseek_guard_cache_path keys_zone=<cache>):
  *
@@ -120,8 +122,8 @@ static ngx_int_t ngx_http_deepseek_guard_zone_variable(
  *     "inflight_limit":32,"responses":{"1xx":0,"2xx":9,..,"5xx":1},
  *     "classes":[{"class":"critical","requests":{"admitted":3,..},
  *       "inflight":0,"queue_depth":0,"queue_capacity":16,
- *       "queue_wait":{"count":1,"sum_seconds":0.012,
- *         "buckets":{"0.005":0,"0.01":0,"0.025":1,..,"+Inf":1}}},..]},..],
+ *       "queue_wait":{"buckets":{"0.005":0,"0.01":0,"0.025":1,..,
+ *         "+Inf":1},"count":1,"sum_seconds":0.012}},..]},..],
  *    "caches":[{"cache":"llm","requests":{"hit":2,"miss":3,..},
  *      "stores":3,..,"capacity_bytes":268435456}]}
  */
