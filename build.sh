@@ -249,7 +249,8 @@ fuzz_replay() {
             -I "$REPO/ngx_deepseek_guard_module" \
             "$REPO/t/fuzz/replay.c" "$REPO/t/fuzz/fuzz_$t.c" \
             "$REPO/ngx_deepseek_guard_module/dsg_$t.c" -ljansson -llmdb \
-            -o "$out/replay_$t"
+            -o "$out/replay_$t.tmp"
+        mv -f "$out/replay_$t.tmp" "$out/replay_$t"
         "$out/replay_$t" "$REPO/t/fuzz/regress/$t" "$REPO/t/fuzz/corpus/$t"
     done
 }
@@ -275,7 +276,9 @@ fuzz() {
             -I "$REPO/ngx_deepseek_guard_module" \
             "$REPO/t/fuzz/fuzz_$t.c" \
             "$REPO/ngx_deepseek_guard_module/dsg_$t.c" -ljansson -llmdb \
-            -o "$out/fuzz_$t"
+            -o "$out/fuzz_$t.tmp"
+        # a new inode: a fuzzer still running keeps its executable
+        mv -f "$out/fuzz_$t.tmp" "$out/fuzz_$t"
     done
     for t in $FUZZ_TARGETS; do
         while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do
