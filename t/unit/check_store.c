@@ -21,6 +21,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <time.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -1323,10 +1324,21 @@ END_TEST
  * 1000 values each of 1 KB, 10 KB and 100 KB, and 100 of 1 MB.
  */
 
+static int
+t_cmp_double(const void *a, const void *b)
+{
+    double  x = *(const double *) a, y = *(const double *) b;
+
+    return (x > y) - (x < y);
+}
+
+
 START_TEST(test_store_measure)
 {
     size_t            sizes[] = { 1024, 10 * 1024, 100 * 1024, T_MB }, len;
+    double            us[1000];
     unsigned          i, j, count;
+    struct timespec   t0, t1;
     uint64_t          fsize;
     const char       *dir;
     dsg_store_t      *st;
@@ -1341,9 +1353,25 @@ START_TEST(test_store_measure)
         /* and, for scale, 100 values of 1 MB */
         count = (len < T_MB) ? 1000 : 100;
 
+        /*
+         * how long one store holds the event loop: each put is one write
+         * transaction (MDB_NOSYNC, so no fsync); figures are under ASan,
+         * a plain build is faster
+         */
+
         for (i = 0; i < count; i++) {
+            clock_gettime(CLOCK_MONOTONIC, &t0);
             ck_assert_int_eq(t_put(st, i, len, T_FAR, i), DSG_STORE_OK);
+            clock_gettime(CLOCK_MONOTONIC, &t1);
+            us[i] = (t1.tv_sec - t0.tv_sec) * 1000000.0
+                    + (t1.tv_nsec - t0.tv_nsec) / 1000.0;
         }
+
+        qsort(us, count, sizeof(double), t_cmp_double);
+
+        printf("dsg_store: %4u x %7zu B: put latency p50 %.0f us, "
+               "p99 %.0f us, max %.0f us\n", count, len, us[count / 2],
+               us[count * 99 / 100], us[count - 1]);
 
         t_stat(st, &s);
         fsize = t_file_size(dir);
