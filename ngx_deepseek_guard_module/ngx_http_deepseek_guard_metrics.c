@@ -214,9 +214,20 @@ static ngx_str_t  ngx_http_deepseek_guard_status_names[] = {
 ngx_int_t
 ngx_http_deepseek_guard_add_variables(ngx_conf_t *cf)
 {
+    return ngx_http_deepseek_guard_register_variables(cf,
+                                                 ngx_http_deepseek_guard_vars);
+}
+
+
+/* adds a null-terminated table of variables; the cache has its own table */
+
+ngx_int_t
+ngx_http_deepseek_guard_register_variables(ngx_conf_t *cf,
+    ngx_http_variable_t *vars)
+{
     ngx_http_variable_t  *var, *v;
 
-    for (v = ngx_http_deepseek_guard_vars; v->name.len; v++) {
+    for (v = vars; v->name.len; v++) {
         var = ngx_http_add_variable(cf, &v->name, v->flags);
         if (var == NULL) {
             return NGX_ERROR;

@@ -250,6 +250,8 @@ extern ngx_conf_bitmask_t  ngx_http_deepseek_guard_methods_masks[];
 
 /* ngx_http_deepseek_guard_metrics.c */
 ngx_int_t ngx_http_deepseek_guard_add_variables(ngx_conf_t *cf);
+ngx_int_t ngx_http_deepseek_guard_register_variables(ngx_conf_t *cf,
+    ngx_http_variable_t *vars);
 char *ngx_http_deepseek_guard_metrics(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 ngx_int_t ngx_http_deepseek_guard_metrics_init(ngx_conf_t *cf);
