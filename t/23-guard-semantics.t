@@ -109,7 +109,7 @@ sub get_key {
 }
 
 # access log lines of a key: [status, guard status, class, uri]
-sub log_of {
+sub log_entries {
     my ($key) = @_;
     my @e;
     for (split /\n/, $t->access_log) {
@@ -118,6 +118,21 @@ sub log_of {
         $c =~ s/^c=//;
         push @e, [$st, $gs, $c, $u];
     }
+    return @e;
+}
+
+# nginx writes the access log line after the response went out: wait until
+# the key's lines are there and stop changing before reading them
+sub log_of {
+    my ($key) = @_;
+    my @e;
+    my $n = -1;
+    $t->wait_until(sub {
+        @e = log_entries($key);
+        my $stable = (@e && @e == $n);
+        $n = @e;
+        $stable;
+    }, 3, 0.1);
     return @e;
 }
 
