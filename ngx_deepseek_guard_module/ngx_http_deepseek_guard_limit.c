@@ -51,6 +51,9 @@ static void ngx_http_deepseek_guard_refund(ngx_http_deepseek_guard_ctx_t *ctx,
 static ngx_int_t ngx_http_deepseek_guard_enqueue(ngx_http_request_t *r,
     ngx_http_deepseek_guard_ctx_t *ctx, ngx_uint_t blocked,
     ngx_uint_t rc_kind, uint64_t wait_ms, uint64_t *retry_ms);
+static uint32_t ngx_http_deepseek_guard_ahead(
+    ngx_http_deepseek_guard_zone_t *z, ngx_uint_t cls,
+    ngx_rbtree_node_t *node);
 static uint64_t ngx_http_deepseek_guard_estimate(
     ngx_http_deepseek_guard_zone_t *z, ngx_uint_t cls,
     ngx_rbtree_node_t *node, ngx_uint_t kind, uint64_t wait_ms,
@@ -381,8 +384,7 @@ ngx_http_deepseek_guard_try(ngx_http_request_t *r,
             && ctx->slot == -1)
         {
             /* a newcomer never overtakes waiters of its class or above */
-            ahead = dsg_queue_ahead_of_new(&z->layout, z->slots, ctx->cls,
-                                           (uint64_t) (uintptr_t) h->node);
+            ahead = ngx_http_deepseek_guard_ahead(z, ctx->cls, h->node);
             if (ahead) {
                 rc = DSG_INFLIGHT;
             }
@@ -611,6 +613,33 @@ ngx_http_deepseek_guard_rbtree_insert_value(ngx_rbtree_node_t *temp,
 
 
 /*
+ * Waiters ahead of a new class cls request for this key.  The depth gauges
+ * say at once when nobody of cls or above waits, the common case, so the
+ * slot array is scanned only when someone does.  Under the zone's mutex.
+ */
+
+static uint32_t
+ngx_http_deepseek_guard_ahead(ngx_http_deepseek_guard_zone_t *z,
+    ngx_uint_t cls, ngx_rbtree_node_t *node)
+{
+    ngx_uint_t  c, waiting;
+
+    waiting = 0;
+
+    for (c = 0; c <= cls; c++) {
+        waiting += z->sh->counters[c].depth;
+    }
+
+    if (waiting == 0) {
+        return 0;
+    }
+
+    return dsg_queue_ahead_of_new(&z->layout, z->slots, (uint32_t) cls,
+                                  (uint64_t) (uintptr_t) node);
+}
+
+
+/*
  * How long, in ms, until the waiters ahead of a class cls request for this
  * key and the request itself are served: the bucket's wait plus one token
  * interval per waiter ahead, or, for the in-flight cap, the mean in-flight
@@ -625,8 +654,7 @@ ngx_http_deepseek_guard_estimate(ngx_http_deepseek_guard_zone_t *z,
     uint32_t  ahead, cap;
     uint64_t  per, ewma_ms;
 
-    ahead = dsg_queue_ahead_of_new(&z->layout, z->slots, (uint32_t) cls,
-                                   (uint64_t) (uintptr_t) node);
+    ahead = ngx_http_deepseek_guard_ahead(z, cls, node);
     if (pahead) {
         *pahead = ahead;
     }
