@@ -1228,7 +1228,9 @@ dsg_store_open_env(dsg_store_t *st, const char *dir, uint64_t map_size,
     unsigned max_readers)
 {
     int          rc, dead;
+    char         path[PATH_MAX];
     MDB_stat     ms;
+    struct stat  sb;
     MDB_envinfo  info;
 
     rc = mdb_env_create(&st->env);
@@ -1282,6 +1284,25 @@ dsg_store_open_env(dsg_store_t *st, const char *dir, uint64_t map_size,
 
     st->map_size = info.me_mapsize;
     st->page_size = ms.ms_psize;
+
+    /*
+     * a file cut short (a copy, a restore, truncate) keeps meta pages that
+     * point past its end: LMDB would read those pages through the map and
+     * the process would die of SIGBUS, at every start; call it corrupt
+     */
+
+    if (snprintf(path, sizeof(path), "%s/data.mdb", dir)
+        >= (int) sizeof(path))
+    {
+        return EINVAL;
+    }
+
+    if (stat(path, &sb) == 0
+        && (uint64_t) sb.st_size
+           < ((uint64_t) info.me_last_pgno + 1) * ms.ms_psize)
+    {
+        return MDB_CORRUPTED;
+    }
 
     rc = dsg_store_open_tables(st);
     if (rc != MDB_SUCCESS) {

@@ -41,7 +41,7 @@
 #define NGX_HTTP_DSG_CACHE_POLL_MS    5
 #define NGX_HTTP_DSG_SWEEP_MS         1000
 #define NGX_HTTP_DSG_SWEEP_ITEMS      256
-#define NGX_HTTP_DSG_JSON_MAX         (8 * 1024 * 1024)
+#define NGX_HTTP_DSG_JSON_MAX         (1024 * 1024)
 
 #define NGX_HTTP_DSG_BODY_NONE        0
 #define NGX_HTTP_DSG_BODY_READING     1

@@ -41,6 +41,8 @@ typedef struct {
 
 static ngx_int_t ngx_http_deepseek_guard_init_zone(ngx_shm_zone_t *shm_zone,
     void *data);
+static void ngx_http_deepseek_guard_evict(ngx_http_deepseek_guard_zone_t *z,
+    ngx_http_deepseek_guard_node_t *keep);
 static ngx_http_deepseek_guard_node_t *ngx_http_deepseek_guard_lookup(
     ngx_http_deepseek_guard_zone_t *z, u_char *digest, ngx_uint_t *nomem);
 static ngx_int_t ngx_http_deepseek_guard_try(ngx_http_request_t *r,
@@ -397,11 +399,23 @@ ngx_http_deepseek_guard_try(ngx_http_request_t *r,
         }
 
         if (rc == DSG_OK) {
+            /*
+             * a lease takes a chunk of a key node's size: in a zone full
+             * of keys, evicting one makes room for it
+             */
+
             lease = ngx_slab_alloc_locked(z->shpool,
-                                    sizeof(ngx_http_deepseek_guard_lease_t));
+                                     sizeof(ngx_http_deepseek_guard_node_t));
             if (lease == NULL) {
-                ngx_shmtx_unlock(&z->shpool->mutex);
-                goto nomem;
+                ngx_http_deepseek_guard_evict(z,
+                                 (ngx_http_deepseek_guard_node_t *) h->node);
+
+                lease = ngx_slab_alloc_locked(z->shpool,
+                                     sizeof(ngx_http_deepseek_guard_node_t));
+                if (lease == NULL) {
+                    ngx_shmtx_unlock(&z->shpool->mutex);
+                    goto nomem;
+                }
             }
 
             dsg_limit_charge(&z->limit,
@@ -491,8 +505,6 @@ ngx_http_deepseek_guard_lookup(ngx_http_deepseek_guard_zone_t *z,
     u_char *digest, ngx_uint_t *nomem)
 {
     size_t                           size;
-    ngx_uint_t                       tries;
-    ngx_queue_t                     *q, *prev;
     ngx_rbtree_key_t                 hash;
     ngx_rbtree_node_t               *node, *sentinel;
     ngx_http_deepseek_guard_node_t  *n;
@@ -531,28 +543,7 @@ ngx_http_deepseek_guard_lookup(ngx_http_deepseek_guard_zone_t *z,
     n = ngx_slab_alloc_locked(z->shpool, size);
 
     if (n == NULL) {
-        /* evict idle keys, least recently used first */
-
-        tries = 0;
-        q = ngx_queue_last(&z->sh->lru);
-
-        while (q != ngx_queue_sentinel(&z->sh->lru)
-               && tries++ < NGX_HTTP_DSG_EVICT_TRIES)
-        {
-            prev = ngx_queue_prev(q);
-            n = ngx_queue_data(q, ngx_http_deepseek_guard_node_t, lru);
-
-            if (n->holders == 0 && dsg_limit_idle(&z->limit, &n->state)) {
-                ngx_queue_remove(&n->lru);
-                ngx_rbtree_delete(&z->sh->rbtree, &n->node);
-                ngx_slab_free_locked(z->shpool, n);
-                z->sh->nodes--;
-                z->sh->evicted++;
-                break;
-            }
-
-            q = prev;
-        }
+        ngx_http_deepseek_guard_evict(z, NULL);
 
         n = ngx_slab_alloc_locked(z->shpool, size);
         if (n == NULL) {
@@ -571,6 +562,45 @@ ngx_http_deepseek_guard_lookup(ngx_http_deepseek_guard_zone_t *z,
     z->sh->nodes++;
 
     return n;
+}
+
+
+/*
+ * Frees the least recently used idle key (nothing in flight, queued or
+ * leased), except "keep": under the zone's mutex.  Leases are allocated
+ * with the size of a key node, so the chunk freed here serves either.
+ */
+
+static void
+ngx_http_deepseek_guard_evict(ngx_http_deepseek_guard_zone_t *z,
+    ngx_http_deepseek_guard_node_t *keep)
+{
+    ngx_uint_t                       tries;
+    ngx_queue_t                     *q, *prev;
+    ngx_http_deepseek_guard_node_t  *n;
+
+    tries = 0;
+    q = ngx_queue_last(&z->sh->lru);
+
+    while (q != ngx_queue_sentinel(&z->sh->lru)
+           && tries++ < NGX_HTTP_DSG_EVICT_TRIES)
+    {
+        prev = ngx_queue_prev(q);
+        n = ngx_queue_data(q, ngx_http_deepseek_guard_node_t, lru);
+
+        if (n != keep && n->holders == 0
+            && dsg_limit_idle(&z->limit, &n->state))
+        {
+            ngx_queue_remove(&n->lru);
+            ngx_rbtree_delete(&z->sh->rbtree, &n->node);
+            ngx_slab_free_locked(z->shpool, n);
+            z->sh->nodes--;
+            z->sh->evicted++;
+            return;
+        }
+
+        q = prev;
+    }
 }
 
 

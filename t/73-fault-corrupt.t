@@ -227,8 +227,7 @@ $t->start;
     sleep 1.5;
     my $n = crashes($off);
     TODO: {
-        local $TODO = 'BUG: a data file cut short with valid meta pages is not '
-                    . 'detected at open; every worker dies of SIGBUS, forever';
+        # fixed: was a TODO (see git history)
         is($n, 0, "S2 data.mdb cut from $size to $cut bytes: no worker dies")
             or diag "$n worker crashes in 1.5 s";
         ok($started && log_since($off) =~ $RECREATED, '... recreated, logged');
@@ -372,9 +371,7 @@ $t->start;
     ok($st->{status} == 200 || ($st->{error} // '') =~ /closed|reset|timeout/,
        '... a store: answered, or its connection lost to the worker\'s crash');
     TODO: {
-        local $TODO = 'BUG: as S2, once a worker touches a page past the cut '
-                    . '(the next store does), every respawned worker dies of '
-                    . 'SIGBUS at open, forever';
+        # fixed: was a TODO (see git history)
         my ($back, $r) = service_back([@p[50 .. 59]], 5);
         ok($back, '... the service is back') or diag explain $r;
         ok($t->wait_until(\&cache_works, 5), '... and the cache works again');

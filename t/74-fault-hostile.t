@@ -263,8 +263,7 @@ sub xcs { $_[0]{headers}{'x-cache-status'} // '-' }
     my $g = hwm_growth($m0);
     diag "8 MB JSON array: worker peak RSS +$g kB, $ms ms";
     TODO: {
-        local $TODO = 'BUG: canonicalizing an 8 MB JSON body builds a jansson '
-                    . 'tree ~20x its size (and blocks the worker ~1 s)';
+        # fixed: was a TODO (see git history)
         cmp_ok($g, '<', 4 * 8 * 1024, '... worker peak RSS grew by less than 4x the body');
     }
 }
@@ -517,7 +516,7 @@ my $BUG4 = 'BUG: once a zone is full of keys (with any deepseek_guard_class '
     cmp_ok($ev, '>=', 19600 - $keys, "... the others were evicted ($ev)");
     my $alerts = () = substr($t->error_log, $off) =~ /\[alert\]/g;
     TODO: {
-        local $TODO = $BUG4;
+        # fixed: was a TODO (see git history)
         is($st{200} // 0, 20000 - 400, '... every fresh key admitted');
         is($st{429} // 0, 400, '... every repeated key limited: 429');
         is($alerts, 0, '... no alert: an idle key was always there to evict');
@@ -539,10 +538,7 @@ my $BUG4 = 'BUG: once a zone is full of keys (with any deepseek_guard_class '
     my ($ok_s, $cap_s) = $seq->(sub { "Bearer short-$_[0]" });
     my ($ok_l, $cap_l) = $seq->(sub { 'Bearer ' . rand_str(7000) });
     is($cap_l, $cap_s, "the zone holds $cap_s short keys or $cap_l 7 KB keys: one node each");
-    TODO: {
-        local $TODO = $BUG4;
-        is("$ok_s $ok_l", '300 300', '... all 300 + 300 admitted');
-    }
+    is("$ok_s $ok_l", '300 300', '... all 300 + 300 admitted');
 }
 
 {
