@@ -1257,7 +1257,8 @@ ngx_http_deepseek_guard_reject(ngx_http_request_t *r,
         r->keepalive = 0;
     }
 
-    p = ngx_pnalloc(r->pool, 3 * NGX_INT64_LEN + 160 + 2 * z->shm_zone->shm.name.len);
+    p = ngx_pnalloc(r->pool, 3 * NGX_INT64_LEN + 160
+                             + 2 * z->shm_zone->shm.name.len);
     if (p == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }

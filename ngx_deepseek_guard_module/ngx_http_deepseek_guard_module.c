@@ -180,7 +180,7 @@ static ngx_http_module_t  ngx_http_deepseek_guard_module_ctx = {
     NULL,                                  /* create server configuration */
     NULL,                                  /* merge server configuration */
 
-    ngx_http_deepseek_guard_create_loc_conf,  /* create location configuration */
+    ngx_http_deepseek_guard_create_loc_conf,  /* create location conf */
     ngx_http_deepseek_guard_merge_loc_conf    /* merge location configuration */
 };
 

@@ -136,8 +136,8 @@ typedef struct {
 
 
 typedef struct {
-    ngx_array_t                  classes;   /* ngx_http_deepseek_guard_class_t */
-    ngx_array_t                  caches;    /* ngx_http_deepseek_guard_cache_t * */
+    ngx_array_t                  classes;   /* of classes, by priority */
+    ngx_array_t                  caches;    /* of cache pointers */
     ngx_array_t                  zones;     /* ngx_shm_zone_t * */
     ngx_uint_t                   default_class_set;
 } ngx_http_deepseek_guard_main_conf_t;
