@@ -277,13 +277,20 @@ cmp_ok($by{miss}{200} + ($by{burst}{200} // 0), '>=', 10 * 8,
 # ------------------------------------------------ the counters survived
 
 {
-    my $m1 = metrics();
-    my %d = map { $_ => ($m1->{$_} // 0) - ($m0->{$_} // 0) } @COUNTERS;
     my $n2 = scalar grep { $_->{status} == 200 && $_->{kind} =~ /hit|miss|stream|burst/ } @$all;
     my $n5 = scalar grep { $_->{status} == 503 } @$all;
     my $q2 = scalar grep { $_->{status} == 200 && $_->{kind} eq 'fresh' } @$all;
     my $q4 = scalar grep { $_->{status} == 429 } @$all;
     my $hits = scalar grep { ($_->{headers}{'x-cache-status'} // '') eq 'HIT' } @$all;
+    # responses are counted in the log phase, which may run a moment after
+    # a client has read its last byte: wait (briefly) for the last ones
+    my ($m1, %d);
+    $t->wait_until(sub {
+        $m1 = metrics();
+        %d = map { $_ => ($m1->{$_} // 0) - ($m0->{$_} // 0) } @COUNTERS;
+        $d{'deepseek_guard_responses_total{zone="llm",code="2xx"}'}
+            + $d{'deepseek_guard_responses_total{zone="llm",code="5xx"}'} >= $n2 + $n5;
+    }, 5);
     is($d{'deepseek_guard_responses_total{zone="llm",code="2xx"}'}, $n2,
        "llm responses 2xx: +$n2, every 200 the clients got");
     is($d{'deepseek_guard_responses_total{zone="llm",code="5xx"}'}, $n5,
