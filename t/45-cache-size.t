@@ -169,7 +169,8 @@ my $bytes = 0;
 $bytes += length $_->{body} for @all;
 cmp_ok($bytes, '>', 9.5 * $MB, sprintf('... %.1f MB of answers', $bytes / $MB));
 
-cmp_ok($samples, '>', 50, "data.mdb sampled $samples times during the run");
+# the sampler only has to have run often enough to see the growth
+cmp_ok($samples, '>', 10, "data.mdb sampled $samples times during the run");
 cmp_ok($max_seen, '>', $MB / 2, "... it was used (largest $max_seen bytes)");
 cmp_ok($max_seen, '<=', $MB, '... and never exceeded 1 MB');
 is(scalar(grep { $_ > $MB } @between), 0, '... nor between batches');
