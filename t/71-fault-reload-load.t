@@ -131,7 +131,10 @@ sub wrong {
 my @hot = map { "hot prompt $_" } 1 .. 3;
 for my $c (@hot) {
     $t->chat(content => $c);
-    is($t->chat(content => $c)->{headers}{'x-cache-status'}, 'HIT', "'$c' cached");
+    # right after the store the entry may still be under its fill lock:
+    # COALESCED is a hit from the same entry
+    like($t->chat(content => $c)->{headers}{'x-cache-status'},
+         qr/^(?:HIT|COALESCED)$/, "'$c' cached");
 }
 
 # alice spends her one request of the minute: every later one is 429
