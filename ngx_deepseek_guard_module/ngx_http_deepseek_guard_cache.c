@@ -90,6 +90,7 @@ typedef struct ngx_http_deepseek_guard_cache_ctx_s {
     ngx_chain_t                 *chain;
     ngx_chain_t                **last;
     size_t                       size;
+    off_t                        expect;       /* Content-Length, -1 */
 
     /* coalescing */
     ngx_queue_t                  wait_link;
@@ -1154,6 +1155,8 @@ ngx_http_deepseek_guard_header_filter(ngx_http_request_t *r)
                                             (u_char *) "text/event-stream",
                                             17) == 0);
             cctx->last = &cctx->chain;
+            cctx->expect = r->header_only
+                           ? -1 : r->headers_out.content_length_n;
             r->filter_need_in_memory = 1;
 
         } else {
@@ -1265,8 +1268,17 @@ ngx_http_deepseek_guard_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
             cctx->size += len;
         }
 
-        if (b->last_buf) {
-            /* the upstream finished cleanly: an error sends no last_buf */
+        /*
+         * the upstream finished cleanly: an error sends no last_buf.  A
+         * body of known length is stored as soon as it is whole, before
+         * its last bytes go out: unbuffered proxying sends last_buf only
+         * after them, and a client that has its answer may already ask
+         * another worker for it
+         */
+
+        if (b->last_buf
+            || (cctx->expect > 0 && cctx->size == (size_t) cctx->expect))
+        {
             ngx_http_deepseek_guard_cache_store(r, cctx);
             cctx->capture = 0;
             break;

@@ -239,7 +239,7 @@ for my $loc (['/v1/', 'proxy_buffering off'], ['/buf/', 'proxy_buffering on']) {
     my $raw = $t->http(request_raw => $one . "\r\n" . $body
                                       . $one . "\r\n" . $body
                                       . $one . "Connection: close\r\n\r\n" . $body,
-                       timeout => 10)->{raw};
+                       read_all => 1, timeout => 10)->{raw};
     my @resp;
     while ($raw =~ /\GHTTP\/1\.1 (\d+)[^\r]*\r\n(.*?)\r\n\r\n/gcs) {
         my ($st, $h) = ($1, $2);
@@ -250,17 +250,11 @@ for my $loc (['/v1/', 'proxy_buffering off'], ['/buf/', 'proxy_buffering on']) {
         pos($raw) = pos($raw) + $len;
         push @resp, [$st, $cs // '', $b];
     }
-    TODO: {
-        # intermittent since the fault tests landed (2 of 3 runs): after a
-        # pipelined MISS the connection sometimes answers only the first
-        # request; open bug, see the closing note
-        local $TODO = 'pipelined requests after a cache MISS: intermittent';
-        is(scalar @resp, 3, 'three pipelined requests on one connection: three responses');
-        is(join(' ', map { $_->[0] } @resp), '200 200 200', '... all 200');
-        is(join(' ', map { $_->[1] eq 'COALESCED' ? 'HIT' : $_->[1] } @resp), 'MISS HIT HIT',
-           '... MISS, HIT, HIT');
-        is(scalar(grep { $_->[2] eq ($resp[0][2] // 'x') } @resp), 3, '... identical bodies');
-    }
+    is(scalar @resp, 3, 'three pipelined requests on one connection: three responses');
+    is(join(' ', map { $_->[0] } @resp), '200 200 200', '... all 200');
+    is(join(' ', map { $_->[1] eq 'COALESCED' ? 'HIT' : $_->[1] } @resp), 'MISS HIT HIT',
+       '... MISS, HIT, HIT');
+    is(scalar(grep { $_->[2] eq ($resp[0][2] // 'x') } @resp), 3, '... identical bodies');
     is(upstream_calls(), 1, '... one upstream call');
 }
 

@@ -52,6 +52,7 @@ package DSG::Test;
 #   [[name, value], ...]; an array value repeats the header) body port host
 #   timeout(10) proto('HTTP/1.1') abort_after_bytes abort_after_ms
 #   request_raw(bytes sent as they are) at_ms(parallel only)
+#   read_all(keep reading into raw until the server closes: pipelining)
 # Response: status headers(lc => joined ", ") header_list body raw ms start
 #   end ttfb_ms first_body_ms version reason; aborted => 1 when cut on
 #   purpose; error => text on connect/read failure, timeout or an incomplete
@@ -1144,6 +1145,9 @@ sub _parse {
             $st->{first_body} ||= time();
             return _complete($st) if $st->{left} <= 0;
             return if _check_abort($st);
+        } elsif ($ps eq 'drain') {
+            $st->{pbuf} = '';
+            return;
         } elsif ($ps eq 'close') {
             return unless length $st->{pbuf};
             $st->{body} .= $st->{pbuf};
@@ -1203,6 +1207,12 @@ sub _check_abort {
 sub _complete {
     my ($st) = @_;
     $st->{complete} = 1;
+    if ($st->{opt}{read_all}) {
+        # pipelined requests: raw keeps everything until the server closes
+        $st->{pstate} = 'drain';
+        $st->{pbuf} = '';
+        return;
+    }
     $st->{phase} = 'done';
     return;
 }
