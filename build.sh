@@ -205,6 +205,10 @@ EOF
 # Reports go to stderr, which nginx points at error.log: the harness fails
 # a test on any "ERROR: AddressSanitizer" or "runtime error:" line there.
 # Leak detection is valgrind's part (nginx never frees its last cycle).
+# handle_sigbus=0: a SIGBUS is what LMDB's map gives on a data file cut
+# or overwritten behind its back (t/73); the stock build dies of it and the
+# master respawns the worker, and under ASan it must do the same, not turn
+# into a report.  Any other SIGBUS still shows as "exited on signal 7".
 test_asan() {
     build
     asan_build
@@ -215,7 +219,7 @@ test_asan() {
     done
     export DSG_MODULE="$ASAN_SO"
     export DSG_NGINX_PRELOAD="${rt# }"
-    export ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:halt_on_error=1:strip_path_prefix=$REPO/:${ASAN_OPTIONS:-}"
+    export ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:halt_on_error=1:handle_sigbus=0:strip_path_prefix=$REPO/:${ASAN_OPTIONS:-}"
     export UBSAN_OPTIONS="print_stacktrace=1:strip_path_prefix=$REPO/:${UBSAN_OPTIONS:-}"
     asan_smoke
     echo "build.sh: ASan/UBSan module at ${ASAN_SO#"$REPO"/}"

@@ -143,6 +143,13 @@ struct dsg_store_s {
     int         last_rc;        /* raw code of the last error */
     uint64_t    put_full;
     uint64_t    put_evicted;
+
+    /* what dsg_store_reopen() needs */
+    char       *dir;
+    uint64_t    want_map_size;
+    unsigned    max_readers;
+    dev_t       dev;            /* data.mdb as opened */
+    ino_t       ino;
 };
 
 
@@ -244,6 +251,8 @@ static int dsg_store_open_env(dsg_store_t *st, const char *dir,
 static int dsg_store_open_tables(dsg_store_t *st);
 static void dsg_store_close_env(dsg_store_t *st);
 static int dsg_store_unlink(const char *path);
+static int dsg_store_lock_open(dsg_store_t *st, unsigned flags,
+    int *recreated);
 
 
 /*
@@ -280,6 +289,13 @@ dsg_store_rc(dsg_store_t *st, int rc)
         case MDB_PANIC:
         case MDB_PAGE_NOTFOUND:
         case MDB_INCOMPATIBLE:
+
+        /*
+         * every transaction here is fresh and single-threaded, with no
+         * child: LMDB blocks one only after a page error met inside it,
+         * which is what a read of zeroed pages returns
+         */
+        case MDB_BAD_TXN:
             code = DSG_STORE_ECORRUPT;
             break;
 
@@ -295,7 +311,6 @@ dsg_store_rc(dsg_store_t *st, int rc)
 
         case MDB_KEYEXIST:
         case MDB_BAD_RSLOT:
-        case MDB_BAD_TXN:
         case MDB_BAD_VALSIZE:
         case MDB_BAD_DBI:
         case EINVAL:
@@ -1437,8 +1452,7 @@ int
 dsg_store_open(dsg_store_t **stp, const char *dir, uint64_t map_size,
     unsigned max_readers, unsigned flags, int *recreated)
 {
-    int           rc, fd, err;
-    char          data[PATH_MAX], lock[PATH_MAX];
+    int           rc;
     size_t        n;
     dsg_store_t  *st;
 
@@ -1458,12 +1472,9 @@ dsg_store_open(dsg_store_t **stp, const char *dir, uint64_t map_size,
 
     n = strlen(dir);
 
-    if (n == 0 || n + sizeof("/data.mdb") > sizeof(data)) {
+    if (n == 0 || n + sizeof("/data.mdb") > PATH_MAX) {
         return dsg_store_rc(NULL, EINVAL);
     }
-
-    (void) snprintf(data, sizeof(data), "%s/data.mdb", dir);
-    (void) snprintf(lock, sizeof(lock), "%s/lock.mdb", dir);
 
     if (mkdir(dir, 0700) == -1 && errno != EEXIST) {
         return dsg_store_rc(NULL, errno);
@@ -1474,13 +1485,109 @@ dsg_store_open(dsg_store_t **stp, const char *dir, uint64_t map_size,
         return dsg_store_rc(NULL, ENOMEM);
     }
 
-    fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd == -1) {
-        rc = errno;
-        goto done;
+    st->dir = strdup(dir);
+    if (st->dir == NULL) {
+        free(st);
+        return dsg_store_rc(NULL, ENOMEM);
     }
 
-    /* serialize with the other workers opening (and maybe recreating) */
+    st->want_map_size = map_size;
+    st->max_readers = max_readers;
+
+    rc = dsg_store_lock_open(st, flags, recreated);
+
+    if (rc != MDB_SUCCESS) {
+        free(st->dir);
+        free(st);
+        return dsg_store_rc(NULL, rc);
+    }
+
+    *stp = st;
+
+    return DSG_STORE_OK;
+}
+
+
+int
+dsg_store_reopen(dsg_store_t **stp, unsigned flags, int *recreated)
+{
+    int           rc;
+    dsg_store_t  *st;
+
+    if (recreated != NULL) {
+        *recreated = 0;
+    }
+
+    if (stp == NULL || *stp == NULL
+        || (flags & ~(DSG_STORE_RECREATE | DSG_STORE_REPLACE)))
+    {
+        return dsg_store_rc(NULL, EINVAL);
+    }
+
+    st = *stp;
+
+    /* one environment per file and process: the old one goes first */
+    dsg_store_close_env(st);
+
+    rc = dsg_store_lock_open(st, flags, recreated);
+
+    if (rc != MDB_SUCCESS) {
+        *stp = NULL;
+        free(st->dir);
+        free(st);
+        return dsg_store_rc(NULL, rc);
+    }
+
+    return DSG_STORE_OK;
+}
+
+
+int
+dsg_store_replaced(const dsg_store_t *st)
+{
+    char         data[PATH_MAX];
+    struct stat  sb;
+
+    if (st == NULL || st->env == NULL) {
+        return 0;
+    }
+
+    (void) snprintf(data, sizeof(data), "%s/data.mdb", st->dir);
+
+    if (stat(data, &sb) == -1) {
+        return 0;
+    }
+
+    return sb.st_dev != st->dev || sb.st_ino != st->ino;
+}
+
+
+/*
+ * Opens st->dir under an exclusive flock() of the directory, so that the
+ * workers opening together, or finding the same damage together, remove
+ * and recreate a bad file once.
+ */
+
+static int
+dsg_store_lock_open(dsg_store_t *st, unsigned flags, int *recreated)
+{
+    int               rc, fd, err, same;
+    char              data[PATH_MAX], lock[PATH_MAX];
+    struct stat       sb;
+    mdb_filehandle_t  dfd;
+
+    (void) snprintf(data, sizeof(data), "%s/data.mdb", st->dir);
+    (void) snprintf(lock, sizeof(lock), "%s/lock.mdb", st->dir);
+
+    if (flags & DSG_STORE_REPLACE) {
+        flags |= DSG_STORE_RECREATE;
+    }
+
+    fd = open(st->dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd == -1) {
+        return errno;
+    }
+
     while ((rc = flock(fd, LOCK_EX)) == -1 && errno == EINTR) {
         /* void */
     }
@@ -1490,10 +1597,21 @@ dsg_store_open(dsg_store_t **stp, const char *dir, uint64_t map_size,
         goto done;
     }
 
-    rc = dsg_store_check_size(data, map_size);
+    /* the damaged file this store had open, if nobody replaced it yet */
+    same = (flags & DSG_STORE_REPLACE)
+           && stat(data, &sb) == 0
+           && sb.st_dev == st->dev && sb.st_ino == st->ino;
 
-    if (rc == MDB_SUCCESS) {
-        rc = dsg_store_open_env(st, dir, map_size, max_readers);
+    if (same) {
+        rc = MDB_CORRUPTED;
+
+    } else {
+        rc = dsg_store_check_size(data, st->want_map_size);
+
+        if (rc == MDB_SUCCESS) {
+            rc = dsg_store_open_env(st, st->dir, st->want_map_size,
+                                    st->max_readers);
+        }
     }
 
     if (rc != MDB_SUCCESS && (flags & DSG_STORE_RECREATE)
@@ -1508,7 +1626,8 @@ dsg_store_open(dsg_store_t **stp, const char *dir, uint64_t map_size,
         }
 
         if (rc == MDB_SUCCESS) {
-            rc = dsg_store_open_env(st, dir, map_size, max_readers);
+            rc = dsg_store_open_env(st, st->dir, st->want_map_size,
+                                    st->max_readers);
 
             if (rc == MDB_SUCCESS && recreated != NULL) {
                 *recreated = 1;
@@ -1516,24 +1635,31 @@ dsg_store_open(dsg_store_t **stp, const char *dir, uint64_t map_size,
         }
     }
 
+    if (rc == MDB_SUCCESS) {
+        rc = mdb_env_get_fd(st->env, &dfd);
+
+        if (rc == MDB_SUCCESS) {
+            rc = (fstat(dfd, &sb) == -1) ? errno : MDB_SUCCESS;
+        }
+
+        if (rc == MDB_SUCCESS) {
+            st->dev = sb.st_dev;
+            st->ino = sb.st_ino;
+        }
+    }
+
 done:
 
     /* closing the descriptor releases the lock */
-    if (fd != -1) {
-        err = errno;
-        (void) close(fd);
-        errno = err;
-    }
+    err = errno;
+    (void) close(fd);
+    errno = err;
 
     if (rc != MDB_SUCCESS) {
         dsg_store_close_env(st);
-        free(st);
-        return dsg_store_rc(NULL, rc);
     }
 
-    *stp = st;
-
-    return DSG_STORE_OK;
+    return rc;
 }
 
 
@@ -1545,6 +1671,7 @@ dsg_store_close(dsg_store_t *st)
     }
 
     dsg_store_close_env(st);
+    free(st->dir);
     free(st);
 }
 

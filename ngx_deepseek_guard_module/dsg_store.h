@@ -37,6 +37,7 @@
 
 /* dsg_store_open() flags */
 #define DSG_STORE_RECREATE     0x0001   /* remove and recreate a bad file */
+#define DSG_STORE_REPLACE      0x0002   /* dsg_store_reopen(): the file is bad */
 
 /*
  * Return codes.  Every LMDB or system error is mapped, in one function,
@@ -107,6 +108,29 @@ int dsg_store_open(dsg_store_t **st, const char *dir, uint64_t map_size,
     unsigned max_readers, unsigned flags, int *recreated);
 
 void dsg_store_close(dsg_store_t *st);
+
+/*
+ * Closes *st and opens its directory again with the same parameters,
+ * under the same flock() as dsg_store_open().  For a store found bad
+ * while in use (DSG_STORE_ECORRUPT from a read, a put or a sweep), pass
+ * DSG_STORE_REPLACE: if data.mdb is still the file *st had open, it is
+ * removed with its lock file and created anew (*recreated = 1); if
+ * another process replaced it meanwhile, that new file is opened (the
+ * workers that found the same damage replace it once).  Without
+ * DSG_STORE_REPLACE, e.g. after dsg_store_replaced(), the file is simply
+ * opened again (and recreated if it does not open, with
+ * DSG_STORE_RECREATE).  The counters of dsg_store_stat() carry over.
+ * On failure *st is freed and set to NULL.
+ */
+int dsg_store_reopen(dsg_store_t **st, unsigned flags, int *recreated);
+
+/*
+ * 1 if data.mdb in the store's directory is no longer the file st has
+ * open (another process replaced it: reopen to share its entries), 0 if
+ * it is, or if there is no data.mdb at all (someone removed the files:
+ * st keeps its open, unlinked file until a reload, as at any start).
+ */
+int dsg_store_replaced(const dsg_store_t *st);
 
 /*
  * Looks key up and copies its value into alloc(ctx, len) (e.g. the

@@ -113,6 +113,10 @@ static ngx_int_t ngx_http_deepseek_guard_cache_key(ngx_http_request_t *r,
     ngx_http_deepseek_guard_cache_ctx_t *cctx);
 static ngx_int_t ngx_http_deepseek_guard_cache_lookup(ngx_http_request_t *r,
     ngx_http_deepseek_guard_cache_ctx_t *cctx);
+static ngx_err_t ngx_http_deepseek_guard_cache_errno(
+    ngx_http_deepseek_guard_cache_t *cache, int rc);
+static void ngx_http_deepseek_guard_cache_repair(
+    ngx_http_deepseek_guard_cache_t *cache, ngx_log_t *log, unsigned flags);
 static ngx_int_t ngx_http_deepseek_guard_cache_lock(ngx_http_request_t *r,
     ngx_http_deepseek_guard_cache_ctx_t *cctx);
 static void ngx_http_deepseek_guard_cache_unlock(
@@ -467,9 +471,17 @@ ngx_http_deepseek_guard_cache_lookup(ngx_http_request_t *r,
     }
 
     if (rc != DSG_STORE_OK) {
-        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+        ngx_log_error(NGX_LOG_ERR, r->connection->log,
+                      ngx_http_deepseek_guard_cache_errno(cctx->cache, rc),
                       "deepseek_guard cache \"%V\": read failed: %s",
                       &cctx->cache->name, dsg_store_strerror(rc));
+
+        if (rc == DSG_STORE_ECORRUPT) {
+            ngx_http_deepseek_guard_cache_repair(cctx->cache,
+                                                 r->connection->log,
+                                                 DSG_STORE_REPLACE);
+        }
+
         return NGX_DECLINED;
     }
 
@@ -1438,9 +1450,15 @@ ngx_http_deepseek_guard_cache_store(ngx_http_request_t *r,
         (void) ngx_atomic_fetch_add(&cache->sh->store_failures, 1);
         level = (rc == DSG_STORE_EFULL) ? NGX_LOG_WARN : NGX_LOG_ERR;
 
-        ngx_log_error(level, r->connection->log, 0,
+        ngx_log_error(level, r->connection->log,
+                      ngx_http_deepseek_guard_cache_errno(cache, rc),
                       "deepseek_guard cache \"%V\": response not stored: %s",
                       &cache->name, dsg_store_strerror(rc));
+
+        if (rc == DSG_STORE_ECORRUPT) {
+            ngx_http_deepseek_guard_cache_repair(cache, r->connection->log,
+                                                 DSG_STORE_REPLACE);
+        }
     }
 
     (void) lcf;
@@ -1492,6 +1510,16 @@ ngx_http_deepseek_guard_cache_sweep(ngx_event_t *ev)
             continue;
         }
 
+        /* another worker replaced a damaged file: share the new one */
+
+        if (dsg_store_replaced(cache->store)) {
+            ngx_http_deepseek_guard_cache_repair(cache, ev->log,
+                                                 DSG_STORE_RECREATE);
+            if (cache->store == NULL) {
+                continue;
+            }
+        }
+
         /* fill locks of dead workers */
 
         npids = 0;
@@ -1535,9 +1563,18 @@ ngx_http_deepseek_guard_cache_sweep(ngx_event_t *ev)
         rc = dsg_store_sweep(cache->store, now, cache->inactive,
                              NGX_HTTP_DSG_SWEEP_ITEMS, &expired, &evicted);
         if (rc != DSG_STORE_OK) {
-            ngx_log_error(NGX_LOG_ERR, ev->log, 0,
+            ngx_log_error(NGX_LOG_ERR, ev->log,
+                          ngx_http_deepseek_guard_cache_errno(cache, rc),
                           "deepseek_guard cache \"%V\": sweep failed: %s",
                           &cache->name, dsg_store_strerror(rc));
+
+            if (rc == DSG_STORE_ECORRUPT) {
+                ngx_http_deepseek_guard_cache_repair(cache, ev->log,
+                                                     DSG_STORE_REPLACE);
+                if (cache->store == NULL) {
+                    continue;
+                }
+            }
         }
 
         (void) ngx_atomic_fetch_add(&cache->sh->expirations, expired);
@@ -1561,6 +1598,63 @@ ngx_http_deepseek_guard_cache_sweep(ngx_event_t *ev)
     }
 
     ngx_add_timer(ev, NGX_HTTP_DSG_SWEEP_MS);
+}
+
+
+/* the errno behind a file system error of the store, for ngx_log_error() */
+
+static ngx_err_t
+ngx_http_deepseek_guard_cache_errno(ngx_http_deepseek_guard_cache_t *cache,
+    int rc)
+{
+    if (rc != DSG_STORE_EIO || cache->store == NULL) {
+        return 0;
+    }
+
+    return (ngx_err_t) dsg_store_last_error(cache->store);
+}
+
+
+/*
+ * A data file found corrupt while running (a read, a store or the sweep
+ * failed with DSG_STORE_ECORRUPT) is replaced at once by the worker that
+ * found it, under the directory's flock (held by another worker only
+ * while it opens: milliseconds); the other workers see the new file on
+ * their next sweep tick (dsg_store_replaced(), a stat() a second) and
+ * reopen it rather than replacing it again.  If nothing can be opened,
+ * the worker serves uncached, as at startup.
+ */
+
+static void
+ngx_http_deepseek_guard_cache_repair(ngx_http_deepseek_guard_cache_t *cache,
+    ngx_log_t *log, unsigned flags)
+{
+    int  rc, recreated;
+
+    rc = dsg_store_reopen((dsg_store_t **) &cache->store, flags, &recreated);
+
+    if (rc != DSG_STORE_OK) {
+        cache->store = NULL;
+        ngx_log_error(NGX_LOG_ALERT, log, 0,
+                      "deepseek_guard cache \"%V\": cannot reopen \"%V\": "
+                      "%s, serving uncached", &cache->name,
+                      &cache->path->name, dsg_store_strerror(rc));
+        return;
+    }
+
+    if (recreated) {
+        (void) ngx_atomic_fetch_add(&cache->sh->recreated, 1);
+        ngx_log_error(NGX_LOG_WARN, log, 0,
+                      "deepseek_guard cache \"%V\": the data file in \"%V\" "
+                      "was corrupt or incompatible and was recreated "
+                      "while running", &cache->name, &cache->path->name);
+        return;
+    }
+
+    ngx_log_error(NGX_LOG_NOTICE, log, 0,
+                  "deepseek_guard cache \"%V\": reopened the data file in "
+                  "\"%V\", replaced by another worker", &cache->name,
+                  &cache->path->name);
 }
 
 

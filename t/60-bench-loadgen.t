@@ -77,7 +77,10 @@ sub pct {
        sprintf('... median inter-arrival 10 +- 1 ms (%.2f)', $mgap // -1));
     my @late = map { ($_->{start} - $_->{sched}) * 1000 } @$r;
     my $p99 = pct(99, @late);
-    cmp_ok($p99, '<', 25, sprintf('... p99 lateness against the schedule < 25 ms (%.2f)', $p99));
+    # an ASan nginx takes CPU the generator needs on a 2-core machine
+    my $lmax = DSG::Test::sanitized() ? 75 : 25;
+    cmp_ok($p99, '<', $lmax,
+           sprintf('... p99 lateness against the schedule < %d ms (%.2f)', $lmax, $p99));
     cmp_ok(pct(100, @late), '<', 150, '... no arrival 150 ms late');
 
     my @ok = grep { $_->{status} == 200 } @$r;

@@ -292,7 +292,9 @@ cmp_ok($by{miss}{200} + ($by{burst}{200} // 0), '>=', 10 * 8,
         $m1 = metrics();
         %d = map { $_ => ($m1->{$_} // 0) - ($m0->{$_} // 0) } @COUNTERS;
         $d{'deepseek_guard_responses_total{zone="llm",code="2xx"}'}
-            + $d{'deepseek_guard_responses_total{zone="llm",code="5xx"}'} >= $n2 + $n5;
+            + $d{'deepseek_guard_responses_total{zone="llm",code="5xx"}'} >= $n2 + $n5
+        && $d{'deepseek_guard_responses_total{zone="quota",code="2xx"}'}
+            + $d{'deepseek_guard_responses_total{zone="quota",code="4xx"}'} >= $q2 + $q4 + 1;
     }, 5);
     is($d{'deepseek_guard_responses_total{zone="llm",code="2xx"}'}, $n2,
        "llm responses 2xx: +$n2, every 200 the clients got");

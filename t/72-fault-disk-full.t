@@ -192,8 +192,6 @@ like($log, qr/\[(?:error|warn)\].*deepseek_guard cache "cache": response not sto
     # the line says why: a file system error, with the errno.  (LMDB turns
     # a short write on a full file system into EIO, so the errno is 28
     # "No space left on device" or 5 "Input/output error".)
-    local $TODO = 'the store failure is logged as "cache file system error" '
-                . 'without the errno';
     like($log, qr/response not stored: cache file system error \((?:28|5): [^)]+\)/,
          '... naming the file system error and its errno');
 }

@@ -876,6 +876,132 @@ START_TEST(test_store_reopen)
 END_TEST
 
 
+/* zeroes data.mdb from byte "from" to its end, as a bad disk might */
+
+static void
+t_zero_from(const char *dir, off_t from)
+{
+    int          fd;
+    char         path[PATH_MAX], zero[4096];
+    off_t        off, size;
+    struct stat  sb;
+
+    t_path(path, sizeof(path), dir, "data.mdb");
+    fd = open(path, O_WRONLY);
+    ck_assert_int_ne(fd, -1);
+    ck_assert_int_eq(fstat(fd, &sb), 0);
+
+    memset(zero, 0, sizeof(zero));
+    size = sb.st_size;
+
+    for (off = from; off < size; off += sizeof(zero)) {
+        ck_assert_int_eq(pwrite(fd, zero, sizeof(zero), off),
+                         (ssize_t) sizeof(zero));
+    }
+
+    ck_assert_int_eq(close(fd), 0);
+}
+
+
+/*
+ * Data pages zeroed under a running "worker", meta pages intact.  Another
+ * worker starting meanwhile (a child) finds the file bad and recreates
+ * it; the first one, told by dsg_store_replaced() or by a failed read,
+ * reopens with DSG_STORE_REPLACE and opens that new file instead of
+ * removing it again.  Damaged again, the file it has open is recreated.
+ */
+
+START_TEST(test_store_replace_running)
+{
+    int           rc, recreated, status;
+    pid_t         pid;
+    unsigned      i;
+    const char   *dir;
+    dsg_store_t  *st, *c;
+
+    dir = t_mkdir();
+    st = t_open(dir, 4 * T_MB);
+
+    for (i = 0; i < 40; i++) {
+        ck_assert_int_eq(t_put(st, i, 3000, T_FAR, i), DSG_STORE_OK);
+    }
+
+    ck_assert_int_eq(dsg_store_sync(st), DSG_STORE_OK);
+    ck_assert_int_eq(dsg_store_replaced(st), 0);
+
+    t_zero_from(dir, 16384);
+
+    rc = t_get(st, 7, 3000);
+    ck_assert_msg(rc == DSG_STORE_ECORRUPT, "get: %d, %s", rc,
+                  dsg_store_strerror(dsg_store_last_error(st)));
+
+    pid = fork();
+    ck_assert_int_ne(pid, -1);
+
+    if (pid == 0) {
+        rc = dsg_store_open(&c, dir, 4 * T_MB, 126, DSG_STORE_RECREATE,
+                            &recreated);
+        if (rc != DSG_STORE_OK || !recreated
+            || t_get(c, 7, 3000) != DSG_STORE_NOTFOUND
+            || t_put(c, 100, 2000, T_FAR, 1) != DSG_STORE_OK
+            || dsg_store_sync(c) != DSG_STORE_OK)
+        {
+            _exit(1);
+        }
+
+        dsg_store_close(c);
+        _exit(0);
+    }
+
+    ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+    ck_assert(WIFEXITED(status));
+    ck_assert_int_eq(WEXITSTATUS(status), 0);
+
+    /* the child's new file is opened, not recreated once more */
+    ck_assert_int_eq(dsg_store_replaced(st), 1);
+    ck_assert_int_eq(dsg_store_reopen(&st, DSG_STORE_REPLACE, &recreated),
+                     DSG_STORE_OK);
+    ck_assert_int_eq(recreated, 0);
+    ck_assert_int_eq(dsg_store_replaced(st), 0);
+    ck_assert_int_eq(t_get(st, 100, 2000), DSG_STORE_OK);
+    ck_assert_int_eq(t_get(st, 7, 3000), DSG_STORE_NOTFOUND);
+
+    for (i = 200; i < 240; i++) {
+        ck_assert_int_eq(t_put(st, i, 3000, T_FAR, i), DSG_STORE_OK);
+    }
+
+    /* a plain reopen keeps a good file */
+    ck_assert_int_eq(dsg_store_reopen(&st, 0, &recreated), DSG_STORE_OK);
+    ck_assert_int_eq(recreated, 0);
+    ck_assert_int_eq(t_get(st, 201, 3000), DSG_STORE_OK);
+
+    /* damaged again: the file this store has open is replaced */
+    ck_assert_int_eq(dsg_store_sync(st), DSG_STORE_OK);
+    t_zero_from(dir, 16384);
+    ck_assert_int_eq(t_get(st, 201, 3000), DSG_STORE_ECORRUPT);
+    ck_assert_int_eq(dsg_store_reopen(&st, DSG_STORE_REPLACE, &recreated),
+                     DSG_STORE_OK);
+    ck_assert_int_eq(recreated, 1);
+    ck_assert_int_eq(t_get(st, 201, 3000), DSG_STORE_NOTFOUND);
+    ck_assert_int_eq(t_put(st, 300, 3000, T_FAR, 3), DSG_STORE_OK);
+    ck_assert_int_eq(t_get(st, 300, 3000), DSG_STORE_OK);
+
+    /* files removed behind its back: keep the open one, nothing to open */
+    t_rm_tree(dir);
+    ck_assert_int_eq(dsg_store_replaced(st), 0);
+    ck_assert_int_eq(t_get(st, 300, 3000), DSG_STORE_OK);
+
+    /* a reopen that cannot open frees the store */
+    ck_assert_int_ne(dsg_store_reopen(&st, DSG_STORE_RECREATE, &recreated),
+                     DSG_STORE_OK);
+    ck_assert_ptr_null(st);
+
+    ck_assert_int_eq(dsg_store_reopen(NULL, 0, NULL), DSG_STORE_EINVAL);
+    ck_assert_int_eq(dsg_store_replaced(NULL), 0);
+}
+END_TEST
+
+
 START_TEST(test_store_stat)
 {
     int               dead;
@@ -1419,6 +1545,7 @@ dsg_store_suite(void)
     tcase_add_test(tc, test_store_corrupt_recreate);
     tcase_add_test(tc, test_store_map_shrunk);
     tcase_add_test(tc, test_store_reopen);
+    tcase_add_test(tc, test_store_replace_running);
     tcase_add_test(tc, test_store_stat);
     tcase_add_test(tc, test_store_callbacks_fail);
     tcase_add_test(tc, test_store_args);

@@ -44,6 +44,8 @@ package DSG::Test;
 #   test_config -> (ok, output)   start  reload -> bool  restart  stop
 #   master_pid  worker_pids  error_log  access_log  allow_log(qr//)
 #   bad_log_lines  check_log (the alert test, no done_testing)  done
+#   DSG::Test::sanitized (true under ./build.sh test-asan: bounds on the
+#   time and memory an nginx worker takes may be loosened, never dropped)
 #   http(%o)  get($uri, %h)  post($uri, $body, %h)  chat(%o)  chat_req(%o)
 #   parallel(\@reqs, timeout => s, concurrency => n)
 #   sse_data($body)  json_decode  json_encode  wait_until(sub {...}, secs)
@@ -103,6 +105,11 @@ sub _canon {
     }
     return '/' . join('/', @out);
 }
+
+# ASan's shadow memory and quarantine and UBSan's checks make a worker
+# slower and bigger than the stock build; tests that bound either scale
+# the bound by this factor under the sanitizer build
+sub sanitized { $ENV{DSG_NGINX_PRELOAD} ? 1 : 0 }
 
 sub _slurp {
     my ($file) = @_;
