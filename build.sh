@@ -2,7 +2,11 @@
 # The one entry point of ngx_deepseek_guard_module.
 #
 #   ./build.sh            install dependencies, build the dynamic module
-#   ./build.sh test       build, run the Check unit tests and the prove suite
+#   ./build.sh test       build, run the Check unit tests (ASan/UBSan), replay
+#                         the fuzz regressions, run the prove suite, a 5 s
+#                         libFuzzer smoke of each target and the prove suite
+#                         again against the ASan/UBSan build (what CI runs);
+#                         ./build.sh test t/file.t ... runs only those files
 #   ./build.sh run        build, start the example gateway and the mock LLM
 #   ./build.sh bench      build, run the benchmarks in bench/
 #   ./build.sh test-asan  the prove suite against an ASan/UBSan build of the
@@ -323,6 +327,25 @@ integration() {
     prove ${PROVE_ARGS:-} t/*.t
 }
 
+# What CI runs (.ci/run): the prove suite against the plain build, a
+# libFuzzer smoke of every target (FUZZ_SMOKE seconds each, default 5)
+# and the prove suite again against the ASan/UBSan build (DSG_NO_ASAN=1
+# skips it, for a quicker local run).  Each part runs even if one before
+# it failed; the summary names what failed.  About 10 minutes on 2 cores.
+test_all() {
+    local failed= start=$SECONDS
+    echo "build.sh: === prove suite, plain build"
+    ( integration ) || failed="$failed prove"
+    echo "build.sh: === fuzz smoke, ${FUZZ_SMOKE:-5} s per target"
+    ( fuzz "${FUZZ_SMOKE:-5}" ) || failed="$failed fuzz"
+    if [ -z "${DSG_NO_ASAN:-}" ]; then
+        echo "build.sh: === prove suite, ASan/UBSan build"
+        ( test_asan ) || failed="$failed test-asan"
+    fi
+    echo "build.sh: test took $((SECONDS - start)) s${failed:+, FAILED:$failed}"
+    [ -z "$failed" ]
+}
+
 case "${1:-build}" in
     build)
         build
@@ -335,7 +358,7 @@ case "${1:-build}" in
             shift
             cd "$REPO" && prove -v "$@"
         else
-            integration
+            test_all
         fi
         ;;
     unit)
