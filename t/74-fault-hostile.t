@@ -517,13 +517,17 @@ sub raw_chat {
                       headers => ['Authorization' => "Bearer f-$k"] };
     }
     my $t0 = time;
-    my @res = $t->parallel(\@reqs, timeout => 120, concurrency => 64);
+    # 48 clients: a request in flight holds its key node and its lease
+    # (README, known limitations), 48 of them 96 of the zone's 128 chunks,
+    # so an idle key is always left to evict; at 64 a slow (ASan) worker
+    # could find the zone all in flight and turn a fresh key away
+    my @res = $t->parallel(\@reqs, timeout => 120, concurrency => 48);
     my $secs = time - $t0;
     my %st;
     $st{ $_->{status} }++ for @res;
     diag 'F1 statuses: ' . join(', ', map { "$_ x $st{$_}" } sort keys %st);
     my @w = grep { $_ } map { wrong($_) } @res;
-    is(scalar @w, 0, sprintf('F1 20000 distinct keys in %.1f s, 64 at a time: every answer '
+    is(scalar @w, 0, sprintf('F1 20000 distinct keys in %.1f s, 48 at a time: every answer '
                              . '200 or 429/503 with Retry-After', $secs))
         or diag explain [@w[0 .. min(9, $#w)]];
     my $keys = zone_keys('small');
