@@ -1497,8 +1497,7 @@ dsg_store_open(dsg_store_t **stp, const char *dir, uint64_t map_size,
     rc = dsg_store_lock_open(st, flags, recreated);
 
     if (rc != MDB_SUCCESS) {
-        free(st->dir);
-        free(st);
+        dsg_store_close(st);
         return dsg_store_rc(NULL, rc);
     }
 
@@ -1533,8 +1532,7 @@ dsg_store_reopen(dsg_store_t **stp, unsigned flags, int *recreated)
 
     if (rc != MDB_SUCCESS) {
         *stp = NULL;
-        free(st->dir);
-        free(st);
+        dsg_store_close(st);
         return dsg_store_rc(NULL, rc);
     }
 
