@@ -73,6 +73,9 @@ static void ngx_http_deepseek_guard_record_wait(
     ngx_http_deepseek_guard_ctx_t *ctx);
 static void ngx_http_deepseek_guard_count_admitted(
     ngx_http_deepseek_guard_ctx_t *ctx);
+static ngx_int_t ngx_http_deepseek_guard_render(ngx_conf_t *cf,
+    ngx_http_deepseek_guard_zone_t *z, ngx_http_deepseek_guard_class_t *c,
+    ngx_uint_t nclasses);
 
 
 static ngx_queue_t   ngx_http_deepseek_guard_waiters;
@@ -80,6 +83,18 @@ static ngx_event_t   ngx_http_deepseek_guard_wake_ev;
 static ngx_event_t   ngx_http_deepseek_guard_reap_ev;
 static ngx_uint_t    ngx_http_deepseek_guard_nwaiters;
 static ngx_array_t  *ngx_http_deepseek_guard_zones;
+
+/* the names of a rejection's headers */
+static ngx_str_t  ngx_http_deepseek_guard_retry_after =
+    ngx_string("Retry-After");
+static ngx_str_t  ngx_http_deepseek_guard_retry_after_ms =
+    ngx_string("retry-after-ms");
+static ngx_str_t  ngx_http_deepseek_guard_should_retry =
+    ngx_string("x-should-retry");
+static ngx_str_t  ngx_http_deepseek_guard_policy =
+    ngx_string("RateLimit-Policy");
+static ngx_str_t  ngx_http_deepseek_guard_ratelimit =
+    ngx_string("RateLimit");
 
 ngx_msec_t  ngx_http_deepseek_guard_wait_bounds[]
     = { 5, 10, 25, 50, 100, 250, 500, 1000, 5000, 10000 };
@@ -1164,7 +1179,7 @@ ngx_http_deepseek_guard_count_admitted(ngx_http_deepseek_guard_ctx_t *ctx)
 
 
 static ngx_int_t
-ngx_http_deepseek_guard_add_header(ngx_http_request_t *r, const char *name,
+ngx_http_deepseek_guard_add_header(ngx_http_request_t *r, ngx_str_t *name,
     u_char *value, size_t len)
 {
     ngx_table_elt_t  *h;
@@ -1175,8 +1190,7 @@ ngx_http_deepseek_guard_add_header(ngx_http_request_t *r, const char *name,
     }
 
     h->hash = 1;
-    h->key.data = (u_char *) name;
-    h->key.len = ngx_strlen(name);
+    h->key = *name;
     h->value.data = value;
     h->value.len = len;
 
@@ -1188,7 +1202,9 @@ ngx_http_deepseek_guard_add_header(ngx_http_request_t *r, const char *name,
  * Rejects with the blocking zone's status, Retry-After (delta-seconds, at
  * least 1), retry-after-ms, x-should-retry when the honest wait is beyond
  * what the OpenAI SDKs accept, optionally RateLimit headers, and a JSON
- * body in the OpenAI error shape.
+ * body in the OpenAI error shape.  Everything but the numbers was rendered
+ * per zone at configuration time (ngx_http_deepseek_guard_render): here
+ * the numbers go between the pieces, into one allocation.
  */
 
 static ngx_int_t
@@ -1196,21 +1212,17 @@ ngx_http_deepseek_guard_reject(ngx_http_request_t *r,
     ngx_http_deepseek_guard_ctx_t *ctx, ngx_uint_t blocked,
     uint64_t retry_ms)
 {
-    u_char                              *p, *body;
-    size_t                               len;
+    u_char                              *p, *body, *ms, *s, *v;
+    size_t                               len, size, ms_len, s_len;
     uint32_t                             secs;
     ngx_buf_t                           *b;
     ngx_int_t                            rc;
     ngx_uint_t                           status;
     ngx_chain_t                          out;
     ngx_http_deepseek_guard_zone_t      *z;
-    ngx_http_deepseek_guard_class_t     *c;
     ngx_http_deepseek_guard_loc_conf_t  *lcf;
-    ngx_http_deepseek_guard_main_conf_t *mcf;
 
     lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
-    mcf = ngx_http_get_module_main_conf(r, ngx_http_deepseek_guard_module);
-    c = &((ngx_http_deepseek_guard_class_t *) mcf->classes.elts)[ctx->cls];
 
     z = ctx->holds[blocked].zone;
     status = z->status;
@@ -1237,10 +1249,13 @@ ngx_http_deepseek_guard_reject(ngx_http_request_t *r,
                                  &z->sh->counters[ctx->cls].rejected_other, 1);
     }
 
-    ngx_log_error(lcf->log_level, r->connection->log, 0,
-                  "deepseek_guard: zone \"%V\" class \"%V\" rejected with "
-                  "%ui, retry after %uL ms", &z->shm_zone->shm.name,
-                  &c->name, status, retry_ms);
+    /*
+     * "deepseek_guard: zone "..." class "..." rejected with ..., retry
+     * after ... ms": all but the ms is reject_log
+     */
+
+    ngx_log_error(lcf->log_level, r->connection->log, 0, "%V%uL ms",
+                  &z->reject_log[ctx->cls], retry_ms);
 
     if (r->header_sent) {
         return NGX_ERROR;
@@ -1257,83 +1272,74 @@ ngx_http_deepseek_guard_reject(ngx_http_request_t *r,
         r->keepalive = 0;
     }
 
-    p = ngx_pnalloc(r->pool, 3 * NGX_INT64_LEN + 160
-                             + 2 * z->shm_zone->shm.name.len);
-    if (p == NULL) {
+    /* the body, then the seconds, then the RateLimit value */
+
+    size = z->body_head.len + NGX_INT64_LEN + z->body_tail.len
+           + NGX_INT32_LEN;
+
+    if (lcf->ratelimit_headers) {
+        size += z->ratelimit.len + NGX_INT32_LEN;
+    }
+
+    body = ngx_pnalloc(r->pool, size);
+    if (body == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    body = p;
-
-    if (status == NGX_HTTP_TOO_MANY_REQUESTS) {
-        p = ngx_sprintf(p, "{\"error\":{\"message\":\"Rate limit reached "
-                        "(zone %V), retry after %uL ms\",\"type\":"
-                        "\"requests\",\"code\":\"rate_limit_exceeded\"}}\n",
-                        &z->shm_zone->shm.name, retry_ms);
-    } else {
-        p = ngx_sprintf(p, "{\"error\":{\"message\":\"Server is overloaded "
-                        "(zone %V), retry after %uL ms\",\"type\":"
-                        "\"server_error\",\"code\":\"server_overloaded\"}}\n",
-                        &z->shm_zone->shm.name, retry_ms);
-    }
+    ms = ngx_cpymem(body, z->body_head.data, z->body_head.len);
+    p = ngx_sprintf(ms, "%uL", retry_ms);
+    ms_len = p - ms;
+    p = ngx_cpymem(p, z->body_tail.data, z->body_tail.len);
 
     len = p - body;
 
-    p = ngx_pnalloc(r->pool, 2 * NGX_INT64_LEN);
-    if (p == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
+    s = p;
+    p = ngx_sprintf(s, "%uD", secs);
+    s_len = p - s;
 
-    if (ngx_http_deepseek_guard_add_header(r, "Retry-After", p,
-                                    ngx_sprintf(p, "%uD", secs) - p)
+    if (ngx_http_deepseek_guard_add_header(r,
+                                           &ngx_http_deepseek_guard_retry_after,
+                                           s, s_len)
         != NGX_OK)
     {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    p += NGX_INT64_LEN;
+    /* retry-after-ms: the digits already in the body */
 
-    if (ngx_http_deepseek_guard_add_header(r, "retry-after-ms", p,
-                                    ngx_sprintf(p, "%uL", retry_ms) - p)
+    if (ngx_http_deepseek_guard_add_header(r,
+                                        &ngx_http_deepseek_guard_retry_after_ms,
+                                        ms, ms_len)
         != NGX_OK)
     {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
     if (retry_ms > 60000
-        && ngx_http_deepseek_guard_add_header(r, "x-should-retry",
-                                              (u_char *) "false", 5)
+        && ngx_http_deepseek_guard_add_header(r,
+                                          &ngx_http_deepseek_guard_should_retry,
+                                          (u_char *) "false", 5)
            != NGX_OK)
     {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
     if (lcf->ratelimit_headers) {
-        p = ngx_pnalloc(r->pool, 2 * z->shm_zone->shm.name.len
-                                 + 4 * NGX_INT64_LEN + 32);
-        if (p == NULL) {
-            return NGX_HTTP_INTERNAL_SERVER_ERROR;
-        }
-
-        if (ngx_http_deepseek_guard_add_header(r, "RateLimit-Policy", p,
-                ngx_sprintf(p, "\"%V\";q=%uL;w=%uL", &z->shm_zone->shm.name,
-                            z->rate ? z->rate + z->burst
-                                    : (uint64_t) z->inflight,
-                            z->rate ? z->period / 1000 : 1) - p)
+        if (ngx_http_deepseek_guard_add_header(r,
+                                               &ngx_http_deepseek_guard_policy,
+                                               z->policy.data, z->policy.len)
             != NGX_OK)
         {
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
 
-        p = ngx_pnalloc(r->pool, z->shm_zone->shm.name.len
-                                 + 2 * NGX_INT64_LEN + 16);
-        if (p == NULL) {
-            return NGX_HTTP_INTERNAL_SERVER_ERROR;
-        }
+        v = p;
+        p = ngx_cpymem(p, z->ratelimit.data, z->ratelimit.len);
+        p = ngx_cpymem(p, s, s_len);
 
-        if (ngx_http_deepseek_guard_add_header(r, "RateLimit", p,
-                ngx_sprintf(p, "\"%V\";r=0;t=%uD", &z->shm_zone->shm.name,
-                            secs) - p)
+        if (ngx_http_deepseek_guard_add_header(r,
+                                            &ngx_http_deepseek_guard_ratelimit,
+                                            v, p - v)
             != NGX_OK)
         {
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
@@ -1346,7 +1352,7 @@ ngx_http_deepseek_guard_reject(ngx_http_request_t *r,
     r->headers_out.content_type_len = r->headers_out.content_type.len;
     r->headers_out.content_type_lowcase = NULL;
 
-    b = ngx_create_temp_buf(r->pool, 0);
+    b = ngx_calloc_buf(r->pool);
     if (b == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
@@ -1490,6 +1496,98 @@ ngx_http_deepseek_guard_limit_init_main(ngx_conf_t *cf,
                           "deepseek_guard_class: invalid queue sizes");
             return NGX_ERROR;
         }
+
+        if (ngx_http_deepseek_guard_render(cf, z, c, mcf->classes.nelts)
+            != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * The constant parts of a zone's rejections, as the reject handler sends
+ * and logs them: the JSON body before and after the wait in ms, the
+ * RateLimit-Policy value, the RateLimit value before the seconds, and, by
+ * class, the warning before the wait in ms.
+ */
+
+static ngx_int_t
+ngx_http_deepseek_guard_render(ngx_conf_t *cf,
+    ngx_http_deepseek_guard_zone_t *z, ngx_http_deepseek_guard_class_t *c,
+    ngx_uint_t nclasses)
+{
+    u_char      *p, *last;
+    size_t       size;
+    ngx_str_t   *name;
+    ngx_uint_t   k;
+
+    name = &z->shm_zone->shm.name;
+
+    /* room for the names and numbers, and 128 for the texts around them */
+
+    size = name->len + 128;
+
+    p = ngx_pnalloc(cf->pool, size);
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    last = p + size;
+    z->body_head.data = p;
+
+    if (z->status == NGX_HTTP_TOO_MANY_REQUESTS) {
+        p = ngx_slprintf(p, last, "{\"error\":{\"message\":\"Rate limit "
+                         "reached (zone %V), retry after ", name);
+        ngx_str_set(&z->body_tail, " ms\",\"type\":\"requests\",\"code\":"
+                    "\"rate_limit_exceeded\"}}\n");
+
+    } else {
+        p = ngx_slprintf(p, last, "{\"error\":{\"message\":\"Server is "
+                         "overloaded (zone %V), retry after ", name);
+        ngx_str_set(&z->body_tail, " ms\",\"type\":\"server_error\","
+                    "\"code\":\"server_overloaded\"}}\n");
+    }
+
+    z->body_head.len = p - z->body_head.data;
+
+    /* RateLimit-Policy, then RateLimit */
+
+    size = 2 * name->len + 2 * NGX_INT64_LEN + 128;
+
+    p = ngx_pnalloc(cf->pool, size);
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    last = p + size;
+    z->policy.data = p;
+    p = ngx_slprintf(p, last, "\"%V\";q=%uL;w=%uL", name,
+                     z->rate ? z->rate + z->burst : (uint64_t) z->inflight,
+                     z->rate ? z->period / 1000 : 1);
+    z->policy.len = p - z->policy.data;
+
+    z->ratelimit.data = p;
+    p = ngx_slprintf(p, last, "\"%V\";r=0;t=", name);
+    z->ratelimit.len = p - z->ratelimit.data;
+
+    for (k = 0; k < nclasses; k++) {
+        size = name->len + c[k].name.len + NGX_INT_T_LEN + 128;
+
+        p = ngx_pnalloc(cf->pool, size);
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+
+        last = p + size;
+        z->reject_log[k].data = p;
+        p = ngx_slprintf(p, last, "deepseek_guard: zone \"%V\" class \"%V\" "
+                         "rejected with %ui, retry after ", name, &c[k].name,
+                         z->status);
+        z->reject_log[k].len = p - z->reject_log[k].data;
     }
 
     return NGX_OK;

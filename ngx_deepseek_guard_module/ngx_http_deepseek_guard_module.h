@@ -85,6 +85,14 @@ typedef struct {
     dsg_slot_t                  *slots;        /* this cycle's array */
     u_char                      *file;
     ngx_uint_t                   line;
+
+    /* the constant parts of a rejection, rendered at configuration time */
+    ngx_str_t                    body_head;    /* JSON body up to the ms */
+    ngx_str_t                    body_tail;    /* JSON body after the ms */
+    ngx_str_t                    policy;       /* RateLimit-Policy value */
+    ngx_str_t                    ratelimit;    /* RateLimit value up to t= */
+    /* by class: the warning up to the ms */
+    ngx_str_t                    reject_log[DSG_MAX_CLASSES];
 } ngx_http_deepseek_guard_zone_t;
 
 
