@@ -42,6 +42,7 @@ $t->write_config(<<'EOF');
     deepseek_guard_zone once:1m key=$api_key rate=1r/m status=429;
     deepseek_guard_zone dry:1m  key=$api_key rate=1r/m status=429;
     deepseek_guard_zone cls:1m  key=$api_key rate=100r/s burst=100;
+    deepseek_guard_zone ir:1m   key=all inflight=5;
 
     server {
         listen 127.0.0.1:%%PORT%% reuseport;
@@ -82,6 +83,43 @@ $t->write_config(<<'EOF');
             deepseek_guard once;
         }
 
+        # in-flight slots across internal redirects: held from admission in
+        # /ir-* until the response of /ir-b is done, then given back once
+        location /ir-er {
+            deepseek_guard ir;
+            error_page 404 = /ir-b;
+        }
+
+        location /ir-named {
+            deepseek_guard ir;
+            error_page 404 = @ir;
+        }
+
+        location @ir {
+            deepseek_guard ir;
+            rewrite ^ /ir-b break;
+        }
+
+        location /ir-tf {
+            deepseek_guard ir;
+            try_files /nonexistent /ir-b;
+        }
+
+        # nginx's own 502 (nothing listens on port 1) redirected
+        location /ir-up {
+            deepseek_guard ir;
+            proxy_pass http://127.0.0.1:1;
+            error_page 502 = /ir-b;
+        }
+
+        location /ir-b {
+            deepseek_guard ir;
+        }
+
+        location = /metrics {
+            deepseek_guard_metrics;
+        }
+
         location /dry {
             deepseek_guard dry;
             deepseek_guard_dry_run on;
@@ -95,7 +133,7 @@ $t->write_config(<<'EOF');
 EOF
 
 mkdir $t->prefix . '/html';
-for my $f (qw(deny b ar ar-only auth dry cls)) {
+for my $f (qw(deny b ar ar-only auth dry cls ir-b)) {
     open(my $fh, '>', $t->prefix . "/html/$f") or die "$f: $!";
     print {$fh} "ok $f\n";
     close $fh;
@@ -168,6 +206,35 @@ sub log_of {
     is(get_key('/tf', 'k-tf')->{status}, 429, '... the next request: 429');
     my @l = log_of('k-tf');
     is($l[0][1], 'ADMITTED', '... logged as ADMITTED');
+}
+
+# ------------------------- internal redirects: one in-flight slot, released
+
+# Zone ir caps in-flight requests at 5.  Each request below is redirected
+# once (error_page to a URI and to a named location, try_files, nginx's own
+# 502 from proxy_pass); a slot taken twice or never given back would turn
+# requests away (503) within a few rounds, and the gauge would stay up.
+{
+    my %metric;
+    my $read = sub {
+        %metric = ();
+        for (split /\n/, $t->get('/metrics')->{body}) {
+            $metric{$1} += $2 if /^(deepseek_guard_\w+)\{zone="ir"[^}]*\} (\d+)/
+                                 && !/decision="(?!admitted)/;
+        }
+    };
+    my @paths = qw(/ir-er /ir-named /ir-tf /ir-up);
+    my @res = map { my $p = $_; map { $t->get($p) } 1 .. 8 } @paths;
+    is(scalar(grep { $_->{status} == 200 && $_->{body} eq "ok ir-b\n" } @res),
+       scalar @res, scalar(@res) . ' redirected requests under inflight=5: all 200 from /ir-b')
+        or diag explain [map { $_->{status} } @res];
+    ok($t->wait_until(sub {
+        $read->();
+        ($metric{deepseek_guard_requests_total} // 0) == @res
+            && ($metric{deepseek_guard_inflight} // -1) == 0;
+    }, 5), '... admitted once each (' . ($metric{deepseek_guard_requests_total} // 0)
+           . '), and the in-flight gauge is back to 0')
+        or diag explain \%metric;
 }
 
 # --------------------------------------------- subrequests: never charged
