@@ -113,6 +113,24 @@ sub works {
     like($@, qr/"\Q$p\E\/afile" is not writable/, '... naming it') or diag $@;
 }
 
+# a directory the workers cannot write: permissions do not stop root (the
+# master, and the tests may run as root), a read-only file system does
+SKIP: {
+    my $ro = "$p/ro";
+    mkdir $ro or die "$ro: $!";
+    skip 'a read-only tmpfs needs root', 5
+        unless $> == 0 && system("mount -t tmpfs -o ro,size=64k tmpfs $ro 2>/dev/null") == 0;
+    $t->allow_log(qr/\[emerg\].*\Q$ro\E/);
+    config($ro);
+    my ($ok, $out) = $t->test_config;
+    ok(!$ok, 'cache directory on a read-only file system: nginx -t fails');
+    like($out, qr/\Q$ro\E/, '... naming the directory') or diag $out;
+    like($out, qr/\[emerg\]/, '... as [emerg]');
+    ok(!eval { $t->start; 1 }, '... and nginx does not start');
+    like($@, qr/\Q$ro\E/, '... naming it') or diag $@;
+    system('umount', $ro);
+}
+
 # ------------------------------------------------ a bad file found at start
 
 my $dir = "$p/cache";
