@@ -63,90 +63,24 @@ $t->start;
 
 # ------------------------------------------------------------ helpers
 
+my $LOG = $t->prefix . '/logs/dsg.log';
+
 # a chat request tagged with X-Tag (logged), streaming unless stream => 0
-sub req {
-    my ($tag, %o) = @_;
-    my $h = delete $o{h} || {};
-    my $stream = exists $o{stream} ? delete $o{stream} : 1;
-    return $t->chat_req(content => "req $tag", stream => $stream,
-                        headers => { 'X-Tag' => $tag, %$h },
-                        timeout => 30, %o);
-}
+sub req { $t->tagged_req(@_) }
 
-# the access log lines, by tag; waits until every wanted tag is logged
-# (nginx writes the line when it frees the request, which may be a moment
-# after the client has read the last byte)
-sub log_for {
-    my (@tags) = @_;
-    my %by;
-    $t->wait_until(sub {
-        %by = ();
-        open(my $fh, '<', $t->prefix . '/logs/dsg.log') or return 0;
-        while (my $l = <$fh>) {
-            my %f = $l =~ /(\w+)=(\S*)/g;
-            $by{ $f{tag} } = \%f if defined $f{tag};
-        }
-        return !grep { !$by{$_} } @tags;
-    }, 10);
-    return \%by;
-}
-
-# waits until the mock has nothing in flight: every request of the
-# previous step has really ended upstream
-sub settle {
-    ok($t->wait_until(sub { $t->mock_stats->{inflight} == 0 }, 15),
-       "$_[0]: nothing left in flight at the mock");
-}
-
-# The leak detector.  Exactly N slow requests at once must all be
-# admitted without queueing (status ADMITTED, wait 0) and reach the mock
-# together (max_inflight == N); one more, sent a little later, must queue
-# until one of them ends.  A single leaked slot (or a stale queue place
-# that blocks the head of the line) makes one of the N queue.
-my $round = 0;
-sub capacity_is_free {
-    my ($label) = @_;
-    $round++;
-    settle($label);
-    $t->mock_reset;
-
-    # short client timeouts: with a slot leaked, the requests would wait
-    # for the queue timeout
-    my @tags = map { "cap$round-$_" } 1 .. $N;
-    my @reqs = map { req($_, timeout => 12,
-                         h => { 'X-Mock-Delay-Ms' => 1500,
-                                'X-Mock-Token-Ms' => 0 }) } @tags;
-    # the N+1th arrives while the N hold every slot
-    push @reqs, { %{ req("cap$round-extra", timeout => 12,
-                         h => { 'X-Mock-Delay-Ms' => 100 }) },
-                  at_ms => 500 };
-    my @res = $t->parallel(\@reqs, timeout => 15);
-
-    my $log = log_for(@tags, "cap$round-extra");
-    my @admitted = grep { ($log->{$_}{st} // '') eq 'ADMITTED'
-                          && $log->{$_}{wait} eq '0' } @tags;
-    my $extra = $log->{"cap$round-extra"} || {};
-    my $ok = is(scalar(grep { $_->{status} == 200 } @res), $N + 1,
-                "$label: N+1 requests served");
-    $ok &= is(scalar @admitted, $N,
-              "$label: all $N concurrent requests admitted at once, none queued")
-        || diag explain [map { $log->{$_} } @tags, "cap$round-extra"];
-    $ok &= is($t->mock_stats->{max_inflight}, $N,
-              "$label: the mock saw $N in flight together");
-    $ok &= is($extra->{st}, 'QUEUED', "$label: the N+1th request queued");
-    $ok &= cmp_ok($extra->{wait} // 0, '>=', 300,
-                  "$label: ... until a slot was released")
-        || diag explain $extra;
-    return $ok;
-}
-
-# with capacity lost, every later step would only wait for timeouts
+# The leak detector (DSG::Test::capacity_is_free): N slow requests at
+# once all admitted without queueing, one more sent a little later queues
+# until one of them ends.  With capacity lost, every later step would
+# only wait for timeouts: stop there.
 sub capacity_is_free_or_stop {
     my ($label) = @_;
-    return if capacity_is_free($label);
-    diag "$label: the zone lost capacity, stopping here";
-    $t->done;
-    exit;
+    # short client timeouts: with a slot leaked, the requests would wait
+    # for the queue timeout
+    $t->capacity_is_free($label, n => $N, log => $LOG, timeout => 12,
+                         hold => { 'X-Mock-Delay-Ms' => 1500,
+                                   'X-Mock-Token-Ms' => 0 },
+                         extra => { 'X-Mock-Delay-Ms' => 100 },
+                         extra_wait_ms => 300, or_stop => 1);
 }
 
 # ------------------------------------------------ 5x load of streams
@@ -173,7 +107,7 @@ sub capacity_is_free_or_stop {
     is($st->{max_inflight}, $N, "... and the cap was reached");
     is($st->{completed}, 5 * $N, '... the mock completed them all');
 
-    my $log = log_for(@tags);
+    my $log = $t->log_by_tag($LOG, @tags);
     my %pids = map { $log->{$_}{pid} => 1 } @tags;
     is(scalar keys %pids, 2, '... served through both workers')
         or diag explain \%pids;
@@ -207,7 +141,7 @@ sub capacity_is_free_or_stop {
 
     # the pings really ran while N requests waited: those N waited for
     # the first N (3 s), longer than the last ping was sent
-    my $log = log_for(@tags);
+    my $log = $t->log_by_tag($LOG, @tags);
     is(scalar(grep { $log->{$_}{st} eq 'QUEUED' && $log->{$_}{wait} >= 2400 }
               @tags), $N, "... while $N requests were queued for ~3 s")
         or diag explain [map { $log->{$_} } @tags];
@@ -226,7 +160,7 @@ capacity_is_free_or_stop('after the load');
                             1 .. 2 * $N], timeout => 30);
     is(scalar(grep { $_->{aborted} && $_->{status} == 200 } @res), 2 * $N,
        'client aborts: every client closed mid-stream');
-    settle('client aborts');
+    $t->settle('client aborts');
     cmp_ok($t->mock_stats->{client_aborts}, '>=', 1,
            '... seen by the mock as aborted streams');
 }
@@ -272,7 +206,7 @@ capacity_is_free_or_stop('after upstream 500s');
     is(scalar(grep { $_->{status} == 502 } @res), 2 * $N,
        'mock stopped: 502');
     my @et = map { "e502-$_" } 1 .. 2 * $N;
-    my $log = log_for(@et);
+    my $log = $t->log_by_tag($LOG, @et);
     is(scalar(grep { $log->{$_}{st} =~ /^(?:ADMITTED|QUEUED)$/ } @et),
        2 * $N, '... admitted by the guard, refused upstream');
 
@@ -317,11 +251,11 @@ capacity_is_free_or_stop('after read timeouts');
     is(scalar(grep { $_->{aborted} && !$_->{status} } @res[$N .. $#res]),
        2 * $N, '... the waiters hung up before any answer');
     my @gt = map { "gone-$_" } 1 .. 2 * $N;
-    my $log = log_for(@gt);
+    my $log = $t->log_by_tag($LOG, @gt);
     is(scalar(grep { $log->{$_}{st} eq 'QUEUED' && $log->{$_}{status} eq '499' }
               @gt), 2 * $N, '... logged as queued, then 499')
         or diag explain [map { $log->{$_} } @gt];
-    settle('queue leavers');
+    $t->settle('queue leavers');
     # a waiter that left must never be admitted later on
     is($t->mock_stats->{chat_requests}, $N,
        '... none of the waiters that left reached the mock');

@@ -60,30 +60,14 @@ my %KEY = (critical => 'crit-key', high => 'high-key', low => 'low-key',
 
 # ------------------------------------------------------------ helpers
 
+my $LOG = $t->prefix . '/logs/dsg.log';
+
 # a streamed chat request of a class, tagged (X-Tag, logged), lasting
 # about $ms at the mock; at_ms schedules it within a parallel() run
 sub req {
     my ($cls, $tag, $ms, %o) = @_;
-    return $t->chat_req(content => "req $tag", stream => 1, key => $KEY{$cls},
-                        headers => { 'X-Tag' => $tag,
-                                     'X-Mock-Delay-Ms' => $ms },
-                        timeout => 30, %o);
-}
-
-# access log lines by tag, once every wanted tag is there
-sub log_for {
-    my (@tags) = @_;
-    my %by;
-    $t->wait_until(sub {
-        %by = ();
-        open(my $fh, '<', $t->prefix . '/logs/dsg.log') or return 0;
-        while (my $l = <$fh>) {
-            my %f = $l =~ /(\w+)=(\S*)/g;
-            $by{ $f{tag} } = \%f if defined $f{tag};
-        }
-        return !grep { !$by{$_} } @tags;
-    }, 10);
-    return \%by;
+    return $t->tagged_req($tag, key => $KEY{$cls},
+                          h => { 'X-Mock-Delay-Ms' => $ms }, %o);
 }
 
 # when the guard let a request through, seen from the client: the mock
@@ -99,7 +83,8 @@ sub admitted_at {
     my @res = $t->parallel([map { req($_, "cls-$_", 0) }
                             qw(critical high normal low)], timeout => 20);
     is(scalar(grep { $_->{status} == 200 } @res), 4, 'one request per class');
-    my $log = log_for(map { "cls-$_" } qw(critical high normal low));
+    my $log = $t->log_by_tag($LOG,
+                             map { "cls-$_" } qw(critical high normal low));
     is_deeply([map { $log->{"cls-$_"}{cls} } qw(critical high normal low)],
               [qw(critical high normal low)],
               '... classified by the API key map');
@@ -134,7 +119,7 @@ sub admitted_at {
     my @nq = @res[10 .. 14];
     my $cq = $res[15];
     my @ntags = map { "nq-$_" } 1 .. 5;
-    my $log = log_for(@ntags, 'cq', map { "blk-$_" } 0 .. 7);
+    my $log = $t->log_by_tag($LOG, @ntags, 'cq', map { "blk-$_" } 0 .. 7);
 
     is(scalar(grep { $log->{"blk-$_"}{st} eq 'ADMITTED' } 0 .. 7), 8,
        '... the 8 normal blockers were admitted at once');
@@ -208,7 +193,7 @@ ok($t->wait_until(sub { $t->mock_stats->{inflight} == 0 }, 15),
 
     cmp_ok($ok{critical}, '>=', 0.95 * $n{critical},
            'critical traffic within its reserve: >= 95% served');
-    my $log = log_for(map { "ov-critical-$_" } 1 .. $n{critical});
+    my $log = $t->log_by_tag($LOG, map { "ov-critical-$_" } 1 .. $n{critical});
     cmp_ok(scalar(grep { $log->{"ov-critical-$_"}{st} eq 'ADMITTED' }
                   1 .. $n{critical}), '>=', 0.9 * $n{critical},
            '... nearly all of it without even queueing (the reserved share)');
@@ -227,7 +212,7 @@ ok($t->wait_until(sub { $t->mock_stats->{inflight} == 0 }, 15),
     is($st->{rejected_503}, 0, 'the mock itself never answered 503');
     cmp_ok($st->{max_inflight}, '<=', 10, '... and never had more than 10 in flight');
 
-    $log = log_for(map { "ov-normal-$_" } 1 .. $n{normal});
+    $log = $t->log_by_tag($LOG, map { "ov-normal-$_" } 1 .. $n{normal});
     is(scalar(grep { $log->{$_}{status} eq '503' && $log->{$_}{st} eq 'REJECTED'
                      && $log->{$_}{zone} eq 'llm' } keys %$log),
        $busy{normal} + $busy{low} + $busy{high} + $busy{critical},

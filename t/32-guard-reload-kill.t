@@ -11,7 +11,6 @@
 use strict;
 use warnings;
 use Test::More;
-use POSIX ();
 use Time::HiRes qw(time sleep);
 use lib 't/lib';
 use DSG::Test;
@@ -65,149 +64,41 @@ $t->start;
 
 # ------------------------------------------------------------ helpers
 
+my $LOG = $t->prefix . '/logs/dsg.log';
+
 sub req {
     my ($tag, %o) = @_;
-    my $h = delete $o{h} || {};
-    return $t->chat_req(content => "req $tag", stream => 1,
-                        headers => { 'X-Tag' => $tag, %$h },
-                        timeout => 40, %o);
-}
-
-sub log_for {
-    my (@tags) = @_;
-    my %by;
-    $t->wait_until(sub {
-        %by = ();
-        open(my $fh, '<', $t->prefix . '/logs/dsg.log') or return 0;
-        while (my $l = <$fh>) {
-            my %f = $l =~ /(\w+)=(\S*)/g;
-            $by{ $f{tag} } = \%f if defined $f{tag};
-        }
-        return !grep { !$by{$_} } @tags;
-    }, 10);
-    return \%by;
-}
-
-# parallel() in a child process, so that the test can reload or kill
-# nginx meanwhile; bg_wait() returns the results
-my $bgn = 0;
-sub bg_parallel {
-    my ($reqs, %o) = @_;
-    my $file = $t->prefix . '/bg-' . ++$bgn . '.json';
-    my $pid = fork();
-    die "fork: $!" unless defined $pid;
-    if (!$pid) {
-        my @res = $t->parallel($reqs, %o);
-        # headers and bodies only: enough for the checks, JSON-safe
-        my @out = map { { status => $_->{status}, error => $_->{error},
-                          got_status => $_->{got_status},
-                          body => $_->{body}, headers => $_->{headers} } }
-                  @res;
-        open(my $fh, '>', "$file.tmp") or POSIX::_exit(1);
-        print {$fh} DSG::Test::json_encode(\@out);
-        close $fh;
-        rename "$file.tmp", $file;
-        POSIX::_exit(0);    # no END blocks: the parent owns nginx and mock
-    }
-    return { pid => $pid, file => $file };
-}
-
-sub bg_wait {
-    my ($bg) = @_;
-    waitpid($bg->{pid}, 0);
-    open(my $fh, '<', $bg->{file}) or return [];
-    local $/;
-    return DSG::Test::json_decode(scalar <$fh>) || [];
-}
-
-# established TCP connections of a process: how many talk to the mock
-# (its requests in flight) and how many are clients of nginx
-sub conns_of {
-    my ($pid) = @_;
-    my %inode;
-    opendir(my $d, "/proc/$pid/fd") or return (0, 0);
-    for my $fd (readdir $d) {
-        my $l = readlink("/proc/$pid/fd/$fd") // '';
-        $inode{$1} = 1 if $l =~ /^socket:\[(\d+)\]$/;
-    }
-    closedir $d;
-    my ($up, $cl) = (0, 0);
-    open(my $fh, '<', '/proc/net/tcp') or return (0, 0);
-    # a named loop variable: callers use $_
-    while (my $line = <$fh>) {
-        my @c = split ' ', $line;
-        next unless @c > 9 && $c[3] eq '01' && $inode{ $c[9] };
-        my ($lport) = $c[1] =~ /:([0-9A-F]+)$/;
-        my ($rport) = $c[2] =~ /:([0-9A-F]+)$/;
-        $up++ if hex($rport) == $mport;
-        $cl++ if hex($lport) == $t->port;
-    }
-    return ($up, $cl);
-}
-
-# per worker pid: [requests in flight (upstream connections), clients]
-sub conns {
-    return map { $_ => [conns_of($_)] } $t->worker_pids;
-}
-
-# Sends one request from a child process of its own and returns ($bg,
-# worker pid that accepted it).  A request accepted by a worker that
-# $accept->($pid) refuses is dropped (its client killed, the worker lets
-# go of it) and sent again: reuseport picks the worker by a hash of the
-# client's port, so a few tries get it to a worker wanted.  $admitted:
-# wait until it is in flight too (an upstream connection), not only
-# accepted; that waiters stayed queued, the callers check on the counts.
-sub place {
-    my ($req, $accept, $admitted) = @_;
-    for my $try (1 .. 50) {
-        my %before = conns();
-        my $bg = bg_parallel([$req], timeout => 40);
-        my $got;
-        $t->wait_until(sub {
-            my %now = conns();
-            for my $w (keys %now) {
-                my $b = $before{$w} || [0, 0];
-                next unless $now{$w}[1] > $b->[1];
-                next if $admitted && $now{$w}[0] <= $b->[0];
-                $got = $w;
-                return 1;
-            }
-            return 0;
-        }, 10, 0.01) or die "place: request $try not accepted in time";
-        return ($bg, $got) if $accept->($got);
-        kill 'KILL', $bg->{pid};
-        waitpid($bg->{pid}, 0);
-        $t->wait_until(sub {
-            my %now = conns();
-            my $b = $before{$got} || [0, 0];
-            return $now{$got}[0] == $b->[0] && $now{$got}[1] == $b->[1];
-        }, 10, 0.01) or die "place: worker $got did not let go of a dropped client";
-    }
-    die "place: could not get a request to a worker wanted";
+    return $t->tagged_req($tag, timeout => 40, %o);
 }
 
 # Places the holders (long streams, in flight) and then the waiters
 # (queued behind them) on the workers that $plan picks, and returns the
-# background clients by tag and the plan's roles.  The holders must still
-# have 2 s to go once everything is in place: on a slow machine the
-# placement may take long, then every client is dropped and it starts
-# over.  $plan->() returns ([holder tags], [waiter tags], accept(tag,
-# pid), roles): accept says whether a worker may take that request and
-# records it.
+# background clients by tag and the plan's roles.  Each request is sent
+# from a child process of its own (DSG::Test::place) and sent again until
+# a worker the plan accepts has it; that waiters stayed queued, the
+# callers check on the counts.  The holders must still have 2 s to go
+# once everything is in place: on a slow machine the placement may take
+# long, then every client is dropped and it starts over.  $plan->()
+# returns ([holder tags], [waiter tags], accept(tag, pid), roles): accept
+# says whether a worker may take that request and records it.
 sub setup {
     my ($plan, $hold_ms, $wait_ms) = @_;
     for my $attempt (1 .. 3) {
         my ($htags, $qtags, $accept, $roles) = $plan->();
         my (%bg, $first);
         for my $tag (@$htags) {
-            ($bg{$tag}) = place(req($tag, h => { 'X-Mock-Delay-Ms' => $hold_ms }),
-                                sub { $accept->($tag, $_[0]) }, 1);
+            ($bg{$tag}) = $t->place(
+                req($tag, h => { 'X-Mock-Delay-Ms' => $hold_ms }),
+                mock_port => $mport, accept => sub { $accept->($tag, $_[0]) },
+                admitted => 1, timeout => 40);
             $bg{$tag}{h} = 1;
             $first //= time;
         }
         for my $tag (@$qtags) {
-            ($bg{$tag}) = place(req($tag, h => { 'X-Mock-Delay-Ms' => $wait_ms }),
-                                sub { $accept->($tag, $_[0]) }, 0);
+            ($bg{$tag}) = $t->place(
+                req($tag, h => { 'X-Mock-Delay-Ms' => $wait_ms }),
+                mock_port => $mport, accept => sub { $accept->($tag, $_[0]) },
+                admitted => 0, timeout => 40);
         }
         my $left = $hold_ms / 1000 - (time - $first);
         if ($left >= 2) {
@@ -229,7 +120,7 @@ sub setup {
             waitpid($bg{$tag}{pid}, 0);
         }
         $t->wait_until(sub {
-            my %c = conns();
+            my %c = $t->worker_conns($mport);
             return !grep { $_->[0] || $_->[1] } values %c;
         }, 20, 0.01);
         $t->wait_until(sub { $t->mock_stats->{inflight} == 0 }, 20);
@@ -237,46 +128,16 @@ sub setup {
     die "setup: could not place the requests in time";
 }
 
-# the leak detector (as in t/30): exactly N slow requests at once are all
-# admitted without queueing and reach the mock together, one more queues
-my $round = 0;
-sub capacity_is_free {
-    my ($label) = @_;
-    $round++;
-    ok($t->wait_until(sub { $t->mock_stats->{inflight} == 0 }, 20),
-       "$label: nothing left in flight at the mock");
-    $t->mock_reset;
-
-    # short client timeouts: with a slot leaked, the requests would wait
-    # for the queue timeout
-    my @tags = map { "cap$round-$_" } 1 .. $N;
-    my @reqs = map { req($_, timeout => 12, h => { 'X-Mock-Delay-Ms' => 1500 }) }
-               @tags;
-    push @reqs, { %{ req("cap$round-extra", timeout => 12) }, at_ms => 500 };
-    my @res = $t->parallel(\@reqs, timeout => 15);
-
-    my $log = log_for(@tags, "cap$round-extra");
-    my $ok = is(scalar(grep { $_->{status} == 200 } @res), $N + 1,
-                "$label: N+1 requests served");
-    $ok &= is(scalar(grep { ($log->{$_}{st} // '') eq 'ADMITTED'
-                            && $log->{$_}{wait} eq '0' } @tags), $N,
-              "$label: all $N concurrent requests admitted at once, none queued")
-        || diag explain [map { $log->{$_} } @tags, "cap$round-extra"];
-    $ok &= is($t->mock_stats->{max_inflight}, $N,
-              "$label: the mock saw $N in flight together");
-    $ok &= is($log->{"cap$round-extra"}{st}, 'QUEUED',
-              "$label: the N+1th request queued until a slot was released")
-        || diag explain $log->{"cap$round-extra"};
-    return $ok;
-}
-
-# with capacity lost, every later step would only wait for timeouts
+# the leak detector (DSG::Test::capacity_is_free, as in t/30): exactly N
+# slow requests at once are all admitted without queueing and reach the
+# mock together, one more queues; with capacity lost, every later step
+# would only wait for timeouts: stop there
 sub capacity_is_free_or_stop {
     my ($label) = @_;
-    return if capacity_is_free($label);
-    diag "$label: the zone lost capacity, stopping here";
-    $t->done;
-    exit;
+    # short client timeouts: with a slot leaked, the requests would wait
+    # for the queue timeout
+    $t->capacity_is_free($label, n => $N, log => $LOG, req => \&req,
+                         timeout => 12, settle => 20, or_stop => 1);
 }
 
 # ------------------------------------------------ a reload keeps the buckets
@@ -333,7 +194,7 @@ sub capacity_is_free_or_stop {
     my ($wb) = grep { $_ != $wa } $t->worker_pids;
     my @tags = sort keys %$bg;
 
-    my %c = conns();
+    my %c = $t->worker_conns($mport);
     is_deeply([@{ $c{$wa} }, @{ $c{$wb} }], [$N, $N + 2, 0, 2],
               "reload under load: worker A holds the $N slots and has 2 "
               . "queued, worker B has 2 queued and nothing in flight");
@@ -342,15 +203,15 @@ sub capacity_is_free_or_stop {
     # requests for the new workers, sent during the reload: they queue
     # behind the old workers' waiters, under the same cap
     my @ntags = map { "rn-$_" } 1 .. $N;
-    my $bg2 = bg_parallel([map { { %{ req("rn-$_",
-                                          h => { 'X-Mock-Delay-Ms' => 500 }) },
-                                   at_ms => 300 + 200 * $_ } } 1 .. $N],
-                          timeout => 40);
+    my $bg2 = $t->bg_parallel([map { { %{ req("rn-$_",
+                                              h => { 'X-Mock-Delay-Ms' => 500 }) },
+                                       at_ms => 300 + 200 * $_ } } 1 .. $N],
+                              timeout => 40);
     ok($t->reload(timeout => 40),
        '... reload: the old workers exit once their requests are done');
 
-    my %res = map { $_ => bg_wait($bg->{$_})->[0] } @tags;
-    my $res2 = bg_wait($bg2);
+    my %res = map { $_ => $t->bg_wait($bg->{$_})->[0] } @tags;
+    my $res2 = $t->bg_wait($bg2);
     is(scalar(grep { ($res{$_}{status} // 0) == 200
                      && $res{$_}{body} =~ /\[DONE\]/ } @tags),
        $N + 4, '... every request queued or in flight at the reload was served')
@@ -358,7 +219,7 @@ sub capacity_is_free_or_stop {
     is(scalar(grep { $_->{status} == 200 } @$res2), $N,
        '... and so was every request sent during the reload');
 
-    my $log = log_for(@tags, @ntags);
+    my $log = $t->log_by_tag($LOG, @tags, @ntags);
     # where each request was placed: the log says which pid served it
     my %where = (map({ $_ => $wa } grep { /^rh/ } @tags),
                  map({ my $p = $_; map { $_ => $p } @{ $roles->{qtags}{$p} } }
@@ -401,7 +262,7 @@ capacity_is_free_or_stop('after the reload');
     my @ta = @{ $roles->{tags}{$wa} };
     my @tb = @{ $roles->{tags}{$wb} };
 
-    my %c = conns();
+    my %c = $t->worker_conns($mport);
     is_deeply([@{ $c{$wa} }, @{ $c{$wb} }], [2, 4, 2, 4],
               'kill -9 under load: 2 streams in flight and 2 queued on '
               . 'each worker');
@@ -433,14 +294,14 @@ capacity_is_free_or_stop('after the reload');
     is(scalar(grep { $_->{status} == 200 } @new), $N,
        '... new requests are served after the kill');
 
-    my %res = map { $_ => bg_wait($bg->{$_})->[0] } keys %$bg;
+    my %res = map { $_ => $t->bg_wait($bg->{$_})->[0] } keys %$bg;
     is(scalar(grep { ($res{$_}{status} // 0) == 200 } @tb), scalar @tb,
        "... the surviving worker's requests, in flight and queued, are served")
         or diag explain { map { $_ => $res{$_}{error} || $res{$_}{status} } @tb };
     is(scalar(grep { !$res{$_}{status} } @ta), scalar @ta,
        "... the dead worker's clients lost their connection")
         or diag explain { map { $_ => $res{$_}{error} || $res{$_}{status} } @ta };
-    my $log = log_for(@tb);
+    my $log = $t->log_by_tag($LOG, @tb);
     is(join(' ', map { $log->{$_}{st} // '-' } grep { /kq/ } @tb),
        'QUEUED QUEUED',
        "... the surviving worker's waiters were admitted after the reaper ran")

@@ -120,16 +120,9 @@ $t->start;
 ok(-d $t->prefix . '/cache', 'nginx created the cache directory');
 
 
-# The cache status a client saw.  A request sent right after the previous
-# one completed may find that response's store still in progress (nginx
-# sends the last bytes to the client before the filter chain sees the end
-# of the upstream response): it then waits for that entry and is answered
-# from it, COALESCED.  For requests sent one after another this is a HIT.
-sub xcs {
-    my ($r) = @_;
-    my $s = $r->{headers}{'x-cache-status'} // '';
-    return $s eq 'COALESCED' ? 'HIT' : $s;
-}
+# the cache status a client saw, COALESCED counted as a HIT (see
+# DSG::Test::cache_status)
+sub xcs { DSG::Test::cache_status($_[0]) }
 
 my $tagn = 0;
 
@@ -137,12 +130,7 @@ my $tagn = 0;
 sub chat {
     my (%o) = @_;
     my $uri = delete $o{uri} || '/v1/chat/completions';
-    my $h = delete $o{headers} || [];
-    my $tag = 't' . ++$tagn;
-    my $r = $t->chat(%o, uri => $uri, headers => [@$h, 'X-Tag' => $tag]);
-    $r->{tag} = $tag;
-    $r->{cache} = xcs($r);
-    return $r;
+    return $t->cache_chat('t' . ++$tagn, %o, uri => $uri);
 }
 
 # the $deepseek_guard_cache_status the access log has for a tag

@@ -58,18 +58,6 @@ $t->write_config(<<'EOF');
 EOF
 $t->start;
 
-
-# The cache status a client saw.  A request sent right after the previous
-# one completed may find that response's store still in progress (nginx
-# sends the last bytes to the client before the filter chain sees the end
-# of the upstream response): it then waits for that entry and is answered
-# from it, COALESCED.  For requests sent one after another this is a HIT.
-sub xcs {
-    my ($r) = @_;
-    my $s = $r->{headers}{'x-cache-status'} // '';
-    return $s eq 'COALESCED' ? 'HIT' : $s;
-}
-
 my $tagn = 0;
 
 sub send_body {
@@ -79,7 +67,7 @@ sub send_body {
                      headers => [['Content-Type', 'application/json'],
                                  ['X-Tag', $tag], @h]);
     $r->{tag} = $tag;
-    $r->{cache} = xcs($r);
+    $r->{cache} = DSG::Test::cache_status($r);
     return $r;
 }
 

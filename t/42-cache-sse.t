@@ -84,28 +84,15 @@ EOF
 $t->start;
 
 
-# The cache status a client saw.  A request sent right after the previous
-# one completed may find that response's store still in progress (nginx
-# sends the last bytes to the client before the filter chain sees the end
-# of the upstream response): it then waits for that entry and is answered
-# from it, COALESCED.  For requests sent one after another this is a HIT.
-sub xcs {
-    my ($r) = @_;
-    my $s = $r->{headers}{'x-cache-status'} // '';
-    return $s eq 'COALESCED' ? 'HIT' : $s;
-}
+# the cache status a client saw, COALESCED counted as a HIT (see
+# DSG::Test::cache_status)
+sub xcs { DSG::Test::cache_status($_[0]) }
 
 my $tagn = 0;
 
 sub stream {
     my (%o) = @_;
-    my $h = delete $o{headers} || [];
-    my $tag = 's' . ++$tagn;
-    my $r = $t->chat(stream => 1, timeout => 15, %o,
-                     headers => [@$h, 'X-Tag' => $tag]);
-    $r->{tag} = $tag;
-    $r->{cache} = xcs($r);
-    return $r;
+    return $t->cache_chat('s' . ++$tagn, stream => 1, timeout => 15, %o);
 }
 
 sub calls { $t->mock_stats->{chat_requests} }

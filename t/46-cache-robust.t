@@ -57,16 +57,9 @@ EOF
 }
 
 
-# The cache status a client saw.  A request sent right after the previous
-# one completed may find that response's store still in progress (nginx
-# sends the last bytes to the client before the filter chain sees the end
-# of the upstream response): it then waits for that entry and is answered
-# from it, COALESCED.  For requests sent one after another this is a HIT.
-sub xcs {
-    my ($r) = @_;
-    my $s = $r->{headers}{'x-cache-status'} // '';
-    return $s eq 'COALESCED' ? 'HIT' : $s;
-}
+# the cache status a client saw, COALESCED counted as a HIT (see
+# DSG::Test::cache_status)
+sub xcs { DSG::Test::cache_status($_[0]) }
 
 sub status_of {
     my $r = $t->chat(@_);

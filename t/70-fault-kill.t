@@ -13,7 +13,6 @@
 use strict;
 use warnings;
 use Test::More;
-use POSIX ();
 use Time::HiRes qw(time sleep);
 use lib 't/lib';
 use DSG::Test;
@@ -78,158 +77,34 @@ $t->start;
 
 # ------------------------------------------------------------ helpers
 
+my $LOG = $t->prefix . '/logs/dsg.log';
+
 sub req {
     my ($tag, %o) = @_;
-    my $h = delete $o{h} || {};
-    my $content = delete $o{content} // "req $tag";
-    return $t->chat_req(content => $content, stream => 1,
-                        headers => { 'X-Tag' => $tag, %$h },
-                        timeout => 40, %o);
+    return $t->tagged_req($tag, timeout => 40, %o);
 }
 
-sub log_for {
-    my (@tags) = @_;
-    my %by;
-    $t->wait_until(sub {
-        %by = ();
-        open(my $fh, '<', $t->prefix . '/logs/dsg.log') or return 0;
-        while (my $l = <$fh>) {
-            my %f = $l =~ /(\w+)=(\S*)/g;
-            $by{ $f{tag} } = \%f if defined $f{tag};
-        }
-        return !grep { !$by{$_} } @tags;
-    }, 10);
-    return \%by;
-}
+sub inflight_gauge { $t->metrics->{'deepseek_guard_inflight{zone="llm",class="normal"}'} // 0 }
+sub reaped { $t->metrics->{'deepseek_guard_zone_reaped_total{zone="llm"}'} // 0 }
 
-# the Prometheus text as { 'name{labels}' => value }
-sub metrics {
-    my $r = $t->get('/metrics');
-    die "metrics: $r->{status} " . ($r->{error} // '') unless $r->{status} == 200;
-    my %m;
-    for (split /\n/, $r->{body}) {
-        next if /^#/;
-        $m{$1} = $2 if /^(\S+) (\S+)$/;
-    }
-    return \%m;
-}
-sub inflight_gauge { metrics()->{'deepseek_guard_inflight{zone="llm",class="normal"}'} // 0 }
-sub reaped { metrics()->{'deepseek_guard_zone_reaped_total{zone="llm"}'} // 0 }
-
-# parallel() in a child process, so that the test can kill a worker
-# meanwhile; bg_wait() returns the results
-my $bgn = 0;
-sub bg_parallel {
-    my ($reqs, %o) = @_;
-    my $file = $t->prefix . '/bg-' . ++$bgn . '.json';
-    my $pid = fork();
-    die "fork: $!" unless defined $pid;
-    if (!$pid) {
-        my @res = $t->parallel($reqs, %o);
-        my @out = map { { status => $_->{status}, error => $_->{error},
-                          got_status => $_->{got_status}, body => $_->{body},
-                          headers => $_->{headers}, start => $_->{start},
-                          end => $_->{end} } } @res;
-        open(my $fh, '>', "$file.tmp") or POSIX::_exit(1);
-        print {$fh} DSG::Test::json_encode(\@out);
-        close $fh;
-        rename "$file.tmp", $file;
-        POSIX::_exit(0);    # no END blocks: the parent owns nginx and mock
-    }
-    return { pid => $pid, file => $file };
-}
-
-sub bg_wait {
-    my ($bg) = @_;
-    waitpid($bg->{pid}, 0);
-    open(my $fh, '<', $bg->{file}) or return [];
-    local $/;
-    return DSG::Test::json_decode(scalar <$fh>) || [];
-}
-
-# established TCP connections of a process: (to the mock, from clients)
-sub conns_of {
-    my ($pid) = @_;
-    my %inode;
-    opendir(my $d, "/proc/$pid/fd") or return (0, 0);
-    for my $fd (readdir $d) {
-        my $l = readlink("/proc/$pid/fd/$fd") // '';
-        $inode{$1} = 1 if $l =~ /^socket:\[(\d+)\]$/;
-    }
-    closedir $d;
-    my ($up, $cl) = (0, 0);
-    open(my $fh, '<', '/proc/net/tcp') or return (0, 0);
-    while (my $line = <$fh>) {
-        my @c = split ' ', $line;
-        next unless @c > 9 && $c[3] eq '01' && $inode{ $c[9] };
-        my ($lport) = $c[1] =~ /:([0-9A-F]+)$/;
-        my ($rport) = $c[2] =~ /:([0-9A-F]+)$/;
-        $up++ if hex($rport) == $mport;
-        $cl++ if hex($lport) == $t->port;
-    }
-    return ($up, $cl);
-}
-
-sub conns { map { $_ => [conns_of($_)] } $t->worker_pids }
-
-# Sends one request from a child process of its own and returns it once a
-# worker that $want accepts has it (in flight at the mock if $admitted,
-# else parked in the queue).  reuseport picks the worker by a hash of the
-# client's port: a request that lands on the other worker is dropped and
-# sent again.
+# Sends one request from a child process of its own and returns it once
+# worker $want has it (in flight at the mock if $admitted, else parked in
+# the queue); sent again while it lands on the other worker
+# (DSG::Test::place)
 sub place {
     my ($req, $want, $admitted) = @_;
-    for my $try (1 .. 50) {
-        my %before = conns();
-        my $bg = bg_parallel([$req], timeout => 45);
-        my $got;
-        $t->wait_until(sub {
-            my %now = conns();
-            for my $w (keys %now) {
-                my $b = $before{$w} || [0, 0];
-                next unless $now{$w}[1] > $b->[1];
-                next if $admitted && $now{$w}[0] <= $b->[0];
-                $got = $w;
-                return 1;
-            }
-            return 0;
-        }, 10, 0.01) or die "place: request $try not accepted in time";
-        return $bg if $got == $want;
-        kill 'KILL', $bg->{pid};
-        waitpid($bg->{pid}, 0);
-        $t->wait_until(sub {
-            my %now = conns();
-            my $b = $before{$got} || [0, 0];
-            return $now{$got}[0] == $b->[0] && $now{$got}[1] == $b->[1];
-        }, 10, 0.01) or die "place: worker $got did not let go of a dropped client";
-    }
-    die "place: could not get a request to worker $want";
+    my ($bg) = $t->place($req, mock_port => $mport, admitted => $admitted,
+                         accept => sub { $_[0] == $want }, timeout => 45);
+    return $bg;
 }
 
-# the leak detector (as in t/30, t/32): exactly N slow requests at once
-# are all admitted without queueing and reach the mock together
-my $round = 0;
+# the leak detector (DSG::Test::capacity_is_free, as in t/30, t/32):
+# exactly N slow requests at once are all admitted without queueing and
+# reach the mock together
 sub capacity_is_free {
     my ($label) = @_;
-    $round++;
-    ok($t->wait_until(sub { $t->mock_stats->{inflight} == 0 }, 30),
-       "$label: nothing left in flight at the mock");
-    $t->mock_reset;
-    my @tags = map { "cap$round-$_" } 1 .. $N;
-    my @reqs = map { req($_, h => { 'X-Mock-Delay-Ms' => 1500 }) } @tags;
-    push @reqs, { %{ req("cap$round-extra") }, at_ms => 500 };
-    my @res = $t->parallel(\@reqs, timeout => 30);
-    my $log = log_for(@tags, "cap$round-extra");
-    is(scalar(grep { $_->{status} == 200 } @res), $N + 1,
-       "$label: N+1 requests served");
-    is(scalar(grep { $log->{$_}{st} eq 'ADMITTED' && $log->{$_}{wait} eq '0' }
-              @tags), $N,
-       "$label: all $N concurrent requests admitted at once, none queued")
-        or diag explain [map { $log->{$_} } @tags, "cap$round-extra"];
-    is($t->mock_stats->{max_inflight}, $N,
-       "$label: the mock saw $N in flight together");
-    is($log->{"cap$round-extra"}{st}, 'QUEUED',
-       "$label: the N+1th request queued until a slot was released");
+    $t->capacity_is_free($label, n => $N, log => $LOG, req => \&req,
+                         settle => 30, wait => 30);
 }
 
 sub xcs { $_[0]{headers}{'x-cache-status'} // '-' }
@@ -271,7 +146,7 @@ $bg{aq2} = place(req('aq2', h => { 'X-Mock-Delay-Ms' => 1000 }), $wa, 0);
 $bg{bq1} = place(req('bq1', h => { 'X-Mock-Delay-Ms' => 5000 }), $wb, 0);
 $bg{bq2} = place(req('bq2', h => { 'X-Mock-Delay-Ms' => 5000 }), $wb, 0);
 
-my %c = conns();
+my %c = $t->worker_conns($mport);
 is_deeply([@{ $c{$wa} }, @{ $c{$wb} }], [3, 5, 1, 3],
           'before the kill: A has 3 in flight (2 streams, 1 being stored) '
           . 'and 2 queued; B has 1 in flight and 2 queued');
@@ -291,7 +166,7 @@ my @store_reqs = map { { %{ $t->chat_req(content => "store traffic $_",
                                          headers => ['X-Mock-Delay-Ms' => 300],
                                          timeout => 20) },
                          at_ms => 20 * $_ } } 0 .. 59;
-my $bgs = bg_parallel(\@store_reqs, timeout => 30);
+my $bgs = $t->bg_parallel(\@store_reqs, timeout => 30);
 sleep 0.6;
 
 my $off = length $t->error_log;
@@ -325,7 +200,7 @@ ok($t->wait_until(sub { $t->mock_stats->{inflight} == 3 }, 5),
 
 # the store traffic: every answer a client got is a complete 200; the
 # others were on A and lost their connection (no 5xx, no partial 200)
-my $sres = bg_wait($bgs);
+my $sres = $t->bg_wait($bgs);
 my @s_ok = grep { $sres->[$_]{status} == 200 } 0 .. $#$sres;
 my @s_bad = grep { $sres->[$_]{status} != 200 } 0 .. $#$sres;
 is(scalar(grep { $sres->[$_]{body} !~ /"finish_reason":"stop"/ } @s_ok), 0,
@@ -345,12 +220,12 @@ my @new = $t->parallel([map { req("new-$_", h => { 'X-Mock-Delay-Ms' => 100 }) }
 is(scalar(grep { $_->{status} == 200 && $_->{body} =~ /\[DONE\]/ } @new), $N,
    "$N new guarded requests are served after the kill");
 
-my %res = map { $_ => bg_wait($bg{$_})->[0] } keys %bg;
+my %res = map { $_ => $t->bg_wait($bg{$_})->[0] } keys %bg;
 is(join(' ', map { $res{$_}{status} ? 'ok' : 'lost' } qw(ah1 ah2 as aq1 aq2)),
    'lost lost lost lost lost', "the dead worker's clients lost their connection");
 is(join(' ', map { $res{$_}{status} // 0 } qw(bh bq1 bq2)), '200 200 200',
    "the surviving worker's requests, in flight and queued, were served");
-my $log = log_for(qw(bh bq1 bq2));
+my $log = $t->log_by_tag($LOG, qw(bh bq1 bq2));
 is(join(' ', map { $log->{$_}{st} // '-' } qw(bq1 bq2)), 'QUEUED QUEUED',
    "... its waiters after waiting for the dead worker's slots");
 

@@ -64,17 +64,6 @@ $t->start;
 
 # ------------------------------------------------------------ helpers
 
-sub metrics {
-    my $r = $t->get('/metrics');
-    die "metrics: $r->{status} " . ($r->{error} // '') unless $r->{status} == 200;
-    my %m;
-    for (split /\n/, $r->{body}) {
-        next if /^#/;
-        $m{$1} = $2 if /^(\S+) (\S+)$/;
-    }
-    return \%m;
-}
-
 my @COUNTERS = (
     'deepseek_guard_responses_total{zone="llm",code="2xx"}',
     'deepseek_guard_responses_total{zone="llm",code="5xx"}',
@@ -142,7 +131,7 @@ my $alice0 = time;
 is($t->http(%{ quota_req('alice') })->{status}, 200, 'alice: the 1r/m quota spent');
 is($t->http(%{ quota_req('alice') })->{status}, 429, '... the next one is 429');
 
-my $m0 = metrics();
+my $m0 = $t->metrics;
 
 # ------------------------------------------------ the load
 
@@ -289,7 +278,7 @@ cmp_ok($by{miss}{200} + ($by{burst}{200} // 0), '>=', 10 * 8,
     # a client has read its last byte: wait (briefly) for the last ones
     my ($m1, %d);
     $t->wait_until(sub {
-        $m1 = metrics();
+        $m1 = $t->metrics;
         %d = map { $_ => ($m1->{$_} // 0) - ($m0->{$_} // 0) } @COUNTERS;
         $d{'deepseek_guard_responses_total{zone="llm",code="2xx"}'}
             + $d{'deepseek_guard_responses_total{zone="llm",code="5xx"}'} >= $n2 + $n5
@@ -322,7 +311,7 @@ cmp_ok($by{miss}{200} + ($by{burst}{200} // 0), '>=', 10 * 8,
 # all admitted without waiting
 {
     ok($t->wait_until(sub {
-        my $m = metrics();
+        my $m = $t->metrics;
         ($m->{'deepseek_guard_inflight{zone="llm",class="normal"}'} // -1) == 0
             && ($m->{'deepseek_guard_queue_depth{zone="llm",class="normal"}'} // -1) == 0
     }, 10), 'after the load: in-flight and queue depth back to 0');

@@ -99,10 +99,8 @@ sub metric {
     return $r->{body} =~ /^\Q$name\E\{cache="cache"\} (\d+)$/m ? $1 : undef;
 }
 
-sub xcs {
-    my $s = $_[0]{headers}{'x-cache-status'} // '-';
-    return $s eq 'COALESCED' ? 'HIT' : $s;
-}
+# the cache status a client saw ('-': none), COALESCED counted as a HIT
+sub xcs { DSG::Test::cache_status($_[0], '-') }
 
 # a 12 KB answer (X-Mock-Pad: the mock pads the JSON, or every SSE event)
 my $PAD = 12000;

@@ -92,10 +92,8 @@ sub ask {
                     headers => ['X-Mock-Pad' => pad_of($i // 1)]);
 }
 
-sub xcs {
-    my $s = $_[0]{headers}{'x-cache-status'} // '-';
-    return $s eq 'COALESCED' ? 'HIT' : $s;
-}
+# the cache status a client saw ('-': none), COALESCED counted as a HIT
+sub xcs { DSG::Test::cache_status($_[0], '-') }
 
 # 60 entries, a third of them 6 KB (overflow pages): a data file of
 # ~400 KB, most of it past the meta pages

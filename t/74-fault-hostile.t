@@ -133,31 +133,9 @@ $t->start;
 
 # ------------------------------------------------------------ helpers
 
-sub metrics {
-    my $r = $t->get('/metrics');
-    die "metrics: $r->{status}" unless $r->{status} == 200;
-    my %m;
-    for (split /\n/, $r->{body}) {
-        $m{$1} = $2 if !/^#/ && /^(\S+) (\S+)$/;
-    }
-    return \%m;
-}
-sub zone_keys { metrics()->{"deepseek_guard_zone_keys{zone=\"$_[0]\"}"} // -1 }
+my $LOG = $t->prefix . '/logs/dsg.log';
 
-sub log_for {
-    my (@tags) = @_;
-    my %by;
-    $t->wait_until(sub {
-        %by = ();
-        open(my $fh, '<', $t->prefix . '/logs/dsg.log') or return 0;
-        while (my $l = <$fh>) {
-            my %f = $l =~ /(\w+)=(\S*)/g;
-            $by{ $f{tag} } = \%f if defined $f{tag};
-        }
-        return !grep { !$by{$_} } @tags;
-    }, 10);
-    return \%by;
-}
+sub zone_keys { $t->metrics->{"deepseek_guard_zone_keys{zone=\"$_[0]\"}"} // -1 }
 
 # kB of VmRSS and VmHWM (peak) of each worker
 sub mem {
@@ -398,7 +376,7 @@ sub slow_clients {
 
     is(scalar(grep { $_->{status} == 200 } @res[0 .. 3 * $N - 1]), 3 * $N,
        'D with 30 slow clients connected: 3N requests on the capped location all served');
-    my $log = log_for(@tags);
+    my $log = $t->log_by_tag($LOG, @tags);
     cmp_ok(scalar(grep { ($log->{$_}{st} // '') eq 'QUEUED' } @tags), '>=', 2 * $N,
            '... at least 2N of them after waiting in the queue');
     my @pr = @res[3 * $N .. $#res];
@@ -420,11 +398,11 @@ sub slow_clients {
         $n >= 32 ? $n : 0;
     }, 5);
     is($n408, 32, '... all 32 logged 408');
-    my $sb = log_for('d-slowbody1', 'd-slowbody2');
+    my $sb = $t->log_by_tag($LOG, 'd-slowbody1', 'd-slowbody2');
     is(join(' ', map { $sb->{$_}{st} // '-' } 'd-slowbody1', 'd-slowbody2'), 'ADMITTED ADMITTED',
        '... the slow bodies on the capped location had been admitted (they held slots)');
     ok($t->wait_until(sub {
-        (metrics()->{'deepseek_guard_inflight{zone="llm",class="normal"}'} // -1) == 0 }, 5),
+        ($t->metrics->{'deepseek_guard_inflight{zone="llm",class="normal"}'} // -1) == 0 }, 5),
        '... and gave them back when timed out');
 }
 
@@ -479,7 +457,7 @@ sub raw_chat {
     is(join('', @codes), '0' x (3 * $N),
        '... every client reset its connection (the streams after their first bytes)');
     ok($t->wait_until(sub {
-        my $m = metrics();
+        my $m = $t->metrics;
         ($m->{'deepseek_guard_inflight{zone="llm",class="normal"}'} // -1) == 0
             && ($m->{'deepseek_guard_queue_depth{zone="llm",class="normal"}'} // -1) == 0
     }, 10), '... in-flight and queue depth back to 0');
@@ -494,7 +472,7 @@ sub raw_chat {
     push @reqs, { %{ $t->chat_req(content => 'e-extra', timeout => 15,
                                   headers => ['X-Tag' => 'e-extra']) }, at_ms => 400 };
     my @res = $t->parallel(\@reqs, timeout => 20);
-    my $log = log_for(@tags, 'e-extra');
+    my $log = $t->log_by_tag($LOG, @tags, 'e-extra');
     is(scalar(grep { $_->{status} == 200 } @res), $N + 1, '... N+1 requests served');
     is(scalar(grep { $log->{$_}{st} eq 'ADMITTED' && $log->{$_}{wait} eq '0' } @tags), $N,
        "... all $N admitted at once: no slot leaked")
@@ -506,7 +484,7 @@ sub raw_chat {
 
 {
     my $off = length $t->error_log;
-    my $ev0 = metrics()->{'deepseek_guard_zone_evictions_total{zone="small"}'} // 0;
+    my $ev0 = $t->metrics->{'deepseek_guard_zone_evictions_total{zone="small"}'} // 0;
     # every 50th request repeats the key just before it: a key seen a
     # moment ago is not evicted, so it is 429
     my @reqs;
@@ -531,7 +509,7 @@ sub raw_chat {
         or diag explain [@w[0 .. min(9, $#w)]];
     my $keys = zone_keys('small');
     cmp_ok($keys, '<=', 200, "... the zone holds $keys keys");
-    my $ev = (metrics()->{'deepseek_guard_zone_evictions_total{zone="small"}'} // 0) - $ev0;
+    my $ev = ($t->metrics->{'deepseek_guard_zone_evictions_total{zone="small"}'} // 0) - $ev0;
     cmp_ok($ev, '>=', 98_000 - $keys, "... the others were evicted ($ev)");
     my $alerts = () = substr($t->error_log, $off) =~ /\[alert\]/g;
     # (until b1295b3 the in-flight lease, of a smaller size class, found

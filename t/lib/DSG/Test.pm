@@ -50,6 +50,22 @@ package DSG::Test;
 #   parallel(\@reqs, timeout => s, concurrency => n)
 #   sse_data($body)  json_decode  json_encode  wait_until(sub {...}, secs)
 #
+# Helpers shared by test files (section "helpers"):
+#   tagged_req($tag, h => {...}, %chat_req)   a streamed chat with X-Tag
+#   cache_chat($tag, %chat) -> response with tag, cache
+#   DSG::Test::cache_status($r, $none)  X-Cache-Status, COALESCED as HIT
+#   log_by_tag($file, @tags) -> { tag => { k => v } } of a key=value log
+#   metrics($uri = '/metrics') -> { 'name{labels}' => value }
+#   settle($label, secs, $mock)   test: nothing left in flight at the mock
+#   bg_parallel(\@reqs, %parallel) -> $bg   bg_wait($bg) -> [results]
+#   DSG::Test::tcp_conns($pid, $up_port, $local_port) -> (up, clients)
+#   worker_conns($mock_port) -> (pid => [in flight, clients], ...)
+#   place($req, mock_port =>, accept => sub { $pid }, admitted =>,
+#         timeout =>) -> ($bg, $pid)
+#   capacity_is_free($label, n =>, log =>, req =>, timeout =>, hold =>,
+#         extra =>, at_ms =>, settle =>, wait =>, extra_wait_ms =>,
+#         or_stop =>)   the leak detector of an in-flight cap: 5-6 tests
+#
 # http() options: method uri headers({} or [name => value, ...] or
 #   [[name, value], ...]; an array value repeats the header) body port host
 #   timeout(10) proto('HTTP/1.1') abort_after_bytes abort_after_ms
@@ -858,6 +874,275 @@ sub wait_until {
         return undef if time() > $deadline;
         sleep($step || 0.05);
     }
+}
+
+# ---------------------------------------------------------------- helpers
+#
+# What several test files share.  What differs between them is a
+# parameter: nothing here reads a variable of the test file.
+
+# The X-Cache-Status a client saw, COALESCED counted as HIT; $none (default
+# '') when there is none.  A request sent right after the previous one
+# completed may find that response's store still in progress (nginx sends
+# the last bytes to the client before the filter chain sees the end of the
+# upstream response): it then waits for that entry and is answered from
+# it, COALESCED.  For requests sent one after another this is a HIT.
+sub cache_status {
+    my ($r, $none) = _strip_invocant(@_);
+    my $s = $r->{headers}{'x-cache-status'} // (defined $none ? $none : '');
+    return $s eq 'COALESCED' ? 'HIT' : $s;
+}
+
+# chat(%o) with an X-Tag: $tag header added to %o's headers (for an access
+# log that logs $http_x_tag); the response also gets tag => $tag and
+# cache => cache_status() of it
+sub cache_chat {
+    my ($self, $tag, %o) = @_;
+    my $h = delete $o{headers};
+    my $r = $self->chat(%o, headers => [_pairs($h), ['X-Tag', $tag]]);
+    $r->{tag} = $tag;
+    $r->{cache} = cache_status($r);
+    return $r;
+}
+
+# chat_req() options of a streamed chat request tagged with X-Tag: $tag:
+# content "req $tag", stream => 1, timeout => 30; h => { ... } adds headers
+# (X-Mock-Delay-Ms, ...); any other option overrides these
+sub tagged_req {
+    my ($self, $tag, %o) = @_;
+    my $h = delete $o{h} || {};
+    return $self->chat_req(content => "req $tag", stream => 1,
+                           headers => { 'X-Tag' => $tag, %$h },
+                           timeout => 30, %o);
+}
+
+# The lines of the access log $file of a key=value log_format that has
+# tag=$http_x_tag, as { tag => { key => value, ... } } (the last line of
+# each tag).  Waits up to 10 s until every one of @tags is there: nginx
+# writes the line when it frees the request, which may be a moment after
+# the client has read the last byte.
+sub log_by_tag {
+    my ($self, $file, @tags) = @_;
+    my %by;
+    $self->wait_until(sub {
+        %by = ();
+        open(my $fh, '<', $file) or return 0;
+        while (my $l = <$fh>) {
+            my %f = $l =~ /(\w+)=(\S*)/g;
+            $by{ $f{tag} } = \%f if defined $f{tag};
+        }
+        return !grep { !$by{$_} } @tags;
+    }, 10);
+    return \%by;
+}
+
+# The metrics text of location $uri (default /metrics) as
+# { 'name{labels}' => value }; dies unless the answer is a 200
+sub metrics {
+    my ($self, $uri) = @_;
+    my $r = $self->get(defined $uri ? $uri : '/metrics');
+    croak "metrics: $r->{status} " . ($r->{error} // '')
+        unless $r->{status} == 200;
+    my %m;
+    for (split /\n/, $r->{body}) {
+        next if /^#/;
+        $m{$1} = $2 if /^(\S+) (\S+)$/;
+    }
+    return \%m;
+}
+
+# The test "$label: nothing left in flight at the mock": waits up to $secs
+# (default 15) until mock $name ('llm') has no request in flight, that is
+# until every request of the step before has really ended upstream
+sub settle {
+    my ($self, $label, $secs, $name) = @_;
+    local $Test::Builder::Level = $Test::Builder::Level + 1;
+    return Test::More::ok(
+        $self->wait_until(sub { $self->mock_stats($name)->{inflight} == 0 },
+                          defined $secs ? $secs : 15),
+        "$label: nothing left in flight at the mock");
+}
+
+# parallel(\@reqs, %o) in a child process, so that the test can reload
+# nginx or kill a worker meanwhile.  Returns a handle for bg_wait(), which
+# waits for the child and returns its results ([] if it wrote none): of
+# each response only the keys below, JSON-safe.  The child leaves with
+# POSIX::_exit: no END blocks, the parent owns nginx and the mocks.
+my @BG_KEYS = qw(status error got_status body headers start end);
+
+sub bg_parallel {
+    my ($self, $reqs, %o) = @_;
+    my $file = "$self->{prefix}/bg-" . ++$self->{bg_n} . '.json';
+    my $pid = fork();
+    croak "fork: $!" unless defined $pid;
+    if (!$pid) {
+        my @res = $self->parallel($reqs, %o);
+        my @out = map { my $r = $_; +{ map { $_ => $r->{$_} } @BG_KEYS } } @res;
+        open(my $fh, '>', "$file.tmp") or POSIX::_exit(1);
+        print {$fh} $JSON->encode(\@out);
+        close $fh;
+        rename "$file.tmp", $file;
+        POSIX::_exit(0);
+    }
+    return { pid => $pid, file => $file };
+}
+
+sub bg_wait {
+    my ($self, $bg) = @_;
+    waitpid($bg->{pid}, 0);
+    my $d = json_decode(_slurp($bg->{file}));
+    return ref $d eq 'ARRAY' ? $d : [];
+}
+
+# DSG::Test::tcp_conns($pid, $up_port, $local_port): the established TCP
+# connections of process $pid (its sockets in /proc/$pid/fd, found in
+# /proc/net/tcp) as (how many go to remote port $up_port, how many are on
+# local port $local_port): for a worker, its requests in flight at the
+# mock and its clients
+sub tcp_conns {
+    my ($pid, $up_port, $local_port) = @_;
+    my %inode;
+    opendir(my $d, "/proc/$pid/fd") or return (0, 0);
+    for my $fd (readdir $d) {
+        my $l = readlink("/proc/$pid/fd/$fd") // '';
+        $inode{$1} = 1 if $l =~ /^socket:\[(\d+)\]$/;
+    }
+    closedir $d;
+    my ($up, $cl) = (0, 0);
+    open(my $fh, '<', '/proc/net/tcp') or return (0, 0);
+    # a named loop variable: callers use $_
+    while (my $line = <$fh>) {
+        my @c = split ' ', $line;
+        next unless @c > 9 && $c[3] eq '01' && $inode{ $c[9] };
+        my ($lport) = $c[1] =~ /:([0-9A-F]+)$/;
+        my ($rport) = $c[2] =~ /:([0-9A-F]+)$/;
+        $up++ if hex($rport) == $up_port;
+        $cl++ if hex($lport) == $local_port;
+    }
+    return ($up, $cl);
+}
+
+# (worker pid => [requests in flight to the mock on $mock_port, clients on
+# port()], ...) of every worker
+sub worker_conns {
+    my ($self, $mock_port) = @_;
+    croak "worker_conns: mock port needed" unless $mock_port;
+    return map { $_ => [tcp_conns($_, $mock_port, $self->port)] }
+           $self->worker_pids;
+}
+
+# Sends one request ($req: http() options) from a child process of its
+# own (bg_parallel, timeout => $o{timeout}, default 40) and returns ($bg,
+# pid of the worker that accepted it) once a worker has its connection
+# (admitted => 1: and a new upstream connection to the mock on mock_port,
+# that is the request is in flight, not queued).  A request accepted by a
+# worker that accept->($pid) refuses is dropped (its client killed, the
+# worker seen letting go of it) and sent again: reuseport picks the worker
+# by a hash of the client's port, so a few tries get it to a worker wanted.
+sub place {
+    my ($self, $req, %o) = @_;
+    my $mp = $o{mock_port} or croak "place: mock_port needed";
+    my $accept = $o{accept} || sub { 1 };
+    for my $try (1 .. 50) {
+        my %before = $self->worker_conns($mp);
+        my $bg = $self->bg_parallel([$req], timeout => $o{timeout} // 40);
+        my $got;
+        $self->wait_until(sub {
+            my %now = $self->worker_conns($mp);
+            for my $w (keys %now) {
+                my $b = $before{$w} || [0, 0];
+                next unless $now{$w}[1] > $b->[1];
+                next if $o{admitted} && $now{$w}[0] <= $b->[0];
+                $got = $w;
+                return 1;
+            }
+            return 0;
+        }, 10, 0.01) or croak "place: request $try not accepted in time";
+        return ($bg, $got) if $accept->($got);
+        kill 'KILL', $bg->{pid};
+        waitpid($bg->{pid}, 0);
+        $self->wait_until(sub {
+            my %now = $self->worker_conns($mp);
+            my $b = $before{$got} || [0, 0];
+            return $now{$got}[0] == $b->[0] && $now{$got}[1] == $b->[1];
+        }, 10, 0.01)
+            or croak "place: worker $got did not let go of a dropped client";
+    }
+    croak "place: could not get a request to a worker wanted";
+}
+
+# The leak detector of an in-flight cap of n slots (one key): settle()
+# and mock_reset, then exactly n slow requests at once must all be
+# admitted without queueing (st=ADMITTED wait=0 in the log) and reach the
+# mock together (max_inflight == n); one more, sent at_ms later, must
+# queue until one of them ends.  A single leaked slot (or a stale queue
+# place that blocks the head of the line) makes one of the n queue.
+# Options:
+#   n         the cap (required)
+#   log       the access log file for log_by_tag (required)
+#   req       ($tag, %o) -> http() options of a request: the test's own
+#             builder (default tagged_req); the requests are tagged
+#             cap<round>-1 .. cap<round>-<n> and cap<round>-extra
+#   timeout   client timeout passed to req (default: req's own)
+#   hold      headers (h) of the n ({ 'X-Mock-Delay-Ms' => 1500 })
+#   extra     headers (h) of the one more ({})
+#   at_ms     when the one more is sent (500)
+#   settle    seconds for settle() (15)   wait: parallel() timeout (15)
+#   extra_wait_ms  test too, on its own, that the one more waited at
+#             least this long in the queue
+#   or_stop   when a test fails: diag, done() and exit (with capacity
+#             lost, every later step would only wait for timeouts)
+# Runs 5 tests (6 with extra_wait_ms); returns true when all but the
+# settle() one passed.
+sub capacity_is_free {
+    my ($self, $label, %o) = @_;
+    local $Test::Builder::Level = $Test::Builder::Level + 1;
+    my $n = $o{n} or croak "capacity_is_free: n needed";
+    my $file = $o{log} or croak "capacity_is_free: log needed";
+    my $req = $o{req} || sub { $self->tagged_req(@_) };
+    my @to = defined $o{timeout} ? (timeout => $o{timeout}) : ();
+    my $round = ++$self->{cap_round};
+    $self->settle($label, defined $o{settle} ? $o{settle} : 15);
+    $self->mock_reset;
+
+    my @tags = map { "cap$round-$_" } 1 .. $n;
+    my $xtag = "cap$round-extra";
+    my @reqs = map { $req->($_, @to,
+                            h => $o{hold} || { 'X-Mock-Delay-Ms' => 1500 }) }
+               @tags;
+    # the one more arrives while the n hold every slot
+    push @reqs, { %{ $req->($xtag, @to, h => $o{extra} || {}) },
+                  at_ms => defined $o{at_ms} ? $o{at_ms} : 500 };
+    my @res = $self->parallel(\@reqs,
+                              timeout => defined $o{wait} ? $o{wait} : 15);
+
+    my $log = $self->log_by_tag($file, @tags, $xtag);
+    my $extra = $log->{$xtag} || {};
+    my $ok = Test::More::is(scalar(grep { $_->{status} == 200 } @res), $n + 1,
+                            "$label: N+1 requests served");
+    $ok &= Test::More::is(
+        scalar(grep { ($log->{$_}{st} // '') eq 'ADMITTED'
+                      && $log->{$_}{wait} eq '0' } @tags), $n,
+        "$label: all $n concurrent requests admitted at once, none queued")
+        || Test::More::diag(Test::More::explain(
+               [map { $log->{$_} } @tags, $xtag]));
+    $ok &= Test::More::is($self->mock_stats->{max_inflight}, $n,
+                          "$label: the mock saw $n in flight together");
+    if (defined $o{extra_wait_ms}) {
+        $ok &= Test::More::is($extra->{st}, 'QUEUED',
+                              "$label: the N+1th request queued");
+        $ok &= Test::More::cmp_ok($extra->{wait} // 0, '>=', $o{extra_wait_ms},
+                                  "$label: ... until a slot was released")
+            || Test::More::diag(Test::More::explain($extra));
+    } else {
+        $ok &= Test::More::is($extra->{st}, 'QUEUED',
+            "$label: the N+1th request queued until a slot was released")
+            || Test::More::diag(Test::More::explain($extra));
+    }
+    return $ok if $ok || !$o{or_stop};
+    Test::More::diag("$label: the zone lost capacity, stopping here");
+    $self->done;
+    exit;
 }
 
 # ---------------------------------------------------------------- engine
