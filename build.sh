@@ -5,7 +5,8 @@
 #   ./build.sh test       build, run the Check unit tests (ASan/UBSan), replay
 #                         the fuzz regressions, run the prove suite, a 5 s
 #                         libFuzzer smoke of each target and the prove suite
-#                         again against the ASan/UBSan build (what CI runs);
+#                         again against the ASan/UBSan build, and the
+#                         valgrind subset (what CI runs);
 #                         ./build.sh test t/file.t ... runs only those files
 #   ./build.sh run        build, start the example gateway and the mock LLM
 #   ./build.sh bench      build, run the benchmarks in bench/
@@ -328,10 +329,11 @@ integration() {
 }
 
 # What CI runs (.ci/run): the prove suite against the plain build, a
-# libFuzzer smoke of every target (FUZZ_SMOKE seconds each, default 5)
-# and the prove suite again against the ASan/UBSan build (DSG_NO_ASAN=1
-# skips it, for a quicker local run).  Each part runs even if one before
-# it failed; the summary names what failed.  About 10 minutes on 2 cores.
+# libFuzzer smoke of every target (FUZZ_SMOKE seconds each, default 5),
+# the prove suite again against the ASan/UBSan build (DSG_NO_ASAN=1 skips
+# it, for a quicker local run) and the valgrind subset (seconds).  Each
+# part runs even if one before it failed; the summary names what failed.
+# About 10 minutes on 2 cores.
 test_all() {
     local failed= start=$SECONDS
     echo "build.sh: === prove suite, plain build"
@@ -342,6 +344,8 @@ test_all() {
         echo "build.sh: === prove suite, ASan/UBSan build"
         ( test_asan ) || failed="$failed test-asan"
     fi
+    echo "build.sh: === valgrind subset"
+    ( test_valgrind ) || failed="$failed test-valgrind"
     echo "build.sh: test took $((SECONDS - start)) s${failed:+, FAILED:$failed}"
     [ -z "$failed" ]
 }
