@@ -113,8 +113,9 @@ static ngx_int_t ngx_http_deepseek_guard_cache_key(ngx_http_request_t *r,
     ngx_http_deepseek_guard_cache_ctx_t *cctx);
 static ngx_int_t ngx_http_deepseek_guard_cache_lookup(ngx_http_request_t *r,
     ngx_http_deepseek_guard_cache_ctx_t *cctx);
-static ngx_err_t ngx_http_deepseek_guard_cache_errno(
-    ngx_http_deepseek_guard_cache_t *cache, int rc);
+static void ngx_http_deepseek_guard_cache_fault(
+    ngx_http_deepseek_guard_cache_t *cache, ngx_log_t *log, ngx_uint_t level,
+    const char *what, int rc);
 static void ngx_http_deepseek_guard_cache_repair(
     ngx_http_deepseek_guard_cache_t *cache, ngx_log_t *log, unsigned flags);
 static ngx_int_t ngx_http_deepseek_guard_cache_lock(ngx_http_request_t *r,
@@ -471,17 +472,8 @@ ngx_http_deepseek_guard_cache_lookup(ngx_http_request_t *r,
     }
 
     if (rc != DSG_STORE_OK) {
-        ngx_log_error(NGX_LOG_ERR, r->connection->log,
-                      ngx_http_deepseek_guard_cache_errno(cctx->cache, rc),
-                      "deepseek_guard cache \"%V\": read failed: %s",
-                      &cctx->cache->name, dsg_store_strerror(rc));
-
-        if (rc == DSG_STORE_ECORRUPT) {
-            ngx_http_deepseek_guard_cache_repair(cctx->cache,
-                                                 r->connection->log,
-                                                 DSG_STORE_REPLACE);
-        }
-
+        ngx_http_deepseek_guard_cache_fault(cctx->cache, r->connection->log,
+                                            NGX_LOG_ERR, "read failed", rc);
         return NGX_DECLINED;
     }
 
@@ -1450,15 +1442,8 @@ ngx_http_deepseek_guard_cache_store(ngx_http_request_t *r,
         (void) ngx_atomic_fetch_add(&cache->sh->store_failures, 1);
         level = (rc == DSG_STORE_EFULL) ? NGX_LOG_WARN : NGX_LOG_ERR;
 
-        ngx_log_error(level, r->connection->log,
-                      ngx_http_deepseek_guard_cache_errno(cache, rc),
-                      "deepseek_guard cache \"%V\": response not stored: %s",
-                      &cache->name, dsg_store_strerror(rc));
-
-        if (rc == DSG_STORE_ECORRUPT) {
-            ngx_http_deepseek_guard_cache_repair(cache, r->connection->log,
-                                                 DSG_STORE_REPLACE);
-        }
+        ngx_http_deepseek_guard_cache_fault(cache, r->connection->log, level,
+                                            "response not stored", rc);
     }
 
     (void) lcf;
@@ -1563,17 +1548,10 @@ ngx_http_deepseek_guard_cache_sweep(ngx_event_t *ev)
         rc = dsg_store_sweep(cache->store, now, cache->inactive,
                              NGX_HTTP_DSG_SWEEP_ITEMS, &expired, &evicted);
         if (rc != DSG_STORE_OK) {
-            ngx_log_error(NGX_LOG_ERR, ev->log,
-                          ngx_http_deepseek_guard_cache_errno(cache, rc),
-                          "deepseek_guard cache \"%V\": sweep failed: %s",
-                          &cache->name, dsg_store_strerror(rc));
-
-            if (rc == DSG_STORE_ECORRUPT) {
-                ngx_http_deepseek_guard_cache_repair(cache, ev->log,
-                                                     DSG_STORE_REPLACE);
-                if (cache->store == NULL) {
-                    continue;
-                }
+            ngx_http_deepseek_guard_cache_fault(cache, ev->log, NGX_LOG_ERR,
+                                                "sweep failed", rc);
+            if (cache->store == NULL) {
+                continue;
             }
         }
 
@@ -1601,17 +1579,26 @@ ngx_http_deepseek_guard_cache_sweep(ngx_event_t *ev)
 }
 
 
-/* the errno behind a file system error of the store, for ngx_log_error() */
+/*
+ * A failed read, store or sweep: logged, with the errno behind a file
+ * system error; a corrupt file is replaced at once
+ */
 
-static ngx_err_t
-ngx_http_deepseek_guard_cache_errno(ngx_http_deepseek_guard_cache_t *cache,
-    int rc)
+static void
+ngx_http_deepseek_guard_cache_fault(ngx_http_deepseek_guard_cache_t *cache,
+    ngx_log_t *log, ngx_uint_t level, const char *what, int rc)
 {
-    if (rc != DSG_STORE_EIO || cache->store == NULL) {
-        return 0;
-    }
+    ngx_err_t  err;
 
-    return (ngx_err_t) dsg_store_last_error(cache->store);
+    err = (rc == DSG_STORE_EIO)
+          ? (ngx_err_t) dsg_store_last_error(cache->store) : 0;
+
+    ngx_log_error(level, log, err, "deepseek_guard cache \"%V\": %s: %s",
+                  &cache->name, what, dsg_store_strerror(rc));
+
+    if (rc == DSG_STORE_ECORRUPT) {
+        ngx_http_deepseek_guard_cache_repair(cache, log, DSG_STORE_REPLACE);
+    }
 }
 
 
