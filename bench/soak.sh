@@ -275,9 +275,14 @@ metric() {      # metric name{labels} from the metrics text in $M
 status_kb() {   # field of /proc/<pid>/status in kB
     awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0
 }
+heap_kb() {     # resident anonymous kB of the [heap] mapping: malloc's main arena
+    awk '/^[0-9a-f]+-[0-9a-f]+ / { h = ($6 == "[heap]") }
+         h && $1 == "Anonymous:" { n += $2 } END { print n + 0 }' \
+        "/proc/$1/smaps" 2>/dev/null || echo 0
+}
 
 SAMPLES="$PREFIX/samples.tsv"
-printf 't\tworker\trss_kb\tanon_kb\tfile_kb\tshmem_kb\tfds\tzone_keys\tcache_entries\tcache_file_bytes\tdata_mdb_bytes\n' >"$SAMPLES"
+printf 't\tworker\trss_kb\tanon_kb\theap_kb\tfile_kb\tshmem_kb\tfds\tzone_keys\tcache_entries\tcache_file_bytes\tdata_mdb_bytes\n' >"$SAMPLES"
 START=$(date +%s)
 FIRST_WORKERS=$(workers)
 while :; do
@@ -290,10 +295,12 @@ while :; do
     for w in $(workers); do
         # descriptors that are not sockets: client and upstream connections
         # come and go with the load, a file or pipe left open stays
-        fds=$(find "/proc/$w/fd" -mindepth 1 -maxdepth 1 ! -lname 'socket:*' \
-                   2>/dev/null | wc -l)
-        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$now" "$w" \
-            "$(status_kb "$w" VmRSS)" "$(status_kb "$w" RssAnon)" \
+        # (find fails when a descriptor closes while it reads the directory:
+        # not an error here, and set -e must not end the run for it)
+        fds=$( { find "/proc/$w/fd" -mindepth 1 -maxdepth 1 ! -lname 'socket:*' \
+                     2>/dev/null || true; } | wc -l)
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$now" "$w" \
+            "$(status_kb "$w" VmRSS)" "$(status_kb "$w" RssAnon)" "$(heap_kb "$w")" \
             "$(status_kb "$w" RssFile)" "$(status_kb "$w" RssShmem)" \
             "$fds" "$keys" "$entries" "$fbytes" "$mdb" >>"$SAMPLES"
     done
@@ -347,7 +354,7 @@ for w in workers:
     if not a or not b:
         check(False, "worker %d sampled at start and end" % w)
         continue
-    for k, unit in (("rss_kb", "kB"), ("anon_kb", "kB"), ("file_kb", "kB"),
+    for k, unit in (("rss_kb", "kB"), ("anon_kb", "kB"), ("heap_kb", "kB"), ("file_kb", "kB"),
                     ("shmem_kb", "kB"), ("fds", "")):
         ch = (b[k] - a[k]) * 100.0 / a[k] if a[k] else 0.0
         print("%-8d %-16s %12s %12s %+8.1f%%" % (w, k, a[k], b[k], ch))
