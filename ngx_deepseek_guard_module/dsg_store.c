@@ -83,8 +83,23 @@
  */
 #define DSG_STORE_FIRST_BATCH   2
 #define DSG_STORE_SMALL_BATCH   1
-#define DSG_STORE_BATCH_MAX     1024
-#define DSG_STORE_EVICT_TXNS    16
+#define DSG_STORE_BATCH_MAX     64
+#define DSG_STORE_EVICT_TXNS    24
+
+/*
+ * Rows removed by one transaction of the sweep, of each kind (expired,
+ * evicted).  Without MDB_WRITEMAP every page a write transaction dirties
+ * is a malloc()ed copy, and LMDB keeps the single-page copies on a free
+ * list of its environment (me_dpages) until the environment is closed:
+ * the largest transaction a worker ever ran sets how much heap it holds
+ * for good.  Removing a row dirties a leaf in each of the four tables,
+ * so a sweep that evicted 256 rows in one transaction could pin a
+ * megabyte or more per worker, and grow it in steps, whenever a sweep
+ * happened to touch more leaves than any before.  Batches of 32 rows (64
+ * with the put's eviction) bound that to a few hundred kilobytes,
+ * reached early in a worker's life.
+ */
+#define DSG_STORE_TXN_ROWS      32
 
 /* index rows and meta of one digest, roughly, in bytes: see cost() */
 #define DSG_STORE_ROW_COST      160
@@ -201,6 +216,7 @@ typedef struct {
     uint64_t            keep_stale_ms;
     unsigned            max;
     uint64_t            data_bytes; /* live data before the sweep */
+    unsigned            evicting;   /* an earlier batch evicted: go on */
     unsigned            expired;
     unsigned            evicted;
 } dsg_store_sweep_t;
@@ -1016,12 +1032,17 @@ dsg_store_sweep_op(dsg_store_t *st, MDB_txn *txn, void *data)
         }
     }
 
-    /* over the high-water mark: evict down to the low-water mark */
+    /*
+     * over the high-water mark: evict down to the low-water mark, in as
+     * many batches of this sweep as it takes
+     */
 
     high = st->map_size / 100 * DSG_STORE_HIGH_PCT;
     low = st->map_size / 100 * DSG_STORE_LOW_PCT;
 
-    if (sw->data_bytes <= freed || sw->data_bytes - freed <= high) {
+    if (sw->data_bytes <= freed
+        || sw->data_bytes - freed <= (sw->evicting ? low : high))
+    {
         return MDB_SUCCESS;
     }
 
@@ -1837,6 +1858,7 @@ dsg_store_sweep(dsg_store_t *st, uint64_t now_ms, uint64_t keep_stale_ms,
     unsigned max_items, unsigned *expired, unsigned *evicted)
 {
     int                rc;
+    unsigned           nexp, nevi;
     uint64_t           used, free_pages;
     dsg_store_sweep_t  sw;
 
@@ -1852,29 +1874,55 @@ dsg_store_sweep(dsg_store_t *st, uint64_t now_ms, uint64_t keep_stale_ms,
         return dsg_store_rc(st, EINVAL);
     }
 
-    rc = dsg_store_pages(st, &used, &free_pages);
-    if (rc != MDB_SUCCESS) {
-        return dsg_store_rc(st, rc);
+    nexp = 0;
+    nevi = 0;
+    sw.evicting = 0;
+    rc = DSG_STORE_OK;
+
+    /* transactions of at most DSG_STORE_TXN_ROWS rows: see the top */
+
+    while (max_items > 0) {
+
+        rc = dsg_store_pages(st, &used, &free_pages);
+        if (rc != MDB_SUCCESS) {
+            rc = dsg_store_rc(st, rc);
+            break;
+        }
+
+        sw.now_ms = now_ms;
+        sw.keep_stale_ms = keep_stale_ms;
+        sw.max = (max_items < DSG_STORE_TXN_ROWS) ? max_items
+                                                  : DSG_STORE_TXN_ROWS;
+        sw.data_bytes = (used > free_pages)
+                        ? (used - free_pages) * st->page_size : 0;
+        sw.expired = 0;
+        sw.evicted = 0;
+
+        rc = dsg_store_write_full(st, dsg_store_sweep_op, &sw, &sw.max);
+        if (rc != DSG_STORE_OK) {
+            break;
+        }
+
+        nexp += sw.expired;
+        nevi += sw.evicted;
+        max_items -= sw.max;
+
+        if (sw.evicted != 0) {
+            sw.evicting = 1;
+        }
+
+        if (sw.expired < sw.max && sw.evicted < sw.max) {
+            /* nothing more expired, and the data is below the mark */
+            break;
+        }
     }
 
-    sw.now_ms = now_ms;
-    sw.keep_stale_ms = keep_stale_ms;
-    sw.max = max_items;
-    sw.data_bytes = (used > free_pages) ? (used - free_pages) * st->page_size
-                                        : 0;
-    sw.expired = 0;
-    sw.evicted = 0;
+    if (expired != NULL) {
+        *expired = nexp;
+    }
 
-    rc = dsg_store_write_full(st, dsg_store_sweep_op, &sw, &sw.max);
-
-    if (rc == DSG_STORE_OK) {
-        if (expired != NULL) {
-            *expired = sw.expired;
-        }
-
-        if (evicted != NULL) {
-            *evicted = sw.evicted;
-        }
+    if (evicted != NULL) {
+        *evicted = nevi;
     }
 
     return rc;

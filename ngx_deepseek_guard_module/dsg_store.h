@@ -173,13 +173,15 @@ int dsg_store_touch(dsg_store_t *st, const uint8_t key[DSG_STORE_KEY_SIZE],
     uint64_t now_ms);
 
 /*
- * One small write transaction of housekeeping:
+ * Housekeeping, in write transactions of at most DSG_STORE_TXN_ROWS rows
+ * of each kind (see dsg_store.c: it bounds the memory LMDB keeps):
  *  - removes up to max_items entries with expires_ms + keep_stale_ms <
  *    now_ms (entries stay keep_stale_ms past their expiry so they can be
  *    served stale), oldest expiry first;
  *  - then, if the live data exceeds 90% of the map, evicts up to
  *    max_items more, least recently used first, aiming at 80%.
- * *expired and *evicted (either may be NULL) get the counts.
+ * *expired and *evicted (either may be NULL) get the counts of what was
+ * committed, also when a later transaction fails.
  * DSG_STORE_EFULL: even a small batch found no free page (the map is
  * full, or a reader in another worker pins the pages freed lately); a
  * transient state, try again at the next sweep.

@@ -464,6 +464,30 @@ START_TEST(test_store_sweep_expired)
     t_stat(st, &s);
     ck_assert_uint_eq(s.entries, 1);
 
+    /*
+     * more rows than one transaction of the sweep takes (32): one call
+     * still removes max_items of them, in several transactions
+     */
+    for (i = 100; i < 200; i++) {
+        ck_assert_int_eq(t_put(st, i, 100, 6000 + i, i), DSG_STORE_OK);
+    }
+
+    ck_assert_int_eq(dsg_store_sweep(st, 7000, 0, 70, &exp, &evi),
+                     DSG_STORE_OK);
+    ck_assert_uint_eq(exp, 70);
+    ck_assert_uint_eq(evi, 0);
+    /* entry 2 (expired at 5000) went first, then 100 .. 168 */
+    ck_assert_int_eq(t_get(st, 2, 100), DSG_STORE_NOTFOUND);
+    ck_assert_int_eq(t_get(st, 168, 100), DSG_STORE_NOTFOUND);
+    ck_assert_int_eq(t_get(st, 169, 100), DSG_STORE_OK);
+
+    ck_assert_int_eq(dsg_store_sweep(st, 7000, 0, 1000, &exp, &evi),
+                     DSG_STORE_OK);
+    ck_assert_uint_eq(exp, 31);
+
+    t_stat(st, &s);
+    ck_assert_uint_eq(s.entries, 0);
+
     dsg_store_close(st);
 }
 END_TEST
@@ -667,8 +691,13 @@ START_TEST(test_store_sweep_high_water)
                      DSG_STORE_OK);
     ck_assert_uint_gt(evi, 0);
 
+    /*
+     * down to the low-water mark (80%), though that takes more rows than
+     * one of the sweep's transactions removes
+     */
     t_stat(st, &s);
-    ck_assert_uint_le(s.data_bytes, s.map_size / 100 * 90);
+    ck_assert_uint_le(s.data_bytes, s.map_size / 100 * 82);
+    ck_assert_uint_gt(evi, 32);
     ck_assert_uint_eq(s.entries, n - 5 - evi);
 
     /* least recently used first */
