@@ -74,6 +74,8 @@ $t->write_config(<<'EOF');
         }
 
         location = /metrics {
+            # scrapes while the sequence runs stay out of its access log
+            access_log off;
             deepseek_guard_metrics;
             allow 127.0.0.1;
             deny all;
@@ -155,8 +157,20 @@ is($r->{status}, 503, 'upstream 503 passed through');
 #    estimates waits from stays small), then A holds the backend's only
 #    slot for 2 s; B (normal) arrives at 100 ms and waits for A; D (low,
 #    queue_timeout 300 ms) arrives at 200 ms and times out
-$t->chat(uri => '/q/chat/completions', key => 'n0', content => "warm $_")
-    for 1 .. 3;
+# (each after the last one's slot is free: the client has the whole answer
+# before the log phase releases the slot, and the next request may reach
+# the other worker in between, on a busy machine, and queue)
+sub backend_idle {
+    $t->wait_until(sub {
+        (scrape()->{ key('deepseek_guard_inflight', zone => 'backend',
+                         class => 'normal') } // 1) == 0 }, 5)
+        or diag('the backend zone still has a request in flight');
+}
+for (1 .. 3) {
+    backend_idle();
+    $t->chat(uri => '/q/chat/completions', key => 'n0', content => "warm $_");
+}
+backend_idle();
 
 my @res = $t->parallel([
     $t->chat_req(uri => '/q/chat/completions', key => 'na', content => 'A',
