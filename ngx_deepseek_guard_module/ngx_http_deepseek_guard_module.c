@@ -5,6 +5,10 @@
 
 #include "ngx_http_deepseek_guard_module.h"
 
+#if (NGX_HAVE_MALLOC_TRIM)
+#include <malloc.h>
+#endif
+
 
 static char *ngx_http_deepseek_guard_class(ngx_conf_t *cf,
     ngx_command_t *cmd, void *conf);
@@ -18,6 +22,8 @@ static char *ngx_http_deepseek_guard_merge_loc_conf(ngx_conf_t *cf,
     void *parent, void *child);
 static ngx_int_t ngx_http_deepseek_guard_preconf(ngx_conf_t *cf);
 static ngx_int_t ngx_http_deepseek_guard_init(ngx_conf_t *cf);
+static char *ngx_http_deepseek_guard_malloc_trim(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
 static ngx_int_t ngx_http_deepseek_guard_init_process(ngx_cycle_t *cycle);
 static void ngx_http_deepseek_guard_exit_process(ngx_cycle_t *cycle);
 
@@ -43,6 +49,13 @@ static ngx_command_t  ngx_http_deepseek_guard_commands[] = {
     { ngx_string("deepseek_guard_class"),
       NGX_HTTP_MAIN_CONF|NGX_CONF_1MORE,
       ngx_http_deepseek_guard_class,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("deepseek_guard_malloc_trim"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_http_deepseek_guard_malloc_trim,
       NGX_HTTP_MAIN_CONF_OFFSET,
       0,
       NULL },
@@ -201,14 +214,109 @@ ngx_module_t  ngx_http_deepseek_guard_module = {
 };
 
 
+#if (NGX_HAVE_MALLOC_TRIM)
+
+/*
+ * deepseek_guard_malloc_trim: every interval, each worker hands the whole
+ * free pages of its malloc heap back to the kernel.  glibc returns memory
+ * on free() only from the top of the heap; a burst of requests raises the
+ * heap, and one allocation that outlives the burst (a keepalive
+ * connection, a buffer of LMDB's) pins every free page under it, so the
+ * burst's high-water mark stays resident for the life of the worker.
+ * malloc_trim(0) releases free pages anywhere in the heap (madvise);
+ * nothing live moves.  It walks the free lists of the worker's one arena:
+ * tens of microseconds for a heap of a few megabytes.
+ */
+
+static ngx_event_t  ngx_http_deepseek_guard_trim_ev;
+static ngx_msec_t   ngx_http_deepseek_guard_trim_interval;
+
+
+static void
+ngx_http_deepseek_guard_trim_handler(ngx_event_t *ev)
+{
+    int  released;
+
+    released = malloc_trim(0);
+
+    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, ev->log, 0,
+                   "deepseek_guard malloc_trim: %s",
+                   released ? "released memory" : "nothing to release");
+
+    ngx_add_timer(ev, ngx_http_deepseek_guard_trim_interval);
+}
+
+#endif
+
+
 static ngx_int_t
 ngx_http_deepseek_guard_init_process(ngx_cycle_t *cycle)
 {
+    ngx_http_deepseek_guard_main_conf_t  *mcf;
+
     if (ngx_http_deepseek_guard_limit_init_process(cycle) != NGX_OK) {
         return NGX_ERROR;
     }
 
+    mcf = ngx_http_cycle_get_module_main_conf(cycle,
+                                              ngx_http_deepseek_guard_module);
+
+#if (NGX_HAVE_MALLOC_TRIM)
+    if (mcf != NULL && mcf->malloc_trim > 0) {
+        ngx_http_deepseek_guard_trim_interval = mcf->malloc_trim;
+
+        ngx_http_deepseek_guard_trim_ev.handler =
+                                        ngx_http_deepseek_guard_trim_handler;
+        ngx_http_deepseek_guard_trim_ev.log = cycle->log;
+        ngx_http_deepseek_guard_trim_ev.data =
+                                        &ngx_http_deepseek_guard_trim_ev;
+        ngx_http_deepseek_guard_trim_ev.cancelable = 1;
+
+        ngx_add_timer(&ngx_http_deepseek_guard_trim_ev, mcf->malloc_trim);
+    }
+#else
+    (void) mcf;
+#endif
+
     return ngx_http_deepseek_guard_cache_init_process(cycle);
+}
+
+
+static char *
+ngx_http_deepseek_guard_malloc_trim(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
+{
+    ngx_http_deepseek_guard_main_conf_t *mcf = conf;
+
+    ngx_str_t   *value;
+    ngx_msec_t   interval;
+
+    if (mcf->malloc_trim != NGX_CONF_UNSET_MSEC) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    if (ngx_strcmp(value[1].data, "off") == 0) {
+        mcf->malloc_trim = 0;
+        return NGX_CONF_OK;
+    }
+
+    interval = ngx_parse_time(&value[1], 0);
+
+    if (interval == (ngx_msec_t) NGX_ERROR || interval == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid interval \"%V\": \"off\" or a time "
+                           "over 0 expected", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+#if (NGX_HAVE_MALLOC_TRIM)
+    mcf->malloc_trim = interval;
+    return NGX_CONF_OK;
+#else
+    return "is not supported on this platform (no malloc_trim())";
+#endif
 }
 
 
@@ -249,6 +357,8 @@ ngx_http_deepseek_guard_create_main_conf(ngx_conf_t *cf)
         return NULL;
     }
 
+    mcf->malloc_trim = NGX_CONF_UNSET_MSEC;
+
     return mcf;
 }
 
@@ -259,6 +369,8 @@ ngx_http_deepseek_guard_init_main_conf(ngx_conf_t *cf, void *conf)
     ngx_http_deepseek_guard_main_conf_t *mcf = conf;
 
     ngx_http_deepseek_guard_class_t  *c;
+
+    ngx_conf_init_msec_value(mcf->malloc_trim, 0);
 
     if (mcf->classes.nelts == 0) {
         /* no classes declared: one implicit class that never queues */

@@ -148,6 +148,7 @@ typedef struct {
     ngx_array_t                  caches;    /* of cache pointers */
     ngx_array_t                  zones;     /* ngx_shm_zone_t * */
     ngx_uint_t                   default_class_set;
+    ngx_msec_t                   malloc_trim;   /* interval, 0: off */
 } ngx_http_deepseek_guard_main_conf_t;
 
 
