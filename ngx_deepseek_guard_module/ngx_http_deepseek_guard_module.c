@@ -224,8 +224,9 @@ ngx_module_t  ngx_http_deepseek_guard_module = {
  * connection, a buffer of LMDB's) pins every free page under it, so the
  * burst's high-water mark stays resident for the life of the worker.
  * malloc_trim(0) releases free pages anywhere in the heap (madvise);
- * nothing live moves.  It walks the free lists of the worker's one arena:
- * tens of microseconds for a heap of a few megabytes.
+ * nothing live moves.  It walks the free lists of the worker's one arena
+ * and madvise()s each run of free pages: the worker is busy for well under
+ * a millisecond per few megabytes of heap (README, "Worker memory").
  */
 
 static ngx_event_t  ngx_http_deepseek_guard_trim_ev;
@@ -235,13 +236,26 @@ static ngx_msec_t   ngx_http_deepseek_guard_trim_interval;
 static void
 ngx_http_deepseek_guard_trim_handler(ngx_event_t *ev)
 {
-    int  released;
+    int              released;
+#if (NGX_DEBUG)
+    struct timespec  t0, t1;
+
+    (void) clock_gettime(CLOCK_MONOTONIC, &t0);
+#endif
 
     released = malloc_trim(0);
 
-    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, ev->log, 0,
-                   "deepseek_guard malloc_trim: %s",
-                   released ? "released memory" : "nothing to release");
+#if (NGX_DEBUG)
+    (void) clock_gettime(CLOCK_MONOTONIC, &t1);
+
+    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, ev->log, 0,
+                   "deepseek_guard malloc_trim: %s in %l us",
+                   released ? "released memory" : "nothing to release",
+                   (long) ((t1.tv_sec - t0.tv_sec) * 1000000
+                           + (t1.tv_nsec - t0.tv_nsec) / 1000));
+#else
+    (void) released;
+#endif
 
     ngx_add_timer(ev, ngx_http_deepseek_guard_trim_interval);
 }

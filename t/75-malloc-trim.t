@@ -91,7 +91,7 @@ bad('two values', qr/invalid number of arguments in "deepseek_guard_malloc_trim"
 # ------------------------------------------------------------ B: effect
 
 SKIP: {
-    skip 'RssAnon is the sanitizer allocator\'s under ASan', 6
+    skip 'RssAnon is the sanitizer allocator\'s under ASan', 12
         if DSG::Test::sanitized();
 
     my $body_pad = 'x' x (48 * 1024);
@@ -117,26 +117,39 @@ SKIP: {
         sleep 2;
         my $base = $anon->();
 
+        $t->mock_reset;
         my @burst = map {
-            $t->chat_req(content => "burst $_ $body_pad", timeout => 30,
+            $t->chat_req(content => "burst $_ $body_pad", timeout => 40,
                          headers => ['X-Mock-Delay-Ms' => 2000])
         } 1 .. 240;
         # at the burst's peak: long requests that outlive it
         my @long = map {
             $t->chat_req(content => "long $_ $body_pad", timeout => 40,
                          at_ms => 1000,
-                         headers => ['X-Mock-Delay-Ms' => 12000])
+                         headers => ['X-Mock-Delay-Ms' => 15000])
         } 1 .. 8;
         my $bg = $t->bg_parallel([@burst, @long], timeout => 45);
 
-        sleep 1.8;
+        # the peak: all 248 at the mock
+        ok($t->wait_until(sub { $t->mock_stats->{inflight} >= 248 }, 15,
+                          0.1),
+           "$mode: the burst and the long requests in flight at once");
         my $peak = $anon->();
-        sleep 5.5;     # the burst is over, the long requests run on
+
+        # the burst is over, the long requests run on; a second and a
+        # half for a trim tick of 1s
+        ok($t->wait_until(sub {
+               my $s = $t->mock_stats;
+               $s->{completed} >= 240 && $s->{inflight} <= 8
+           }, 20, 0.1), "$mode: the burst is answered");
+        sleep 1.5;
         my $after = $anon->();
+        cmp_ok($t->mock_stats->{inflight}, '==', 8,
+               "$mode: the long requests still in flight");
 
         my $res = $t->bg_wait($bg);
         my $ok = grep { ($_->{status} // 0) == 200 } @$res;
-        is($ok, 248, "$mode: every request of the burst answered 200");
+        is($ok, 248, "$mode: every request answered 200, the long ones too");
 
         my ($b, $p, $a) = map { sum(values %$_) // 0 } $base, $peak, $after;
         diag sprintf("malloc_trim %s: RssAnon of the workers %d kB before, "
@@ -149,11 +162,11 @@ SKIP: {
             # the control: the long requests pin the heap, glibc keeps it
             cmp_ok($a - $b, '>=', $rise / 2,
                    "off: more than half of it still resident "
-                   . "5 s after the burst");
+                   . "1.5 s after the burst");
         } else {
             cmp_ok($a - $b, '<=', $rise / 4,
                    "1s: three quarters of it given back within "
-                   . "5 s after the burst, the long requests still running");
+                   . "1.5 s after the burst");
         }
         $t->stop;
     }
