@@ -230,15 +230,15 @@ ngx_module_t  ngx_http_deepseek_guard_module = {
  */
 
 static ngx_event_t  ngx_http_deepseek_guard_trim_ev;
-static ngx_msec_t   ngx_http_deepseek_guard_trim_interval;
 
 
 static void
 ngx_http_deepseek_guard_trim_handler(ngx_event_t *ev)
 {
-    int              released;
+    int                                   released;
+    ngx_http_deepseek_guard_main_conf_t  *mcf = ev->data;
 #if (NGX_DEBUG)
-    struct timespec  t0, t1;
+    struct timespec                       t0, t1;
 
     (void) clock_gettime(CLOCK_MONOTONIC, &t0);
 #endif
@@ -257,7 +257,7 @@ ngx_http_deepseek_guard_trim_handler(ngx_event_t *ev)
     (void) released;
 #endif
 
-    ngx_add_timer(ev, ngx_http_deepseek_guard_trim_interval);
+    ngx_add_timer(ev, mcf->malloc_trim);
 }
 
 #endif
@@ -277,13 +277,10 @@ ngx_http_deepseek_guard_init_process(ngx_cycle_t *cycle)
 
 #if (NGX_HAVE_MALLOC_TRIM)
     if (mcf != NULL && mcf->malloc_trim > 0) {
-        ngx_http_deepseek_guard_trim_interval = mcf->malloc_trim;
-
         ngx_http_deepseek_guard_trim_ev.handler =
                                         ngx_http_deepseek_guard_trim_handler;
         ngx_http_deepseek_guard_trim_ev.log = cycle->log;
-        ngx_http_deepseek_guard_trim_ev.data =
-                                        &ngx_http_deepseek_guard_trim_ev;
+        ngx_http_deepseek_guard_trim_ev.data = mcf;
         ngx_http_deepseek_guard_trim_ev.cancelable = 1;
 
         ngx_add_timer(&ngx_http_deepseek_guard_trim_ev, mcf->malloc_trim);
