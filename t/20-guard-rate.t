@@ -85,6 +85,8 @@ is(scalar @workers, 2, 'two workers');
        'saturated key: every answer is 200 or 429')
         or diag explain [map { $_->{error} || $_->{status} } @res[0 .. 9]];
 
+    # the last lines are written just after their clients have the answer
+    $t->wait_until(sub { entries('k-rate', '/rate') == @res }, 5);
     my @e = sort { $a->{ms} <=> $b->{ms} } entries('k-rate', '/rate');
     is(scalar @e, scalar @res, '... every request is in the access log');
     is(count(200, @e), count(200, @res), '... the log agrees with the client');
@@ -169,6 +171,8 @@ is(scalar @workers, 2, 'two workers');
     my @res = $t->parallel([(map { { uri => '/minute' } } 1 .. 20),
                             (map { { uri => '/rate' } } 1 .. 30)]);
     is(count(200, @res), 50, 'empty key: 50 requests, all 200');
+    $t->wait_until(sub {
+        entries('', '/minute') + entries('', '/rate') == 50 }, 5);
     my @e = (entries('', '/minute'), entries('', '/rate'));
     is(scalar(grep { $_->{guard} ne 'REJECTED' } @e), 50,
        '... none rejected in the log');

@@ -57,6 +57,12 @@ $t->write_config(<<'EOF');
         location = /ping {
             return 200 "pong\n";
         }
+
+        # the leak detector waits for the zone's gauges to be 0
+        location = /metrics {
+            access_log off;
+            deepseek_guard_metrics;
+        }
     }
 EOF
 $t->start;
@@ -76,7 +82,8 @@ sub capacity_is_free_or_stop {
     my ($label) = @_;
     # short client timeouts: with a slot leaked, the requests would wait
     # for the queue timeout
-    $t->capacity_is_free($label, n => $N, log => $LOG, timeout => 12,
+    $t->capacity_is_free($label, n => $N, log => $LOG, zone => 'llm',
+                         timeout => 12,
                          hold => { 'X-Mock-Delay-Ms' => 1500,
                                    'X-Mock-Token-Ms' => 0 },
                          extra => { 'X-Mock-Delay-Ms' => 100 },

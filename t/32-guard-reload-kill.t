@@ -58,6 +58,12 @@ $t->write_config(<<'EOF');
         location = /ping {
             return 200 "pong\n";
         }
+
+        # the leak detector waits for the zone's gauges to be 0
+        location = /metrics {
+            access_log off;
+            deepseek_guard_metrics;
+        }
     }
 EOF
 $t->start;
@@ -136,7 +142,8 @@ sub capacity_is_free_or_stop {
     my ($label) = @_;
     # short client timeouts: with a slot leaked, the requests would wait
     # for the queue timeout
-    $t->capacity_is_free($label, n => $N, log => $LOG, req => \&req,
+    $t->capacity_is_free($label, n => $N, log => $LOG, zone => 'llm',
+                         req => \&req,
                          timeout => 12, settle => 20, or_stop => 1);
 }
 

@@ -125,21 +125,25 @@ for my $loc (qw(v1 nostale brief updating)) {
 
 # the guard locations: the first request uses the minute's only token
 $e{guard} = chat(uri => '/guard/chat/completions', content => 'stale guard');
-is(logged($e{guard}{tag}), '200 MISS ADMITTED', '/guard/: admitted and stored');
-$e{guard429} = chat(uri => '/guard429/chat/completions', content => 'stale guard');
-is(logged($e{guard429}{tag}), '200 MISS ADMITTED', '/guard429/: admitted and stored');
-$e{guardns} = chat(uri => '/guard-nostale/chat/completions', content => 'stale guard');
-is(logged($e{guardns}{tag}), '200 MISS ADMITTED', '/guard-nostale/: admitted and stored');
 
 # ------------------------------------------------ fresh hits cost nothing
 
 {
     # within the TTL: hits, although the zone has no token left (a request
-    # needing admission would be rejected: see below)
+    # needing admission would be rejected: see below); sent at once, the
+    # entry is valid for 1 s only
     my @h = map { chat(uri => '/guard/chat/completions', content => 'stale guard') } 1 .. 3;
+    is(logged($e{guard}{tag}), '200 MISS ADMITTED', '/guard/: admitted and stored');
     is(scalar(grep { logged($_->{tag}) eq '200 HIT CACHED' } @h), 3,
        'fresh hits behind an empty zone: 200, HIT, guard status CACHED');
 }
+
+# the other guard locations, stored the same way
+$e{guard429} = chat(uri => '/guard429/chat/completions', content => 'stale guard');
+is(logged($e{guard429}{tag}), '200 MISS ADMITTED', '/guard429/: admitted and stored');
+$e{guardns} = chat(uri => '/guard-nostale/chat/completions', content => 'stale guard');
+is(logged($e{guardns}{tag}), '200 MISS ADMITTED', '/guard-nostale/: admitted and stored');
+
 
 sleep 2.5;
 

@@ -103,7 +103,8 @@ sub place {
 # reach the mock together
 sub capacity_is_free {
     my ($label) = @_;
-    $t->capacity_is_free($label, n => $N, log => $LOG, req => \&req,
+    $t->capacity_is_free($label, n => $N, log => $LOG, zone => 'llm',
+                         req => \&req,
                          settle => 30, wait => 30);
 }
 

@@ -131,7 +131,17 @@ my $alice0 = time;
 is($t->http(%{ quota_req('alice') })->{status}, 200, 'alice: the 1r/m quota spent');
 is($t->http(%{ quota_req('alice') })->{status}, 429, '... the next one is 429');
 
-my $m0 = $t->metrics;
+# the baseline once the log phase has counted the requests above: alice's
+# 429 may be counted a moment after she has it, and an llm slot is freed
+# after its response is counted
+my $m0;
+$t->wait_until(sub {
+    $m0 = $t->metrics;
+    ($m0->{'deepseek_guard_responses_total{zone="quota",code="2xx"}'} // 0)
+        + ($m0->{'deepseek_guard_responses_total{zone="quota",code="4xx"}'}
+           // 0) == 2
+    && $t->zone_idle('llm');
+}, 5) or diag('the baseline was scraped before the log phase counted');
 
 # ------------------------------------------------ the load
 

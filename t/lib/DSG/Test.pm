@@ -951,6 +951,19 @@ sub metrics {
     return \%m;
 }
 
+# True when every class of zone $zone has nothing in flight and nothing
+# queued, by the gauges at $uri ('/metrics')
+sub zone_idle {
+    my ($self, $zone, $uri) = @_;
+    # a scrape may fail while a worker is respawned: not idle yet
+    my $m = eval { $self->metrics($uri) } or return 0;
+    my @g = grep {
+        /^deepseek_guard_(?:inflight|queue_depth)\{zone="\Q$zone\E",/
+    } keys %$m;
+    croak "zone_idle: no gauges of zone $zone" unless @g;
+    return !grep { $m->{$_} != 0 } @g;
+}
+
 # The test "$label: nothing left in flight at the mock": waits up to $secs
 # (default 15) until mock $name ('llm') has no request in flight, that is
 # until every request of the step before has really ended upstream
@@ -1088,6 +1101,14 @@ sub place {
 #   extra     headers (h) of the one more ({})
 #   at_ms     when the one more is sent (500)
 #   settle    seconds for settle() (15)   wait: parallel() timeout (15)
+#   zone      the guarded zone (required): once the mock is idle, waits
+#             (as long as settle) until the zone's in-flight and queue
+#             gauges at /metrics are 0.  Slots are freed in the request's
+#             cleanup, after the client has its answer and the mock is
+#             done: without this wait, one of the n may reach the other
+#             worker before the previous step's last slot is freed, and
+#             queue.  A leaked slot keeps a gauge up: the wait ends
+#             unmet, and the "none queued" test below fails.
 #   extra_wait_ms  test too, on its own, that the one more waited at
 #             least this long in the queue
 #   or_stop   when a test fails: diag, done() and exit (with capacity
@@ -1102,7 +1123,12 @@ sub capacity_is_free {
     my $req = $o{req} || sub { $self->tagged_req(@_) };
     my @to = defined $o{timeout} ? (timeout => $o{timeout}) : ();
     my $round = ++$self->{cap_round};
-    $self->settle($label, defined $o{settle} ? $o{settle} : 15);
+    my $zone = $o{zone} or croak "capacity_is_free: zone needed";
+    my $secs = defined $o{settle} ? $o{settle} : 15;
+    $self->settle($label, $secs);
+    $self->wait_until(sub { $self->zone_idle($zone) }, $secs)
+        or Test::More::diag("$label: zone $zone still has a request in "
+                            . "flight or queued");
     $self->mock_reset;
 
     my @tags = map { "cap$round-$_" } 1 .. $n;
