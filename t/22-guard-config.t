@@ -50,19 +50,7 @@ sub conf {
 sub bad {
     my ($name, $msg, $line_re, %o) = @_;
     local $Test::Builder::Level = $Test::Builder::Level + 1;
-    $t->write_config(conf(%o));
-    my ($ok, $out) = $t->test_config;
-    ok(!$ok, "$name: nginx -t fails");
-    like($out, qr/\[emerg\].*$msg/, "$name: message names the problem");
-    my $file = $t->conf_file;
-    my @lines = map { $t->conf_line($_) }
-                ref $line_re eq 'ARRAY' ? @$line_re : ($line_re);
-    @lines = grep { defined } @lines;
-    ok(@lines, "$name: (the directive is in the file)");
-    my ($got) = $out =~ /\[emerg\].*? in \Q$file\E:(\d+)/;
-    ok(defined $got && grep({ $_ == $got } @lines),
-       "$name: in $file:" . join('|', @lines))
-        or diag $out;
+    $t->config_fails($name, conf(%o), $msg, $line_re);
 }
 
 # the base configuration is fine: the failures below come from the one

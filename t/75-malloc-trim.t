@@ -55,16 +55,7 @@ EOF
 sub bad {
     my ($name, $msg, $line_re, %o) = @_;
     local $Test::Builder::Level = $Test::Builder::Level + 1;
-    $t->write_config(conf(%o));
-    my ($ok, $out) = $t->test_config;
-    ok(!$ok, "$name: nginx -t fails");
-    like($out, qr/\[emerg\].*$msg/, "$name: message names the problem");
-    my $file = $t->conf_file;
-    my $line = $t->conf_line($line_re);
-    my ($got) = $out =~ /\[emerg\].*? in \Q$file\E:(\d+)/;
-    ok(defined $line && defined $got && $got == $line,
-       "$name: in $file:" . ($line // '?'))
-        or diag $out;
+    $t->config_fails($name, conf(%o), $msg, $line_re);
 }
 
 for my $good ('off', '1s', '500ms', '10s') {

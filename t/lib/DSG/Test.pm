@@ -526,6 +526,29 @@ sub test_config {
     return ($rc == 0 ? 1 : 0, $text);
 }
 
+# config_fails($name, $conf, $msg_re, $line_re): writes the http-level
+# text $conf and runs four tests: nginx -t fails, its [emerg] line
+# matches $msg_re, a line of the file matches $line_re (one regexp or a
+# list: any of them), and the [emerg] names this file and that line.
+sub config_fails {
+    my ($self, $name, $conf, $msg, $line_re) = @_;
+    local $Test::Builder::Level = $Test::Builder::Level + 1;
+    $self->write_config($conf);
+    my ($ok, $out) = $self->test_config;
+    Test::More::ok(!$ok, "$name: nginx -t fails");
+    Test::More::like($out, qr/\[emerg\].*$msg/,
+                     "$name: message names the problem");
+    my $file = $self->conf_file;
+    my @lines = grep { defined }
+                map { $self->conf_line($_) }
+                ref $line_re eq 'ARRAY' ? @$line_re : ($line_re);
+    Test::More::ok(@lines, "$name: (the directive is in the file)");
+    my ($got) = $out =~ /\[emerg\].*? in \Q$file\E:(\d+)/;
+    return Test::More::ok(defined $got && grep({ $_ == $got } @lines),
+                          "$name: in $file:" . join('|', @lines))
+        || Test::More::diag($out);
+}
+
 # ---------------------------------------------------------------- nginx
 
 sub master_pid {
