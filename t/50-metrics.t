@@ -142,9 +142,7 @@ my @log_expect;     # statuses, in order, of every logged request
 # worker in between, on a busy machine, and be counted as queued (seen in
 # CI, a wait under 5 ms)
 sub backend_idle {
-    $t->wait_until(sub {
-        (scrape()->{ key('deepseek_guard_inflight', zone => 'backend',
-                         class => 'normal') } // 1) == 0 }, 5)
+    $t->wait_until(sub { $t->zone_idle('backend') }, 5)
         or diag('the backend zone still has a request in flight');
 }
 
