@@ -2,9 +2,9 @@
 # Soak test: the example gateway (examples/gateway.conf) in front of the
 # mock LLM under a steady mixed load for SOAK_SECONDS (default 900), with
 # the workers' memory, the shared zones and the LMDB file sampled every
-# SOAK_SAMPLE_SECONDS (10).  At the end it prints, for the measured part
+# SOAK_SAMPLE_SECONDS (7).  At the end it prints, for the measured part
 # (after the warm-up), each measure's start (the median of its first
-# minute), end (the median of its last minute), change, lowest and highest
+# window), end (the median of its last window), change, lowest and highest
 # sample, and checks:
 #
 #   private RSS   RssAnon of every worker flat: end within
@@ -43,8 +43,18 @@
 #                   (429)
 # The mock answers in ~150 ms + 20 ms per token (8 tokens).
 #
+# Sampling against the load's 10-second cycle: for about a second after
+# each burst the workers' heaps hold ~300 kB more, until the next trim.
+# A sample every 10 s would see the same moment of that cycle for minutes
+# on end (or, drifting, see it in one window and not in the other).  So
+# samples are taken on a fixed schedule (START + k * SOAK_SAMPLE_SECONDS,
+# not "sleep after each round"), at 7 s by default: no common factor with
+# 10, so any lcm(7, 10) / 7 = 10 consecutive samples see each second of
+# the cycle once.  Start and end are medians of such whole-cycle windows
+# (at least a minute long): both see the post-burst second equally often.
+#
 # Environment: SOAK_SECONDS (900: a 5-minute warm-up, then 10 minutes
-# measured), SOAK_SAMPLE_SECONDS (10), SOAK_WARMUP_SECONDS (a third of the
+# measured), SOAK_SAMPLE_SECONDS (7), SOAK_WARMUP_SECONDS (a third of the
 # run, at least 30), SOAK_RATE (1), SOAK_MAX_SIZE (4m), SOAK_TOLERANCE_PCT
 # (5), SOAK_KEEP=1 (keep the prefix with samples.tsv, load.json, logs),
 # SOAK_HEAPTRACK=1 (attach heaptrack to the first worker at the end of the
@@ -70,7 +80,7 @@ MODULE=${DSG_MODULE:-$REPO/build/ngx_http_deepseek_guard_module.so}
 PYTHON=${DSG_PYTHON:-/usr/bin/python3}
 
 SOAK_SECONDS=${SOAK_SECONDS:-900}
-SAMPLE=${SOAK_SAMPLE_SECONDS:-10}
+SAMPLE=${SOAK_SAMPLE_SECONDS:-7}
 WARMUP=${SOAK_WARMUP_SECONDS:-$(( SOAK_SECONDS / 3 < 30 ? 30 : SOAK_SECONDS / 3 ))}
 HEAPTRACK=${SOAK_HEAPTRACK:-}
 RATE=${SOAK_RATE:-1}
@@ -83,6 +93,10 @@ if [ ! -f "$MODULE" ]; then
 fi
 if [ -n "$HEAPTRACK" ] && ! command -v heaptrack >/dev/null; then
     echo "soak.sh: SOAK_HEAPTRACK needs heaptrack (apt-get install heaptrack)" >&2
+    exit 1
+fi
+if ! [ "$SAMPLE" -ge 1 ] 2>/dev/null; then
+    echo "soak.sh: SOAK_SAMPLE_SECONDS must be a whole number of seconds, at least 1" >&2
     exit 1
 fi
 if [ "$WARMUP" -ge "$SOAK_SECONDS" ]; then
@@ -305,10 +319,11 @@ heap_kb() {     # resident anonymous kB of the [heap] mapping: malloc's main are
 
 SAMPLES="$PREFIX/samples.tsv"
 printf 't\tworker\trss_kb\tanon_kb\theap_kb\tfile_kb\tshmem_kb\tfds\tzone_keys\tcache_entries\tcache_file_bytes\tdata_mdb_bytes\n' >"$SAMPLES"
-START=$(date +%s)
+START_MS=$(date +%s%3N)
 FIRST_WORKERS=$(workers)
+tick=0
 while :; do
-    now=$(( $(date +%s) - START ))
+    now=$(( ($(date +%s%3N) - START_MS) / 1000 ))
     M=$(curl -s --max-time 5 "http://127.0.0.1:$PORT/metrics" || true)
     keys=$(metric 'deepseek_guard_zone_keys{zone="per_key"}')
     entries=$(metric 'deepseek_guard_cache_entries{cache="llm"}')
@@ -337,7 +352,13 @@ while :; do
     kill -0 "$LOAD_PID" 2>/dev/null || break
     printf '\rsoak.sh: %4d/%d s  data.mdb %s bytes  entries %s  keys %s ' \
         "$now" "$SOAK_SECONDS" "$mdb" "$entries" "$keys"
-    sleep "$SAMPLE"
+    # the next sample on the schedule: a round's own time (~0.1 s) must not
+    # shift the samples' phase against the load's cycle
+    tick=$(( tick + 1 ))
+    wait_ms=$(( START_MS + tick * SAMPLE * 1000 - $(date +%s%3N) ))
+    if [ "$wait_ms" -gt 0 ]; then
+        sleep "$(( wait_ms / 1000 )).$(printf '%03d' $(( wait_ms % 1000 )))"
+    fi
 done
 echo
 wait "$LOAD_PID" || true
@@ -352,10 +373,10 @@ rc=0
 
 "$PYTHON" - "$SAMPLES" "$PREFIX/load.json" "$PREFIX/logs/error.log" "$WARMUP" "$TOL" \
     "$MAX_SIZE" "$FIRST_WORKERS" "$LAST_WORKERS" "$PREFIX/metrics.end" "${HT_WORKER:-0}" \
-    <<'PY' || rc=$?
-import json, re, sys
-samples, loadf, errlog, warmup, tol, max_size, first_w, last_w, metricsf, traced = sys.argv[1:11]
-traced = int(traced)
+    "$SAMPLE" <<'PY' || rc=$?
+import json, math, re, sys
+samples, loadf, errlog, warmup, tol, max_size, first_w, last_w, metricsf, traced, period = sys.argv[1:12]
+traced, period = int(traced), int(period)
 warmup, tol = int(warmup), float(tol)
 m = re.fullmatch(r"(\d+)([kmg]?)", max_size.lower())
 max_bytes = int(m.group(1)) * {"": 1, "k": 1024, "m": 1 << 20, "g": 1 << 30}[m.group(2)]
@@ -368,12 +389,16 @@ for r in rows:
 times = sorted({r["t"] for r in rows})
 t_start = min((t for t in times if t >= warmup), default=times[-1])
 t_end = times[-1]
-# start and end are the medians of the first and the last minute of the
-# measured part (6 samples at the default rate): one sample can land on a
-# moment of the allocator's churn, a few percent above or below its level
-WIN = 60
-start_ts = [t for t in times if t_start <= t < t_start + WIN] or [t_start]
-end_ts = [t for t in times if t_end - WIN < t <= t_end and t >= t_start] or [t_end]
+# start and end are the medians of the first and the last window of the
+# measured part: one sample can land on a moment of the allocator's churn
+# (the second after a burst), a few percent above its level.  A window is
+# enough consecutive samples to see every second of the load's 10-s cycle
+# (lcm(period, 10) / period: 10 at the default 7 s), and at least a minute
+LOAD_CYCLE = 10
+nwin = max(LOAD_CYCLE // math.gcd(period, LOAD_CYCLE), -(-60 // period))
+meas_ts = [t for t in times if t >= t_start]
+start_ts = meas_ts[:nwin] or [t_start]
+end_ts = meas_ts[-nwin:] or [t_end]
 workers = sorted({r["worker"] for r in rows})
 ok = True
 lines = []
@@ -400,8 +425,11 @@ def flat(a, b):
 
 print("\nsamples: %d, every worker every ~%ds; warm-up until t=%ds; measured t=%d..%ds;"
       % (len(times), (times[1] - times[0]) if len(times) > 1 else 0, warmup, t_start, t_end))
-print("start = median of t=%d..%ds, end = median of t=%d..%ds; lowest and highest "
-      "sample of the measured part\n" % (start_ts[0], start_ts[-1], end_ts[0], end_ts[-1]))
+print("start = median of t=%d..%ds, end = median of t=%d..%ds (%d samples each, every "
+      "second of the load's %d-s cycle seen %s); lowest and highest sample of the measured "
+      "part\n" % (start_ts[0], start_ts[-1], end_ts[0], end_ts[-1], nwin, LOAD_CYCLE,
+                  "once" if math.gcd(period, LOAD_CYCLE) == 1 else "NOT evenly: the period "
+                  "shares a factor with the cycle"))
 print("%-8s %-16s %10s %10s %9s %10s %10s" % ("worker", "measure", "start", "end", "change",
                                               "lowest", "highest"))
 for w in workers:
