@@ -401,8 +401,7 @@ sub slow_clients {
     my $sb = $t->log_by_tag($LOG, 'd-slowbody1', 'd-slowbody2');
     is(join(' ', map { $sb->{$_}{st} // '-' } 'd-slowbody1', 'd-slowbody2'), 'ADMITTED ADMITTED',
        '... the slow bodies on the capped location had been admitted (they held slots)');
-    ok($t->wait_until(sub {
-        ($t->metrics->{'deepseek_guard_inflight{zone="llm",class="normal"}'} // -1) == 0 }, 5),
+    ok($t->wait_until(sub { $t->zone_idle('llm') }, 5),
        '... and gave them back when timed out');
 }
 
@@ -456,11 +455,8 @@ sub raw_chat {
     for (@kids) { waitpid($_, 0); push @codes, $? >> 8 }
     is(join('', @codes), '0' x (3 * $N),
        '... every client reset its connection (the streams after their first bytes)');
-    ok($t->wait_until(sub {
-        my $m = $t->metrics;
-        ($m->{'deepseek_guard_inflight{zone="llm",class="normal"}'} // -1) == 0
-            && ($m->{'deepseek_guard_queue_depth{zone="llm",class="normal"}'} // -1) == 0
-    }, 10), '... in-flight and queue depth back to 0');
+    ok($t->wait_until(sub { $t->zone_idle('llm') }, 10),
+       '... in-flight and queue depth back to 0');
     ok($t->wait_until(sub { $t->mock_stats->{inflight} == 0 }, 10),
        '... and the mock saw every stream end');
 
