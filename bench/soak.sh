@@ -11,18 +11,6 @@
 #                 within SOAK_TOLERANCE_PCT (5) of start, either way
 #   shared RSS    RssShmem of every worker (the zones' pages it touched)
 #                 flat within the same tolerance
-#
-# and reports, without checking it, the private part (RssAnon: malloc's
-# heap and nginx's anonymous maps).  The gateway trims each worker's heap
-# every second (deepseek_guard_malloc_trim 1s), so RssAnon follows the
-# pages the heap uses rather than its high-water mark; a leak in the
-# module, jansson, LMDB's own buffers or nginx's pools would grow it.  But
-# in some runs the heap also settles once, at a random time, ~170 kB
-# (about 5% of RssAnon) higher and stays there: the allocator's layout,
-# not a leak (bench/SOAK.md, fifth session).  A start-to-end comparison of
-# ~3.4 MB cannot tell that step from a leak, so it is shown (with a note
-# when it is over the tolerance), and leaks are checked where they can be
-# told apart: SOAK_HEAPTRACK=1 below, and valgrind in ./build.sh test.
 #   zone keys     the keys tracked by the per-key zone, flat
 #   data.mdb      never larger than max_size (SOAK_MAX_SIZE, 4m: small, so
 #                 that the cache fills up early and the run is spent
@@ -31,6 +19,19 @@
 #   workers       the same two pids from start to end, no [alert], [crit],
 #                 [emerg] or "exited on signal" in error.log
 #   load          every answer a 200, or a 429/503 with Retry-After
+#
+# It also reports, without checking it, the private part (RssAnon: malloc's
+# heap and nginx's anonymous maps).  The gateway trims each worker's heap
+# every second (deepseek_guard_malloc_trim 1s), so RssAnon follows the
+# pages the heap uses rather than its high-water mark; a leak in the
+# module, jansson, LMDB's own buffers or nginx's pools would grow it.  But
+# in some runs the heap also settles once, at a random time, ~170 kB
+# (about 5% of RssAnon) higher and stays there: the allocator's layout,
+# not a leak (bench/SOAK.md, fifth session).  A start-to-end comparison of
+# ~3.4 MB cannot tell that step from a leak, so it is shown (its change,
+# a note when over the tolerance, the median of each window), and leaks
+# are checked where they can be told apart: SOAK_HEAPTRACK=1 below, and
+# valgrind in ./build.sh test.
 #
 # The load, open-loop (requests leave on schedule, whatever the answers),
 # per second at SOAK_RATE=1 (about 70 requests/s):
