@@ -26,8 +26,8 @@
 # pages the heap uses rather than its high-water mark; a leak in the
 # module, jansson, LMDB's own buffers or nginx's pools would grow it.  But
 # in some runs the heap also settles once, at a random time, ~170 kB
-# (about 5% of RssAnon) higher and stays there: the allocator's layout,
-# not a leak (bench/SOAK.md, fifth session).  A start-to-end comparison of
+# (about 5% of RssAnon) higher and stays there, where a leak would keep
+# climbing (bench/SOAK.md, fifth session).  A start-to-end comparison of
 # ~3.4 MB cannot tell that step from a leak, so it is shown (its change,
 # a note when over the tolerance, the median of each window), and leaks
 # are checked where they can be told apart: SOAK_HEAPTRACK=1 below, and
