@@ -430,6 +430,9 @@ def check(cond, what):
 def flat(a, b):
     return a > 0 and abs(b - a) <= a * tol / 100
 
+def change(a, b):
+    return (b - a) * 100.0 / a if a else 0.0
+
 print("\nsamples: %d, every worker every ~%ds; warm-up until t=%ds; measured t=%d..%ds;"
       % (len(times), (times[1] - times[0]) if len(times) > 1 else 0, warmup, t_start, t_end))
 print("start = median of t=%d..%ds, end = median of t=%d..%ds (%d samples each, every "
@@ -448,16 +451,15 @@ for w in workers:
     for k in ("rss_kb", "anon_kb", "heap_kb", "file_kb", "shmem_kb", "fds"):
         a[k], b[k] = level(start_ts, w, k), level(end_ts, w, k)
         lo, hi = min(r[k] for r in meas), max(r[k] for r in meas)
-        ch = (b[k] - a[k]) * 100.0 / a[k] if a[k] else 0.0
-        print("%-8d %-16s %10s %10s %+8.1f%% %10s %10s" % (w, k, a[k], b[k], ch, lo, hi))
+        print("%-8d %-16s %10s %10s %+8.1f%% %10s %10s" % (w, k, a[k], b[k], change(a[k], b[k]),
+                                                          lo, hi))
     if w == traced:
         # heaptrack's own buffers live in this worker from the warm-up on
         lines.append("info  worker %d private RSS %d -> %d kB: not checked, heaptrack runs in it"
                      % (w, a["anon_kb"], b["anon_kb"]))
     else:
-        ch = (b["anon_kb"] - a["anon_kb"]) * 100.0 / a["anon_kb"] if a["anon_kb"] else 0.0
         lines.append("info  worker %d private RSS (RssAnon) %d -> %d kB (%+.1f%%): reported, not checked%s"
-                     % (w, a["anon_kb"], b["anon_kb"], ch,
+                     % (w, a["anon_kb"], b["anon_kb"], change(a["anon_kb"], b["anon_kb"]),
                         "" if flat(a["anon_kb"], b["anon_kb"]) else
                         "; over %g%%: see the window medians below and bench/SOAK.md" % tol))
     if w == traced:
@@ -474,7 +476,7 @@ for w in workers:
     else:
         check(b["fds"] <= a["fds"] + 2, "worker %d open files (not sockets) %d -> %d: no descriptor leak" % (w, a["fds"], b["fds"]))
 # the private part window by window: a leak climbs from window to window,
-# the allocator's one-time step moves once and stays
+# the one-time step seen in some runs moves once and stays
 print("\nprivate RSS (RssAnon, kB), the median of each window of %d samples from t=%d s:"
       % (nwin, t_start))
 for w in workers:
