@@ -61,6 +61,63 @@ dsg_json_canonical(const char *in, size_t len, char *out, size_t cap,
 }
 
 
+int
+dsg_json_prescan(const char *in, size_t len, size_t max_values,
+    size_t max_depth)
+{
+    size_t       values, depth;
+    const char  *p, *end;
+
+    values = 1;
+    depth = 0;
+
+    for (p = in, end = in + len; p < end; p++) {
+
+        switch (*p) {
+
+        case '"':
+            /* skip the string: escapes hide quotes */
+            for (p++; p < end && *p != '"'; p++) {
+                if (*p == '\\') {
+                    p++;
+                }
+            }
+
+            break;
+
+        case '[':
+        case '{':
+            if (++depth > max_depth) {
+                return DSG_JSON_ELIMIT;
+            }
+
+            /* fall through */
+
+        case ',':
+        case ':':
+            if (++values > max_values) {
+                return DSG_JSON_ELIMIT;
+            }
+
+            break;
+
+        case ']':
+        case '}':
+            if (depth) {
+                depth--;
+            }
+
+            break;
+
+        default:
+            break;
+        }
+    }
+
+    return DSG_JSON_OK;
+}
+
+
 const char *
 dsg_json_strerror(int rc)
 {
@@ -77,6 +134,9 @@ dsg_json_strerror(int rc)
 
     case DSG_JSON_ENOMEM:
         return "out of memory canonicalizing JSON";
+
+    case DSG_JSON_ELIMIT:
+        return "too many JSON values or too deep to canonicalize";
 
     default:
         return "unknown JSON error";

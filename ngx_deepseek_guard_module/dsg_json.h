@@ -38,6 +38,11 @@
 #define DSG_JSON_EPARSE    -1   /* invalid or rejected input */
 #define DSG_JSON_ESPACE    -2   /* cap too small: *outlen = size needed */
 #define DSG_JSON_ENOMEM    -3   /* jansson could not allocate */
+#define DSG_JSON_ELIMIT    -4   /* prescan: too many values or too deep */
+
+/* the bounds the glue gives dsg_json_prescan() */
+#define DSG_JSON_MAX_VALUES  65536
+#define DSG_JSON_MAX_DEPTH   64
 
 
 /*
@@ -48,6 +53,17 @@
  */
 int dsg_json_canonical(const char *in, size_t len, char *out, size_t cap,
     size_t *outlen);
+
+/*
+ * A cheap bound before dsg_json_canonical(), whose parse costs jansson
+ * about a hundred bytes of heap per value: one pass over the bytes, no
+ * allocation, counting the values an input would make (every '[', '{',
+ * ',' and ':' outside strings, plus one) and its nesting depth.
+ * DSG_JSON_ELIMIT when either exceeds its bound; DSG_JSON_OK otherwise
+ * (the input may still be invalid JSON: the parse decides that).
+ */
+int dsg_json_prescan(const char *in, size_t len, size_t max_values,
+    size_t max_depth);
 
 const char *dsg_json_strerror(int rc);
 

@@ -15,6 +15,7 @@
 #include <openssl/evp.h>
 
 #include "dsg_entry.h"
+#include "dsg_http.h"
 #include "dsg_json.h"
 #include "dsg_store.h"
 
@@ -43,6 +44,12 @@
 #define NGX_HTTP_DSG_SWEEP_ITEMS      256
 #define NGX_HTTP_DSG_JSON_MAX         (1024 * 1024)
 
+/* fill locks: probed in a window of so many slots from the digest's */
+#define NGX_HTTP_DSG_LOCK_PROBES      16
+
+/* an entry's line that is no header: the request's values Vary names */
+#define NGX_HTTP_DSG_VARY_LINE        ":vary:"
+
 #define NGX_HTTP_DSG_BODY_NONE        0
 #define NGX_HTTP_DSG_BODY_READING     1
 #define NGX_HTTP_DSG_BODY_DONE        2
@@ -64,6 +71,11 @@ typedef struct ngx_http_deepseek_guard_cache_ctx_s {
     ngx_uint_t                   waited;
     ngx_uint_t                   lock_timed_out;
     ngx_uint_t                   bypass;
+    ngx_uint_t                   dropped;      /* internal redirect */
+
+    /* what the request carries */
+    ngx_uint_t                   credentials;  /* a credential header */
+    ngx_uint_t                   gzip;         /* Accept-Encoding: gzip */
 
     ngx_str_t                    key;
     u_char                       digest[32];
@@ -76,6 +88,7 @@ typedef struct ngx_http_deepseek_guard_cache_ctx_s {
     ngx_uint_t                   fresh;
     ngx_uint_t                   serve;        /* answer from entry */
     ngx_uint_t                   serving;      /* our answer is going out */
+    ngx_uint_t                   ranges;       /* entry: Accept-Ranges */
 
     /* filling */
     ngx_int_t                    lock;         /* index, -1 none */
@@ -86,11 +99,12 @@ typedef struct ngx_http_deepseek_guard_cache_ctx_s {
     ngx_uint_t                   sse;
     ngx_uint_t                   http_status;
     uint64_t                     ttl;
-    ngx_str_t                    content_type;
+    ngx_str_t                    hdrs;         /* the headers to store */
     ngx_chain_t                 *chain;
     ngx_chain_t                **last;
     size_t                       size;
     off_t                        expect;       /* Content-Length, -1 */
+    ngx_uint_t                   framed;       /* length or chunked */
 
     /* coalescing */
     ngx_queue_t                  wait_link;
@@ -152,6 +166,43 @@ ngx_conf_bitmask_t  ngx_http_deepseek_guard_use_stale_masks[] = {
     { ngx_string("http_429"), NGX_HTTP_DSG_STALE_429 },
     { ngx_string("updating"), NGX_HTTP_DSG_STALE_UPDATING },
     { ngx_null_string, 0 }
+};
+
+
+ngx_conf_enum_t  ngx_http_deepseek_guard_credentials_enum[] = {
+    { ngx_string("separate"), NGX_HTTP_DSG_CRED_SEPARATE },
+    { ngx_string("shared"), NGX_HTTP_DSG_CRED_SHARED },
+    { ngx_null_string, 0 }
+};
+
+
+/*
+ * Request headers that name a client: a response to a request that sends
+ * one may differ by client, so it is kept apart by the key
+ */
+static ngx_str_t  ngx_http_deepseek_guard_credential_headers[] = {
+    ngx_string("Authorization"),
+    ngx_string("Api-Key"),
+    ngx_string("X-Api-Key"),
+    ngx_string("Cookie"),
+    ngx_null_string
+};
+
+
+/* response headers never stored: hop-by-hop, or rebuilt on a hit */
+static ngx_str_t  ngx_http_deepseek_guard_unstored_headers[] = {
+    ngx_string("Connection"),
+    ngx_string("Keep-Alive"),
+    ngx_string("Proxy-Authenticate"),
+    ngx_string("Proxy-Connection"),
+    ngx_string("TE"),
+    ngx_string("Trailer"),
+    ngx_string("Transfer-Encoding"),
+    ngx_string("Upgrade"),
+    ngx_string("Content-Length"),
+    ngx_string("Content-Type"),
+    ngx_string("Date"),
+    ngx_null_string
 };
 
 
@@ -229,10 +280,11 @@ ngx_http_deepseek_guard_cache_ctx(ngx_http_request_t *r,
 
 
 /*
- * Runs in the access phase before admission.  NGX_DECLINED: go on to
- * admission (a miss, or not cacheable); NGX_OK: answered from the cache,
- * skip admission; NGX_DONE: parked (reading the body, or waiting for the
- * request that fills this entry); an HTTP status on error.
+ * Runs at the start of the precontent phase, after every access module,
+ * before admission.  NGX_DECLINED: go on to admission (a miss, or not
+ * cacheable); NGX_OK: answered from the cache, skip admission; NGX_DONE:
+ * parked (reading the body, or waiting for the request that fills this
+ * entry); an HTTP status on error.
  */
 
 ngx_int_t
@@ -245,7 +297,13 @@ ngx_http_deepseek_guard_cache_access(ngx_http_request_t *r,
 
     lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
 
-    if (lcf->cache == NULL) {
+    /*
+     * after an internal redirect (error_page, a named location, try_files'
+     * fallback, X-Accel-Redirect) the request is not the one the client
+     * sent to this location: its key would name another request's answer
+     */
+
+    if (lcf->cache == NULL || r->internal) {
         return NGX_DECLINED;
     }
 
@@ -306,6 +364,19 @@ ngx_http_deepseek_guard_cache_access(ngx_http_request_t *r,
 
     if (rc == NGX_ERROR) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    if (r->headers_in.range && !(rc == NGX_OK && cctx->ranges)) {
+        /*
+         * a part of an answer: nginx cuts it from a stored whole that
+         * says it serves ranges; anything else asks the upstream, and its
+         * answer (a 206, or a whole the range filter trims) is not stored
+         */
+        cctx->looked_up = 1;
+        cctx->have_entry = 0;
+        cctx->status = NGX_HTTP_DSG_CACHE_MISS;
+        (void) ngx_atomic_fetch_add(&lcf->cache->sh->misses, 1);
+        return NGX_DECLINED;
     }
 
     if (rc == NGX_OK) {
@@ -408,13 +479,40 @@ ngx_http_deepseek_guard_cache_alloc(void *pool, size_t n)
 }
 
 
-/* computes the key and its digest, once */
+/* 1 if the header is one of the names, case-insensitively */
+
+static ngx_uint_t
+ngx_http_deepseek_guard_header_in(ngx_table_elt_t *h, ngx_str_t *names)
+{
+    for ( /* void */ ; names->len; names++) {
+        if (h->key.len == names->len
+            && ngx_strncasecmp(h->key.data, names->data, names->len) == 0)
+        {
+            return 1;
+        }
+    }
+
+    return 0;
+}
+
+
+/*
+ * Computes the key and its digest, once.  The key is the configured one
+ * and, for a request that accepts gzip, a mark of it: a gzip answer is
+ * stored only under that mark, so a client that did not ask for gzip
+ * never gets it.
+ */
 
 static ngx_int_t
 ngx_http_deepseek_guard_cache_key(ngx_http_request_t *r,
     ngx_http_deepseek_guard_cache_ctx_t *cctx)
 {
+    u_char                              *p;
+    ngx_str_t                            key;
+    ngx_uint_t                           i;
     unsigned int                         dlen;
+    ngx_list_part_t                     *part;
+    ngx_table_elt_t                     *h;
     ngx_http_deepseek_guard_loc_conf_t  *lcf;
 
     if (cctx->key.data) {
@@ -423,15 +521,198 @@ ngx_http_deepseek_guard_cache_key(ngx_http_request_t *r,
 
     lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
 
-    if (ngx_http_complex_value(r, lcf->cache_key, &cctx->key) != NGX_OK) {
+    part = &r->headers_in.headers.part;
+    h = part->elts;
+
+    for (i = 0; /* void */; i++) {
+
+        if (i >= part->nelts) {
+            if (part->next == NULL) {
+                break;
+            }
+
+            part = part->next;
+            h = part->elts;
+            i = 0;
+        }
+
+        if (ngx_http_deepseek_guard_header_in(&h[i],
+                                  ngx_http_deepseek_guard_credential_headers))
+        {
+            cctx->credentials = 1;
+
+        } else if (h[i].key.len == sizeof("Accept-Encoding") - 1
+                   && ngx_strncasecmp(h[i].key.data,
+                                      (u_char *) "Accept-Encoding",
+                                      h[i].key.len) == 0
+                   && dsg_http_accepts_gzip((char *) h[i].value.data,
+                                            h[i].value.len))
+        {
+            cctx->gzip = 1;
+        }
+    }
+
+    if (ngx_http_complex_value(r, lcf->cache_key, &key) != NGX_OK) {
         return NGX_ERROR;
     }
 
-    if (EVP_Digest(cctx->key.data, cctx->key.len, cctx->digest, &dlen,
-                   EVP_sha256(), NULL)
+    if (cctx->gzip) {
+        /* a line feed is in no variable of a request line or header */
+        p = ngx_pnalloc(r->pool, key.len + sizeof("\ngzip") - 1);
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+
+        key.len = ngx_cpymem(p, key.data, key.len) - p;
+        key.len = ngx_cpymem(p + key.len, "\ngzip", sizeof("\ngzip") - 1) - p;
+        key.data = p;
+    }
+
+    if (EVP_Digest(key.data, key.len, cctx->digest, &dlen, EVP_sha256(),
+                   NULL)
         != 1)
     {
         return NGX_ERROR;
+    }
+
+    cctx->key = key;
+
+    return NGX_OK;
+}
+
+
+/*
+ * The hex SHA-256 of the request's values of the headers a Vary value
+ * names, in the order it names them: equal for two requests the upstream
+ * would answer alike.
+ */
+
+static ngx_int_t
+ngx_http_deepseek_guard_vary_digest(ngx_http_request_t *r, u_char *vary,
+    size_t len, u_char *hex)
+{
+    size_t            n, plen;
+    ngx_uint_t        i, ok;
+    const char       *p, *tok, *par;
+    unsigned int      dlen;
+    EVP_MD_CTX       *md;
+    ngx_list_part_t  *part;
+    ngx_table_elt_t  *h;
+    u_char            digest[32];
+
+    md = EVP_MD_CTX_new();
+    if (md == NULL) {
+        return NGX_ERROR;
+    }
+
+    ok = (EVP_DigestInit_ex(md, EVP_sha256(), NULL) == 1);
+
+    p = (const char *) vary;
+
+    while (ok && dsg_http_list_next(&p, (const char *) vary + len, &tok, &n,
+                                    &par, &plen))
+    {
+        ok = (EVP_DigestUpdate(md, "\0", 1) == 1);
+
+        part = &r->headers_in.headers.part;
+        h = part->elts;
+
+        for (i = 0; ok; i++) {
+
+            if (i >= part->nelts) {
+                if (part->next == NULL) {
+                    break;
+                }
+
+                part = part->next;
+                h = part->elts;
+                i = 0;
+            }
+
+            if (h[i].key.len == n
+                && ngx_strncasecmp(h[i].key.data, (u_char *) tok, n) == 0)
+            {
+                ok = (EVP_DigestUpdate(md, h[i].value.data, h[i].value.len)
+                      == 1
+                      && EVP_DigestUpdate(md, "\n", 1) == 1);
+            }
+        }
+    }
+
+    ok = ok && (EVP_DigestFinal_ex(md, digest, &dlen) == 1);
+
+    EVP_MD_CTX_free(md);
+
+    if (!ok) {
+        return NGX_ERROR;
+    }
+
+    ngx_hex_dump(hex, digest, 32);
+
+    return NGX_OK;
+}
+
+
+/*
+ * Reads what an entry's headers say of its reuse: whether it serves
+ * ranges, and whether the request has the values its Vary names.
+ * NGX_OK: it may answer this request; NGX_DECLINED: it may not.
+ */
+
+static ngx_int_t
+ngx_http_deepseek_guard_cache_usable(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_cache_ctx_t *cctx, dsg_entry_t *e)
+{
+    u_char     *p, *last, *eol, *vary, *stored;
+    size_t      len;
+    u_char      hex[64];
+
+    cctx->ranges = 0;
+    vary = NULL;
+    stored = NULL;
+    len = 0;
+
+    p = (u_char *) e->hdrs;
+    last = p + e->hdrs_len;
+
+    for ( /* void */ ; p < last; p = eol + 2) {
+        eol = ngx_strlchr(p, last, '\r');
+        if (eol == NULL) {
+            eol = last;
+        }
+
+        if ((size_t) (eol - p) == sizeof(NGX_HTTP_DSG_VARY_LINE) - 1 + 64
+            && ngx_strncmp(p, NGX_HTTP_DSG_VARY_LINE,
+                           sizeof(NGX_HTTP_DSG_VARY_LINE) - 1) == 0)
+        {
+            stored = p + sizeof(NGX_HTTP_DSG_VARY_LINE) - 1;
+            continue;
+        }
+
+        if (eol - p > 5 && ngx_strncasecmp(p, (u_char *) "Vary:", 5) == 0) {
+            /* the store joins every Vary line into one */
+            vary = p + 5;
+            len = eol - vary;
+            continue;
+        }
+
+        if (eol - p >= 20
+            && ngx_strncasecmp(p, (u_char *) "Accept-Ranges:", 14) == 0
+            && ngx_strlcasestrn(p + 14, eol, (u_char *) "bytes", 5 - 1))
+        {
+            cctx->ranges = 1;
+        }
+    }
+
+    if (vary == NULL) {
+        return NGX_OK;
+    }
+
+    if (stored == NULL
+        || ngx_http_deepseek_guard_vary_digest(r, vary, len, hex) != NGX_OK
+        || ngx_memcmp(hex, stored, 64) != 0)
+    {
+        return NGX_DECLINED;
     }
 
     return NGX_OK;
@@ -501,6 +782,11 @@ ngx_http_deepseek_guard_cache_lookup(ngx_http_request_t *r,
         return NGX_DECLINED;
     }
 
+    if (ngx_http_deepseek_guard_cache_usable(r, cctx, &e) != NGX_OK) {
+        /* another variant: a miss, and its answer replaces the entry */
+        return NGX_DECLINED;
+    }
+
     cctx->entry = e;
     cctx->have_entry = 1;
     cctx->fresh = (now < e.expires_ms);
@@ -510,8 +796,30 @@ ngx_http_deepseek_guard_cache_lookup(ngx_http_request_t *r,
 
 
 /*
- * Takes the fill lock of the entry: NGX_OK, we fill it; NGX_BUSY, another
- * live request does.  A lock whose deadline passed is taken over.
+ * A digest's fill lock lives in a window of NGX_HTTP_DSG_LOCK_PROBES slots
+ * from the slot its digest names: a lookup reads the window only, O(1)
+ * whatever the size of the table.  The slot and window size of a digest.
+ */
+
+static ngx_uint_t
+ngx_http_deepseek_guard_lock_window(ngx_http_deepseek_guard_cache_t *cache,
+    u_char *digest, ngx_uint_t *h)
+{
+    ngx_uint_t  n;
+
+    n = cache->sh->nlocks;
+
+    ngx_memcpy(h, digest, sizeof(ngx_uint_t));
+    *h %= n;
+
+    return ngx_min(n, NGX_HTTP_DSG_LOCK_PROBES);
+}
+
+
+/*
+ * Takes the fill lock of the entry: NGX_OK, we fill it (or, with no free
+ * slot in the window, fill without coalescing); NGX_BUSY, another live
+ * request does.  A lock whose deadline passed is taken over.
  */
 
 static ngx_int_t
@@ -519,7 +827,7 @@ ngx_http_deepseek_guard_cache_lock(ngx_http_request_t *r,
     ngx_http_deepseek_guard_cache_ctx_t *cctx)
 {
     ngx_int_t                            rc;
-    ngx_uint_t                           i, h, n, free;
+    ngx_uint_t                           i, h, n, free, w;
     ngx_http_deepseek_guard_lock_t      *lk;
     ngx_http_deepseek_guard_cache_t     *cache;
     ngx_http_deepseek_guard_loc_conf_t  *lcf;
@@ -527,15 +835,14 @@ ngx_http_deepseek_guard_cache_lock(ngx_http_request_t *r,
     lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
     cache = cctx->cache;
     n = cache->sh->nlocks;
-
-    ngx_memcpy(&h, cctx->digest, sizeof(ngx_uint_t));
+    w = ngx_http_deepseek_guard_lock_window(cache, cctx->digest, &h);
 
     rc = NGX_OK;
     free = n;
 
     ngx_shmtx_lock(&cache->shpool->mutex);
 
-    for (i = 0; i < n; i++) {
+    for (i = 0; i < w; i++) {
         lk = &cache->sh->locks[(h + i) % n];
 
         if (lk->pid == 0) {
@@ -620,7 +927,7 @@ ngx_http_deepseek_guard_cache_unlock(ngx_http_deepseek_guard_cache_ctx_t *cctx)
 static void
 ngx_http_deepseek_guard_cache_poll(ngx_event_t *ev)
 {
-    ngx_uint_t                            i, n, h, busy;
+    ngx_uint_t                            i, n, h, w, busy;
     ngx_queue_t                          *q, *next;
     ngx_connection_t                     *c;
     ngx_http_request_t                   *r;
@@ -641,11 +948,11 @@ ngx_http_deepseek_guard_cache_poll(ngx_event_t *ev)
 
         busy = 0;
         n = cache->sh->nlocks;
-        ngx_memcpy(&h, cctx->digest, sizeof(ngx_uint_t));
+        w = ngx_http_deepseek_guard_lock_window(cache, cctx->digest, &h);
 
         ngx_shmtx_lock(&cache->shpool->mutex);
 
-        for (i = 0; i < n; i++) {
+        for (i = 0; i < w; i++) {
             lk = &cache->sh->locks[(h + i) % n];
 
             if (lk->pid != 0
@@ -689,6 +996,43 @@ ngx_http_deepseek_guard_cache_poll(ngx_event_t *ev)
 }
 
 
+/*
+ * An internal redirect took the request to another location: the cache's
+ * decision was for the one left behind.  Nothing is answered from it or
+ * stored, and a waiter for this entry need not wait for this request.
+ */
+
+void
+ngx_http_deepseek_guard_cache_drop(ngx_http_deepseek_guard_ctx_t *ctx)
+{
+    ngx_http_deepseek_guard_cache_ctx_t  *cctx;
+
+    cctx = ctx->cache;
+
+    if (cctx == NULL || cctx->dropped) {
+        return;
+    }
+
+    if (cctx->waiting) {
+        ngx_queue_remove(&cctx->wait_link);
+        ngx_http_deepseek_guard_cache_nwaiters--;
+        cctx->waiting = 0;
+    }
+
+    cctx->dropped = 1;
+    cctx->looked_up = 1;
+    cctx->have_entry = 0;
+    cctx->serve = 0;
+    cctx->store = 0;
+    cctx->capture = 0;
+    cctx->replacing = 0;
+
+    if (cctx->cache) {
+        ngx_http_deepseek_guard_cache_unlock(cctx);
+    }
+}
+
+
 /* the guard would reject: answer with a stale entry if allowed */
 
 ngx_int_t
@@ -724,13 +1068,33 @@ ngx_http_deepseek_guard_cache_overload(ngx_http_request_t *r)
 }
 
 
+/*
+ * Where the cache may answer, the guard's decision runs here, after the
+ * access phase (see the access handler); a hit is sent from here, before
+ * the location's content handler (proxy_pass) could run.
+ */
+
 static ngx_int_t
 ngx_http_deepseek_guard_precontent_handler(ngx_http_request_t *r)
 {
-    ngx_http_deepseek_guard_ctx_t  *ctx;
+    ngx_int_t                            rc;
+    ngx_http_deepseek_guard_ctx_t       *ctx;
+    ngx_http_deepseek_guard_loc_conf_t  *lcf;
 
     if (r != r->main) {
         return NGX_DECLINED;
+    }
+
+    lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
+
+    if (lcf->cache == NULL) {
+        return NGX_DECLINED;
+    }
+
+    rc = ngx_http_deepseek_guard_decide(r);
+
+    if (rc != NGX_DECLINED) {
+        return rc;
     }
 
     ctx = ngx_http_get_module_ctx(r, ngx_http_deepseek_guard_module);
@@ -750,16 +1114,26 @@ ngx_http_deepseek_guard_precontent_handler(ngx_http_request_t *r)
 }
 
 
-/* sets the response headers of the entry; the body follows */
+/*
+ * Sets the response headers of the entry, as the upstream's came through
+ * proxy: nginx's own filters (not_modified, range, gzip, charset) then
+ * treat a hit as they treat the upstream's answer.  The body follows.
+ */
 
 static ngx_int_t
 ngx_http_deepseek_guard_cache_set_headers(ngx_http_request_t *r,
     ngx_http_deepseek_guard_cache_ctx_t *cctx)
 {
-    u_char       *p, *last, *colon, *eol;
-    ngx_str_t     name, value;
+    u_char           *p, *last, *colon, *eol;
+    ngx_str_t         name, value;
+    ngx_table_elt_t  *h;
+
+#define ngx_http_dsg_is(name, s)                                             \
+    ((name).len == sizeof(s) - 1                                            \
+     && ngx_strncasecmp((name).data, (u_char *) s, sizeof(s) - 1) == 0)
 
     r->headers_out.status = cctx->entry.status;
+    r->allow_ranges = 0;
     r->headers_out.content_length_n = cctx->entry.body_len;
     r->headers_out.content_length = NULL;
     r->headers_out.content_type.len = 0;
@@ -790,17 +1164,52 @@ ngx_http_deepseek_guard_cache_set_headers(ngx_http_request_t *r,
                 value.len--;
             }
 
-            if (name.len == sizeof("Content-Type") - 1
-                && ngx_strncasecmp(name.data, (u_char *) "Content-Type",
-                                   name.len) == 0)
-            {
+            if (name.len == 0) {
+                /* not a header: the store's own line */
+
+            } else if (ngx_http_dsg_is(name, "Content-Type")) {
                 r->headers_out.content_type = value;
                 r->headers_out.content_type_len = value.len;
+
+            } else if (ngx_http_dsg_is(name, "Accept-Ranges")) {
+                /* the range filter says it again when it may cut ranges */
+                r->allow_ranges = cctx->ranges;
+
+            } else {
+                h = ngx_list_push(&r->headers_out.headers);
+                if (h == NULL) {
+                    return NGX_ERROR;
+                }
+
+                h->hash = 1;
+                h->key = name;
+                h->value = value;
+                h->lowcase_key = NULL;
+#if (nginx_version >= 1023000)
+                h->next = NULL;
+#endif
+
+                if (ngx_http_dsg_is(name, "Content-Encoding")) {
+                    r->headers_out.content_encoding = h;
+
+                } else if (ngx_http_dsg_is(name, "Last-Modified")) {
+                    r->headers_out.last_modified = h;
+                    r->headers_out.last_modified_time =
+                                    ngx_parse_http_time(value.data, value.len);
+
+                } else if (ngx_http_dsg_is(name, "ETag")) {
+                    r->headers_out.etag = h;
+
+                } else if (ngx_http_dsg_is(name, "Location")) {
+                    r->headers_out.location = h;
+                }
             }
         }
 
         p = eol + 2;
     }
+
+#undef ngx_http_dsg_is
 
     return NGX_OK;
 }
@@ -838,7 +1247,10 @@ ngx_http_deepseek_guard_cache_send(ngx_http_request_t *r,
     cctx->serving = 1;
 
     ngx_http_clean_header(r);
-    ngx_http_deepseek_guard_cache_set_headers(r, cctx);
+
+    if (ngx_http_deepseek_guard_cache_set_headers(r, cctx) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
 
     b = ngx_http_deepseek_guard_cache_body_buf(r, cctx);
     if (b == NULL) {
@@ -888,23 +1300,28 @@ ngx_http_deepseek_guard_cache_status_header(ngx_http_request_t *r,
  * The TTL an upstream response allows, in ms; 0: do not store.  Whatever
  * the order of the header lines: Set-Cookie forbids storing, then
  * X-Accel-Expires wins, then Cache-Control no-store, private or max-age=0
- * forbid it, and max-age sets the TTL of a status with a valid line.
+ * forbid it, and s-maxage (a shared cache's own) or max-age sets the TTL
+ * of a status with a valid line.  *shared: the response says any client
+ * may have it (public, s-maxage or must-revalidate, RFC 9111 3.5).
  */
 
 static uint64_t
 ngx_http_deepseek_guard_cache_ttl(ngx_http_request_t *r,
-    ngx_http_deepseek_guard_loc_conf_t *lcf, ngx_uint_t status)
+    ngx_http_deepseek_guard_loc_conf_t *lcf, ngx_uint_t status,
+    ngx_uint_t *shared)
 {
-    u_char                           *p, *last;
-    ngx_int_t                         n, maxage;
-    ngx_uint_t                        i, found, forbid, xae;
+    int64_t                           age;
+    ngx_int_t                         n;
+    ngx_uint_t                        i, found, xae;
     uint64_t                          ttl, xttl;
+    dsg_http_cc_t                     cc;
     ngx_list_part_t                  *part;
     ngx_table_elt_t                  *h;
     ngx_http_deepseek_guard_valid_t  *v;
 
     ttl = 0;
     found = 0;
+    *shared = 0;
 
     if (lcf->cache_valid) {
         v = lcf->cache_valid->elts;
@@ -924,8 +1341,7 @@ ngx_http_deepseek_guard_cache_ttl(ngx_http_request_t *r,
 
     xae = 0;
     xttl = 0;
-    forbid = 0;
-    maxage = 0;
+    dsg_http_cc_init(&cc);
 
     part = &r->upstream->headers_in.headers.part;
     h = part->elts;
@@ -977,46 +1393,20 @@ ngx_http_deepseek_guard_cache_ttl(ngx_http_request_t *r,
             continue;
         }
 
+        /*
+         * no-cache only asks for revalidation, and every LLM event stream
+         * carries it: only no-store and private forbid storing
+         */
+
         if (h[i].key.len == sizeof("Cache-Control") - 1
             && ngx_strncasecmp(h[i].key.data, (u_char *) "Cache-Control",
                                h[i].key.len) == 0)
         {
-            p = h[i].value.data;
-            last = p + h[i].value.len;
-
-            /*
-             * no-cache only asks for revalidation, and every LLM event
-             * stream carries it: only no-store and private forbid storing
-             */
-
-            if (ngx_strlcasestrn(p, last, (u_char *) "no-store", 8 - 1)
-                || ngx_strlcasestrn(p, last, (u_char *) "private", 7 - 1))
-            {
-                forbid = 1;
-                continue;
-            }
-
-            p = ngx_strlcasestrn(p, last, (u_char *) "max-age=", 8 - 1);
-            if (p) {
-                p += 8;
-                n = 0;
-
-                while (p < last && *p >= '0' && *p <= '9') {
-                    n = n * 10 + (*p++ - '0');
-                    if (n > 100000000) {
-                        break;
-                    }
-                }
-
-                if (n == 0) {
-                    forbid = 1;
-
-                } else {
-                    maxage = n;
-                }
-            }
+            dsg_http_cc_parse((char *) h[i].value.data, h[i].value.len, &cc);
         }
     }
+
+    *shared = cc.public_ || cc.must_revalidate || cc.s_maxage >= 0;
 
     /* X-Accel-Expires wins over everything else */
 
@@ -1024,22 +1414,253 @@ ngx_http_deepseek_guard_cache_ttl(ngx_http_request_t *r,
         return xttl;
     }
 
-    if (forbid) {
+    if (cc.no_store || cc.private_) {
         return 0;
     }
 
-    if (maxage && found) {
-        ttl = (uint64_t) maxage * 1000;
+    age = (cc.s_maxage >= 0) ? cc.s_maxage : cc.max_age;
+
+    if (age == 0) {
+        return 0;
+    }
+
+    if (age > 0 && found) {
+        ttl = (uint64_t) age * 1000;
     }
 
     return ttl;
 }
 
 
+/*
+ * Whether the response in r->headers_out may be stored for this request,
+ * past its TTL: NGX_OK, with the headers to store in cctx->hdrs;
+ * NGX_DECLINED, not storable (the reason at debug level).
+ */
+
+static ngx_int_t
+ngx_http_deepseek_guard_cache_storable(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_cache_ctx_t *cctx, ngx_uint_t shared)
+{
+    u_char                              *p;
+    size_t                               len, vlen;
+    ngx_uint_t                           i, nvary;
+    ngx_str_t                            why;
+    ngx_list_part_t                     *part;
+    ngx_table_elt_t                     *h;
+    ngx_http_deepseek_guard_loc_conf_t  *lcf;
+    u_char                              *vary;
+
+    lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
+
+    if (r->headers_out.status == NGX_HTTP_PARTIAL_CONTENT
+        || r->headers_in.range)
+    {
+        /* a part: never a whole answer to another request */
+        ngx_str_set(&why, "a range");
+        goto no;
+    }
+
+    if (cctx->credentials && !lcf->key_has_auth && !shared
+        && lcf->credentials != NGX_HTTP_DSG_CRED_SHARED)
+    {
+        ngx_str_set(&why, "credentials the key does not name");
+        goto no;
+    }
+
+    if (r->upstream
+        && r->upstream->headers_in.content_length_n < 0
+        && !r->upstream->headers_in.chunked
+        && !r->header_only
+        && !(r->headers_out.content_type.len >= 17
+             && ngx_strncasecmp(r->headers_out.content_type.data,
+                                (u_char *) "text/event-stream", 17) == 0))
+    {
+        /* ended by the connection's close: a cut looks like the end */
+        ngx_str_set(&why, "a close-delimited body");
+        goto no;
+    }
+
+    /* the headers to keep: their size first, then the bytes */
+
+    len = sizeof("Content-Type: \r\n") - 1 + r->headers_out.content_type.len
+          + sizeof(NGX_HTTP_DSG_VARY_LINE) - 1 + 64 + 2
+          + sizeof("Vary: \r\n") - 1;
+    vlen = 0;
+    nvary = 0;
+
+    part = &r->headers_out.headers.part;
+    h = part->elts;
+
+    for (i = 0; /* void */; i++) {
+
+        if (i >= part->nelts) {
+            if (part->next == NULL) {
+                break;
+            }
+
+            part = part->next;
+            h = part->elts;
+            i = 0;
+        }
+
+        if (h[i].hash == 0) {
+            continue;
+        }
+
+        if (h[i].key.len == sizeof("Content-Encoding") - 1
+            && ngx_strncasecmp(h[i].key.data, (u_char *) "Content-Encoding",
+                               h[i].key.len) == 0
+            && !(h[i].value.len == 8
+                 && ngx_strncasecmp(h[i].value.data, (u_char *) "identity",
+                                    8) == 0)
+            && !(cctx->gzip && h[i].value.len == 4
+                 && ngx_strncasecmp(h[i].value.data, (u_char *) "gzip", 4)
+                    == 0))
+        {
+            /* only gzip, and only for a request that accepts it */
+            ngx_str_set(&why, "an encoding");
+            goto no;
+        }
+
+        if (h[i].key.len == sizeof("Vary") - 1
+            && ngx_strncasecmp(h[i].key.data, (u_char *) "Vary", 4) == 0)
+        {
+            if (dsg_http_vary_star((char *) h[i].value.data, h[i].value.len))
+            {
+                ngx_str_set(&why, "Vary: *");
+                goto no;
+            }
+
+            vlen += h[i].value.len + 2;
+            nvary++;
+            continue;
+        }
+
+        if (ngx_http_deepseek_guard_header_in(&h[i],
+                                    ngx_http_deepseek_guard_unstored_headers))
+        {
+            continue;
+        }
+
+        len += h[i].key.len + 2 + h[i].value.len + 2;
+    }
+
+    len += vlen;
+
+    p = ngx_pnalloc(r->pool, len);
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    cctx->hdrs.data = p;
+
+    if (r->headers_out.content_type.len) {
+        p = ngx_sprintf(p, "Content-Type: %V\r\n",
+                        &r->headers_out.content_type);
+    }
+
+    vary = NULL;
+
+    if (nvary) {
+        /* every Vary line in one, and the request's values it names */
+        p = ngx_cpymem(p, "Vary: ", sizeof("Vary: ") - 1);
+        vary = p;
+    }
+
+    part = &r->headers_out.headers.part;
+    h = part->elts;
+
+    for (i = 0; /* void */; i++) {
+
+        if (i >= part->nelts) {
+            if (part->next == NULL) {
+                break;
+            }
+
+            part = part->next;
+            h = part->elts;
+            i = 0;
+        }
+
+        if (h[i].hash == 0
+            || !(h[i].key.len == 4
+                 && ngx_strncasecmp(h[i].key.data, (u_char *) "Vary", 4)
+                    == 0))
+        {
+            continue;
+        }
+
+        if (p != vary) {
+            *p++ = ',';
+            *p++ = ' ';
+        }
+
+        p = ngx_cpymem(p, h[i].value.data, h[i].value.len);
+    }
+
+    if (nvary) {
+        vlen = p - vary;
+        *p++ = '\r';
+        *p++ = '\n';
+
+        p = ngx_cpymem(p, NGX_HTTP_DSG_VARY_LINE,
+                       sizeof(NGX_HTTP_DSG_VARY_LINE) - 1);
+
+        if (ngx_http_deepseek_guard_vary_digest(r, vary, vlen, p) != NGX_OK) {
+            return NGX_ERROR;
+        }
+
+        p += 64;
+        *p++ = '\r';
+        *p++ = '\n';
+    }
+
+    part = &r->headers_out.headers.part;
+    h = part->elts;
+
+    for (i = 0; /* void */; i++) {
+
+        if (i >= part->nelts) {
+            if (part->next == NULL) {
+                break;
+            }
+
+            part = part->next;
+            h = part->elts;
+            i = 0;
+        }
+
+        if (h[i].hash == 0
+            || (h[i].key.len == 4
+                && ngx_strncasecmp(h[i].key.data, (u_char *) "Vary", 4) == 0)
+            || ngx_http_deepseek_guard_header_in(&h[i],
+                                    ngx_http_deepseek_guard_unstored_headers))
+        {
+            continue;
+        }
+
+        p = ngx_sprintf(p, "%V: %V\r\n", &h[i].key, &h[i].value);
+    }
+
+    cctx->hdrs.len = p - cctx->hdrs.data;
+
+    return NGX_OK;
+
+no:
+
+    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                   "deepseek_guard cache: not stored: %V", &why);
+
+    return NGX_DECLINED;
+}
+
+
 static ngx_int_t
 ngx_http_deepseek_guard_header_filter(ngx_http_request_t *r)
 {
-    ngx_uint_t                            status, mask;
+    ngx_int_t                             rc;
+    ngx_uint_t                            status, mask, shared;
     ngx_http_deepseek_guard_ctx_t        *ctx;
     ngx_http_deepseek_guard_cache_ctx_t  *cctx;
     ngx_http_deepseek_guard_loc_conf_t   *lcf;
@@ -1104,8 +1725,6 @@ ngx_http_deepseek_guard_header_filter(ngx_http_request_t *r)
                 return NGX_ERROR;
             }
 
-            ngx_http_deepseek_guard_cache_set_headers(r, cctx);
-
             /*
              * the upstream's status line ("503 Service Unavailable") would
              * go out instead of the entry's status, and nginx's own error
@@ -1119,7 +1738,22 @@ ngx_http_deepseek_guard_header_filter(ngx_http_request_t *r)
             r->headers_out.refresh = NULL;
             r->headers_out.content_encoding = NULL;
             r->headers_out.accept_ranges = NULL;
+            r->headers_out.etag = NULL;
+            r->headers_out.expires = NULL;
+#if (nginx_version >= 1023000)
+            r->headers_out.cache_control = NULL;
+            r->headers_out.link = NULL;
+#else
+            r->headers_out.cache_control.nelts = 0;
+            r->headers_out.link.nelts = 0;
+#endif
             r->keepalive = 0;
+
+            if (ngx_http_deepseek_guard_cache_set_headers(r, cctx) != NGX_OK)
+            {
+                return NGX_ERROR;
+            }
+
             r->header_only = (r->method == NGX_HTTP_HEAD);
 
             if (ngx_http_deepseek_guard_cache_status_header(r, cctx)
@@ -1144,16 +1778,25 @@ ngx_http_deepseek_guard_header_filter(ngx_http_request_t *r)
          * an upstream answer: never stored, even with "valid any"
          */
         cctx->ttl = r->err_status
-                    ? 0 : ngx_http_deepseek_guard_cache_ttl(r, lcf, status);
+                    ? 0 : ngx_http_deepseek_guard_cache_ttl(r, lcf, status,
+                                                            &shared);
+
+        rc = NGX_DECLINED;
 
         if (cctx->ttl > 0
             && (r->headers_out.content_length_n < 0
                 || (size_t) r->headers_out.content_length_n
                    <= lcf->max_entry_size))
         {
+            rc = ngx_http_deepseek_guard_cache_storable(r, cctx, shared);
+            if (rc == NGX_ERROR) {
+                return NGX_ERROR;
+            }
+        }
+
+        if (rc == NGX_OK) {
             cctx->capture = 1;
             cctx->http_status = status;
-            cctx->content_type = r->headers_out.content_type;
             cctx->sse = (r->headers_out.content_type.len >= 17
                          && ngx_strncasecmp(r->headers_out.content_type.data,
                                             (u_char *) "text/event-stream",
@@ -1333,7 +1976,7 @@ ngx_http_deepseek_guard_cache_store(ngx_http_request_t *r,
     ngx_http_deepseek_guard_cache_ctx_t *cctx)
 {
     int                                  rc;
-    u_char                              *p, *hdrs, *s, tail[64];
+    u_char                              *p, *s, tail[64];
     size_t                               size, n, tlen;
     uint64_t                             now;
     ngx_uint_t                           level;
@@ -1395,16 +2038,16 @@ ngx_http_deepseek_guard_cache_store(ngx_http_request_t *r,
         }
     }
 
-    hdrs = ngx_pnalloc(r->pool, sizeof("Content-Type: \r\n") - 1
-                                + cctx->content_type.len);
-    if (hdrs == NULL) {
+    if (!cctx->sse && cctx->expect >= 0
+        && cctx->size != (size_t) cctx->expect)
+    {
+        /* the upstream said more (or less) than it sent */
+        ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                      "deepseek_guard cache \"%V\": body of %uz bytes, "
+                      "Content-Length %O: not stored", &cache->name,
+                      cctx->size, cctx->expect);
+        (void) ngx_atomic_fetch_add(&cache->sh->not_cacheable, 1);
         return;
-    }
-
-    p = hdrs;
-
-    if (cctx->content_type.len) {
-        p = ngx_sprintf(p, "Content-Type: %V\r\n", &cctx->content_type);
     }
 
     now = ngx_http_deepseek_guard_now_ms();
@@ -1417,8 +2060,8 @@ ngx_http_deepseek_guard_cache_store(ngx_http_request_t *r,
     e.stale_until_ms = e.expires_ms + cache->inactive;
     e.key = cctx->key.data;
     e.key_len = cctx->key.len;
-    e.hdrs = hdrs;
-    e.hdrs_len = p - hdrs;
+    e.hdrs = cctx->hdrs.data;
+    e.hdrs_len = cctx->hdrs.len;
     e.body_len = cctx->size;
 
     size = dsg_entry_size(e.key_len, e.hdrs_len, e.body_len);
@@ -1901,6 +2544,13 @@ ngx_http_deepseek_guard_cache_path(ngx_conf_t *cf, ngx_command_t *cmd,
             }
 
             name.len = p - name.data;
+
+            if (ngx_http_deepseek_guard_check_name(cf, &name, "cache")
+                != NGX_OK)
+            {
+                return NGX_CONF_ERROR;
+            }
+
             s.data = p + 1;
             s.len = value[i].data + value[i].len - s.data;
 
@@ -2034,6 +2684,39 @@ ngx_http_deepseek_guard_cache(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 }
 
 
+/*
+ * deepseek_guard_cache_key string;  A key that names
+ * $deepseek_guard_auth_sha256 keeps the answers of different credentials
+ * apart; with any other, an answer to a request with credentials is
+ * stored only when the upstream or the operator says it may be shared.
+ */
+
+char *
+ngx_http_deepseek_guard_cache_key_slot(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
+{
+    ngx_http_deepseek_guard_loc_conf_t *lcf = conf;
+
+    char       *rv;
+    ngx_str_t  *value;
+
+    rv = ngx_http_set_complex_value_slot(cf, cmd, conf);
+    if (rv != NGX_CONF_OK) {
+        return rv;
+    }
+
+    value = cf->args->elts;
+
+    lcf->key_has_auth = (ngx_strlcasestrn(value[1].data,
+                               value[1].data + value[1].len,
+                               (u_char *) "deepseek_guard_auth_sha256",
+                               sizeof("deepseek_guard_auth_sha256") - 2)
+                         != NULL);
+
+    return NGX_CONF_OK;
+}
+
+
 /* deepseek_guard_cache_valid [code ...|any] <time>; */
 
 char *
@@ -2123,6 +2806,7 @@ ngx_http_deepseek_guard_cache_merge(ngx_conf_t *cf,
 
     if (conf->cache_key == NULL) {
         conf->cache_key = prev->cache_key;
+        conf->key_has_auth = prev->key_has_auth;
     }
 
     if (conf->cache_key == NULL) {
@@ -2133,6 +2817,7 @@ ngx_http_deepseek_guard_cache_merge(ngx_conf_t *cf,
         }
 
         ngx_str_set(&v, "$request_method|$scheme://$host$request_uri|"
+                        "$deepseek_guard_auth_sha256|"
                         "$deepseek_guard_body_sha256");
 
         ngx_memzero(&ccv, sizeof(ngx_http_compile_complex_value_t));
@@ -2145,6 +2830,8 @@ ngx_http_deepseek_guard_cache_merge(ngx_conf_t *cf,
         }
 
         prev->cache_key = conf->cache_key;
+        conf->key_has_auth = 1;
+        prev->key_has_auth = 1;
     }
 
     if (conf->cache_valid == NULL) {
@@ -2164,6 +2851,8 @@ ngx_http_deepseek_guard_cache_merge(ngx_conf_t *cf,
                               1024 * 1024);
     ngx_conf_merge_value(conf->json_canonical, prev->json_canonical, 0);
     ngx_conf_merge_str_value(conf->status_header, prev->status_header, "");
+    ngx_conf_merge_uint_value(conf->credentials, prev->credentials,
+                              NGX_HTTP_DSG_CRED_SEPARATE);
     ngx_conf_merge_bitmask_value(conf->methods, prev->methods,
                                  (NGX_CONF_BITMASK_SET|NGX_HTTP_GET
                                   |NGX_HTTP_HEAD|NGX_HTTP_POST));
@@ -2240,7 +2929,11 @@ ngx_http_deepseek_guard_body_sha(ngx_http_request_t *r,
                                 : (size_t) (b->last - b->pos);
         }
 
-        /* canonical JSON needs the whole body at once: bounded */
+        /*
+         * canonical JSON needs the whole body at once, and jansson's parse
+         * about a hundred bytes of heap per value: bounded by size here,
+         * by values and depth in the prescan
+         */
         if (lcf->json_canonical && total <= NGX_HTTP_DSG_JSON_MAX) {
             all = ngx_pnalloc(r->pool, total + 1);
             if (all == NULL) {
@@ -2286,6 +2979,22 @@ ngx_http_deepseek_guard_body_sha(ngx_http_request_t *r,
                     goto failed;
                 }
             }
+        }
+
+        if (all
+            && dsg_json_prescan((char *) all, len, DSG_JSON_MAX_VALUES,
+                                DSG_JSON_MAX_DEPTH)
+               != DSG_JSON_OK)
+        {
+            ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                          "deepseek_guard cache: request body has too many "
+                          "JSON values to canonicalize, keyed on its bytes");
+
+            if (EVP_DigestUpdate(md, all, len) != 1) {
+                goto failed;
+            }
+
+            all = NULL;
         }
 
         if (all) {
@@ -2355,6 +3064,21 @@ ngx_http_deepseek_guard_body_sha_variable(ngx_http_request_t *r,
     ctx = ngx_http_deepseek_guard_get_ctx(r);
     cctx = (ctx && ctx->cache) ? ctx->cache : NULL;
 
+    /*
+     * never cached by nginx: evaluated before the body is in (a "set" in
+     * the rewrite phase, say), it would freeze the digest of nothing
+     */
+    v->no_cacheable = 1;
+
+    if (r->main->request_body == NULL
+        && (r->main->headers_in.content_length_n > 0
+            || r->main->headers_in.chunked))
+    {
+        /* the body is not read yet: no digest to give */
+        v->not_found = 1;
+        return NGX_OK;
+    }
+
     if (cctx == NULL) {
         ngx_memzero(&tmp, sizeof(tmp));
         cctx = &tmp;
@@ -2374,33 +3098,74 @@ ngx_http_deepseek_guard_body_sha_variable(ngx_http_request_t *r,
     ngx_memcpy(v->data, cctx->body_sha, 64);
     v->len = 64;
     v->valid = 1;
-    v->no_cacheable = 0;
     v->not_found = 0;
 
     return NGX_OK;
 }
 
 
-/* $deepseek_guard_auth_sha256: keys the cache per customer, not by secret */
+/*
+ * $deepseek_guard_auth_sha256: keys the cache per customer, not by secret.
+ * The SHA-256 of the empty string for a request without credentials, else
+ * of every credential header's "name: value" line, in the order of
+ * ngx_http_deepseek_guard_credential_headers.
+ */
 
 static ngx_int_t
 ngx_http_deepseek_guard_auth_sha_variable(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data)
 {
-    u_char        digest[32];
-    ngx_str_t     auth;
-    unsigned int  dlen;
+    ngx_uint_t        i, ok;
+    ngx_str_t        *name;
+    unsigned int      dlen;
+    EVP_MD_CTX       *md;
+    ngx_list_part_t  *part;
+    ngx_table_elt_t  *h;
+    u_char            digest[32];
 
-    auth.len = 0;
-    auth.data = (u_char *) "";
-
-    if (r->headers_in.authorization) {
-        auth = r->headers_in.authorization->value;
+    md = EVP_MD_CTX_new();
+    if (md == NULL) {
+        return NGX_ERROR;
     }
 
-    if (EVP_Digest(auth.data, auth.len, digest, &dlen, EVP_sha256(), NULL)
-        != 1)
+    ok = (EVP_DigestInit_ex(md, EVP_sha256(), NULL) == 1);
+
+    for (name = ngx_http_deepseek_guard_credential_headers;
+         ok && name->len;
+         name++)
     {
+        part = &r->headers_in.headers.part;
+        h = part->elts;
+
+        for (i = 0; ok; i++) {
+
+            if (i >= part->nelts) {
+                if (part->next == NULL) {
+                    break;
+                }
+
+                part = part->next;
+                h = part->elts;
+                i = 0;
+            }
+
+            if (h[i].key.len == name->len
+                && ngx_strncasecmp(h[i].key.data, name->data, name->len) == 0)
+            {
+                ok = (EVP_DigestUpdate(md, name->data, name->len) == 1
+                      && EVP_DigestUpdate(md, ": ", 2) == 1
+                      && EVP_DigestUpdate(md, h[i].value.data,
+                                          h[i].value.len) == 1
+                      && EVP_DigestUpdate(md, "\n", 1) == 1);
+            }
+        }
+    }
+
+    ok = ok && (EVP_DigestFinal_ex(md, digest, &dlen) == 1);
+
+    EVP_MD_CTX_free(md);
+
+    if (!ok) {
         return NGX_ERROR;
     }
 
@@ -2452,7 +3217,8 @@ static ngx_http_variable_t  ngx_http_deepseek_guard_cache_vars[] = {
       NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
     { ngx_string("deepseek_guard_body_sha256"), NULL,
-      ngx_http_deepseek_guard_body_sha_variable, 0, 0, 0 },
+      ngx_http_deepseek_guard_body_sha_variable, 0,
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
     { ngx_string("deepseek_guard_auth_sha256"), NULL,
       ngx_http_deepseek_guard_auth_sha_variable, 0, 0, 0 },

@@ -120,6 +120,10 @@ ngx_http_deepseek_guard_get_ctx(ngx_http_request_t *r)
         if (cln->handler == ngx_http_deepseek_guard_cleanup) {
             ctx = cln->data;
             ngx_http_set_ctx(r->main, ctx, ngx_http_deepseek_guard_module);
+
+            /* the cache's decision was for the location left behind */
+            ngx_http_deepseek_guard_cache_drop(ctx);
+
             return ctx;
         }
     }
@@ -184,8 +188,37 @@ ngx_http_deepseek_guard_classify(ngx_http_request_t *r,
 }
 
 
+/*
+ * The access phase.  Where the cache may answer, the guard decides later,
+ * at the start of the precontent phase: after every access module (auth,
+ * allow/deny, satisfy any) has passed the request, so neither a cached
+ * answer nor a body digest is ever given to a request that fails them.
+ */
+
 ngx_int_t
 ngx_http_deepseek_guard_access_handler(ngx_http_request_t *r)
+{
+    ngx_http_deepseek_guard_loc_conf_t  *lcf;
+
+    lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
+
+    if (lcf->cache) {
+        return NGX_DECLINED;
+    }
+
+    return ngx_http_deepseek_guard_decide(r);
+}
+
+
+/*
+ * The request's decision, top to bottom: the cache probe (a fresh hit
+ * costs no capacity), then admission, queueing or rejection.  NGX_DECLINED:
+ * go on (admitted, or answered from the cache in precontent); NGX_AGAIN,
+ * NGX_DONE: parked or finalized here.
+ */
+
+ngx_int_t
+ngx_http_deepseek_guard_decide(ngx_http_request_t *r)
 {
     uint64_t                             wait_ms, retry_ms;
     ngx_int_t                            rc;
@@ -1732,6 +1765,12 @@ ngx_http_deepseek_guard_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
             name.data = value[i].data;
             name.len = p - value[i].data;
+
+            if (ngx_http_deepseek_guard_check_name(cf, &name, "zone")
+                != NGX_OK)
+            {
+                return NGX_CONF_ERROR;
+            }
 
             s.data = p + 1;
             s.len = value[i].data + value[i].len - s.data;

@@ -111,7 +111,7 @@ static ngx_command_t  ngx_http_deepseek_guard_commands[] = {
 
     { ngx_string("deepseek_guard_cache_key"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
-      ngx_http_set_complex_value_slot,
+      ngx_http_deepseek_guard_cache_key_slot,
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_deepseek_guard_loc_conf_t, cache_key),
       NULL },
@@ -171,6 +171,13 @@ static ngx_command_t  ngx_http_deepseek_guard_commands[] = {
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_deepseek_guard_loc_conf_t, methods),
       &ngx_http_deepseek_guard_methods_masks },
+
+    { ngx_string("deepseek_guard_cache_credentials"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_enum_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_deepseek_guard_loc_conf_t, credentials),
+      &ngx_http_deepseek_guard_credentials_enum },
 
     { ngx_string("deepseek_guard_metrics"),
       NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
@@ -431,6 +438,7 @@ ngx_http_deepseek_guard_create_loc_conf(ngx_conf_t *cf)
     conf->lock_timeout = NGX_CONF_UNSET_MSEC;
     conf->max_entry_size = NGX_CONF_UNSET_SIZE;
     conf->json_canonical = NGX_CONF_UNSET;
+    conf->credentials = NGX_CONF_UNSET_UINT;
 
     return conf;
 }
@@ -514,6 +522,42 @@ ngx_http_deepseek_guard_merge_loc_conf(ngx_conf_t *cf, void *parent,
 
 
 /*
+ * Zone, class and cache names go into JSON bodies, RateLimit headers and
+ * Prometheus labels as they are: restricted to characters none of these
+ * has to escape.
+ */
+
+ngx_int_t
+ngx_http_deepseek_guard_check_name(ngx_conf_t *cf, ngx_str_t *name,
+    const char *what)
+{
+    u_char      c;
+    ngx_uint_t  i;
+
+    for (i = 0; i < name->len; i++) {
+        c = name->data[i];
+
+        if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')
+            || (c >= '0' && c <= '9') || c == '_' || c == '-' || c == '.')
+        {
+            continue;
+        }
+
+        break;
+    }
+
+    if (name->len == 0 || name->len > 64 || i < name->len) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid %s name \"%V\": 1 to 64 letters, "
+                           "digits, \"_\", \"-\" or \".\"", what, name);
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+/*
  * deepseek_guard_class <name> [reserve=<N>%] [queue=<N>] [queue_timeout=<t>];
  * classes are ordered by declaration, the first one is the highest
  */
@@ -531,8 +575,9 @@ ngx_http_deepseek_guard_class(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     value = cf->args->elts;
 
-    if (value[1].len == 0) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "empty class name");
+    if (ngx_http_deepseek_guard_check_name(cf, &value[1], "class")
+        != NGX_OK)
+    {
         return NGX_CONF_ERROR;
     }
 

@@ -24,6 +24,10 @@
 #define NGX_HTTP_DSG_CACHED        5
 #define NGX_HTTP_DSG_STALE         6
 
+/* deepseek_guard_cache_credentials */
+#define NGX_HTTP_DSG_CRED_SEPARATE  0
+#define NGX_HTTP_DSG_CRED_SHARED    1
+
 /* queue wait histogram upper bounds, in ms; the last bucket is +Inf */
 #define NGX_HTTP_DSG_WAIT_BUCKETS  10
 
@@ -180,6 +184,8 @@ typedef struct {
     ngx_flag_t                   json_canonical;
     ngx_str_t                    status_header;
     ngx_uint_t                   methods;
+    ngx_uint_t                   credentials;   /* NGX_HTTP_DSG_CRED_* */
+    ngx_uint_t                   key_has_auth;  /* key names credentials */
 } ngx_http_deepseek_guard_loc_conf_t;
 
 
@@ -222,6 +228,11 @@ struct ngx_http_deepseek_guard_ctx_s {
 extern ngx_module_t  ngx_http_deepseek_guard_module;
 
 
+/* ngx_http_deepseek_guard_module.c */
+ngx_int_t ngx_http_deepseek_guard_check_name(ngx_conf_t *cf, ngx_str_t *name,
+    const char *what);
+
+
 /* ngx_http_deepseek_guard_limit.c */
 char *ngx_http_deepseek_guard_zone(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
@@ -230,6 +241,7 @@ char *ngx_http_deepseek_guard(ngx_conf_t *cf, ngx_command_t *cmd,
 ngx_int_t ngx_http_deepseek_guard_limit_init_main(ngx_conf_t *cf,
     ngx_http_deepseek_guard_main_conf_t *mcf);
 ngx_int_t ngx_http_deepseek_guard_access_handler(ngx_http_request_t *r);
+ngx_int_t ngx_http_deepseek_guard_decide(ngx_http_request_t *r);
 ngx_int_t ngx_http_deepseek_guard_limit_init_process(ngx_cycle_t *cycle);
 ngx_http_deepseek_guard_ctx_t *ngx_http_deepseek_guard_get_ctx(
     ngx_http_request_t *r);
@@ -240,6 +252,7 @@ extern ngx_msec_t  ngx_http_deepseek_guard_wait_bounds[];
 ngx_int_t ngx_http_deepseek_guard_cache_overload(ngx_http_request_t *r);
 ngx_int_t ngx_http_deepseek_guard_cache_access(ngx_http_request_t *r,
     ngx_http_deepseek_guard_ctx_t *ctx);
+void ngx_http_deepseek_guard_cache_drop(ngx_http_deepseek_guard_ctx_t *ctx);
 ngx_int_t ngx_http_deepseek_guard_cache_init(ngx_conf_t *cf);
 ngx_int_t ngx_http_deepseek_guard_cache_init_module(ngx_cycle_t *cycle);
 ngx_int_t ngx_http_deepseek_guard_cache_init_process(ngx_cycle_t *cycle);
@@ -254,8 +267,11 @@ char *ngx_http_deepseek_guard_cache(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 char *ngx_http_deepseek_guard_cache_valid(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+char *ngx_http_deepseek_guard_cache_key_slot(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
 extern ngx_conf_bitmask_t  ngx_http_deepseek_guard_use_stale_masks[];
 extern ngx_conf_bitmask_t  ngx_http_deepseek_guard_methods_masks[];
+extern ngx_conf_enum_t     ngx_http_deepseek_guard_credentials_enum[];
 
 /* ngx_http_deepseek_guard_metrics.c */
 ngx_int_t ngx_http_deepseek_guard_add_variables(ngx_conf_t *cf);

@@ -324,6 +324,51 @@ START_TEST(test_json_strerror)
 END_TEST
 
 
+/* the prescan bounds values and depth, and is not fooled by strings */
+
+START_TEST(test_json_prescan)
+{
+    size_t   i;
+    char    *big;
+    const char  *ok = "{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}";
+    const char  *str = "[\"{[,:,:,:,:,:\\\"[[[[[[\"]";
+
+    ck_assert_int_eq(dsg_json_prescan(ok, strlen(ok), 16, 4), DSG_JSON_OK);
+
+    /* { : [ { : , : = 7 values beside the root */
+    ck_assert_int_eq(dsg_json_prescan(ok, strlen(ok), 7, 4),
+                     DSG_JSON_ELIMIT);
+    ck_assert_int_eq(dsg_json_prescan(ok, strlen(ok), 16, 2),
+                     DSG_JSON_ELIMIT);
+
+    /* brackets, commas and an escaped quote inside a string count nothing */
+    ck_assert_int_eq(dsg_json_prescan(str, strlen(str), 2, 1), DSG_JSON_OK);
+
+    /* the hostile body of issue 13: [{},{},...] */
+    big = malloc(1024 * 1024);
+    ck_assert_ptr_nonnull(big);
+    big[0] = '[';
+    for (i = 1; i + 3 < 1024 * 1024; i += 3) {
+        memcpy(big + i, "{},", 3);
+    }
+    big[i - 1] = ']';
+
+    ck_assert_int_eq(dsg_json_prescan(big, i, DSG_JSON_MAX_VALUES,
+                                      DSG_JSON_MAX_DEPTH),
+                     DSG_JSON_ELIMIT);
+
+    /* deep nesting */
+    memset(big, '[', 100);
+    ck_assert_int_eq(dsg_json_prescan(big, 100, DSG_JSON_MAX_VALUES,
+                                      DSG_JSON_MAX_DEPTH),
+                     DSG_JSON_ELIMIT);
+    free(big);
+
+    ck_assert_ptr_nonnull(dsg_json_strerror(DSG_JSON_ELIMIT));
+}
+END_TEST
+
+
 Suite *
 dsg_json_suite(void)
 {
@@ -343,6 +388,7 @@ dsg_json_suite(void)
     tcase_add_test(tc, test_json_espace);
     tcase_add_test(tc, test_json_idempotent);
     tcase_add_test(tc, test_json_strerror);
+    tcase_add_test(tc, test_json_prescan);
 
     suite_add_tcase(s, tc);
 

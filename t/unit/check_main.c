@@ -14,6 +14,7 @@ Suite *dsg_queue_suite(void) __attribute__((weak));
 Suite *dsg_entry_suite(void) __attribute__((weak));
 Suite *dsg_store_suite(void) __attribute__((weak));
 Suite *dsg_json_suite(void) __attribute__((weak));
+Suite *dsg_http_suite(void);
 
 
 int
@@ -23,7 +24,7 @@ main(void)
     SRunner   *sr;
     Suite   *(*suites[])(void) = {
         dsg_bucket_suite, dsg_queue_suite, dsg_entry_suite,
-        dsg_store_suite, dsg_json_suite
+        dsg_store_suite, dsg_json_suite, dsg_http_suite
     };
     size_t     i;
 
