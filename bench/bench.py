@@ -10,7 +10,7 @@ to bench/results/<YYYY-MM-DD>.md, with the raw numbers in <YYYY-MM-DD>.json
 (a partial or quick run writes bench/results/<YYYY-MM-DD>-partial.*.tmp).
 
   bench.py [--quick] [scenario ...]
-    scenarios: admit reject cache keys overload coalesce (default: all)
+    scenarios: admit reject cache keys overload coalesce misses (default: all)
   bench.py --render bench/results/<YYYY-MM-DD>.json    the report again
 
 Environment: NGINX_BIN, DSG_MODULE, DSG_PYTHON, WRK, BENCH_REPS (3),
@@ -21,6 +21,7 @@ BENCH_WRK_THREADS (1), BENCH_OVERLOAD_SECONDS (30), BENCH_OVERLOAD_REPS
 import argparse
 import datetime
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -46,7 +47,7 @@ WRK = os.environ.get("WRK", "wrk")
 MOCK = os.path.join(REPO, "t", "mock", "mock_llm.py")
 LOADGEN = os.path.join(BENCH, "loadgen.py")
 
-SCENARIOS = ("admit", "reject", "cache", "keys", "overload", "coalesce")
+SCENARIOS = ("admit", "reject", "cache", "keys", "overload", "coalesce", "misses")
 T0 = time.time()
 
 
@@ -233,6 +234,18 @@ class Nginx:
                 if int(st[st.rindex(")") + 2:].split()[1]) == self.pid:
                     kids.append(int(d))
         return kids
+
+    def settle(self, busy_ms=5, step=0.1, limit=10):
+        """Waits until the workers use less than busy_ms of CPU in a step:
+        requests that wrk left behind are done before the next run."""
+        deadline = time.time() + limit
+        prev = self.cpu_ns()
+        while time.time() < deadline:
+            time.sleep(step)
+            cur = self.cpu_ns()
+            if cur - prev < busy_ms * 1e6:
+                return
+            prev = cur
 
     def cpu_ns(self):
         """CPU time used so far by the worker processes, in ns."""
@@ -424,13 +437,22 @@ def parse_wrk(text):
     return r
 
 
-def run_wrk(S, url, headers=(), secs=None, ngx=None):
+WRK_RUNS = itertools.count(1)
+
+
+def run_wrk(S, url, headers=(), secs=None, ngx=None, script=None):
+    """script: a wrk Lua script; it gets a tag unique to this wrk run
+    (its args[1]), so that URIs made from it never repeat across runs."""
     secs = secs or S.wrk_s
     cpu0 = ngx.cpu_ns() if ngx else 0
     cmd = [WRK, "-t%d" % S.wrk_t, "-c%d" % S.wrk_c, "-d%ds" % secs, "--latency"]
     for h in headers:
         cmd += ["-H", h]
+    if script:
+        cmd += ["-s", script]
     cmd.append(url)
+    if script:
+        cmd += ["--", "r%d" % next(WRK_RUNS)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 60)
     r = parse_wrk(out.stdout)
     if r["rps"] is None:
@@ -445,21 +467,22 @@ def run_wrk(S, url, headers=(), secs=None, ngx=None):
     return r
 
 
-def wrk_interleaved(S, ngx, variants, expect):
+def wrk_interleaved(S, ngx, variants, expect, script=None):
     """variants: [(name, url, headers, before)], run A,B,C,A,B,C,...
 
     expect: "2xx" (every response 2xx) or "reject" (every response non-2xx).
+    script: a wrk Lua script for every run (see run_wrk).
     Returns {name: [wrk result, ...]}; each result has "ok" set."""
     res = {v[0]: [] for v in variants}
     for name, url, headers, before in variants:      # warm-up, not recorded
         if before:
             before()
-        run_wrk(S, url, headers, secs=1, ngx=ngx)
+        run_wrk(S, url, headers, secs=1, ngx=ngx, script=script)
     for rep in range(S.wrk_reps):
         for name, url, headers, before in variants:
             if before:
                 before()
-            r = run_wrk(S, url, headers, ngx=ngx)
+            r = run_wrk(S, url, headers, ngx=ngx, script=script)
             if expect == "2xx":
                 r["ok"] = r["non2xx"] == 0 and r["sock_err"] == 0
             else:
@@ -833,6 +856,81 @@ def scenario_coalesce(S, root, mock):
     return out
 
 
+# scenario 7: (name, location, label); "store" answers are cacheable,
+# "nostore" ones carry Cache-Control: no-store
+MISS_VARIANTS = (
+    ("proxy_cache_store", "/proxy_cache/store/", "`proxy_cache` miss, stored, keys_zone 128m"),
+    ("guard_1m_store", "/guard_1m/store/", "guard cache miss, stored, keys_zone 1m"),
+    ("guard_128m_store", "/guard_128m/store/", "guard cache miss, stored, keys_zone 128m"),
+    ("guard_1m_nostore", "/guard_1m/nostore/", "guard cache miss, `no-store`, keys_zone 1m"),
+    ("guard_128m_nostore", "/guard_128m/nostore/",
+     "guard cache miss, `no-store`, keys_zone 128m"),
+)
+# a small chat completion, the origin's answer to every miss
+MISS_BODY = ('{"id":"chatcmpl-bench","object":"chat.completion","created":0,'
+             '"model":"bench","choices":[{"index":0,"message":{"role":"assistant",'
+             '"content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,'
+             '"completion_tokens":1,"total_tokens":2}}')
+
+
+def scenario_misses(S, root):
+    log("7. cache misses: keys_zone 1m vs 128m")
+    port, origin = free_port(), free_port()
+    ngx = Nginx(root, "misses", "misses.conf",
+                {"PORT": port, "ORIGIN_PORT": origin, "BODY": MISS_BODY},
+                [port, origin]).start()
+    want = MISS_BODY.encode()
+    out = {"checks": {}, "logged": {}, "timed_requests": {}, "anomalies": [],
+           "body_bytes": len(want)}
+    try:
+        # the same URI twice (not logged): a stored answer is a HIT the
+        # second time, a no-store one a MISS again
+        for v, path, _ in MISS_VARIANTS:
+            seen = []
+            for i in range(10):
+                st, h, body = http(port, path + "check", headers={"X-Bench-Check": "1"})
+                if st != 200 or body != want:
+                    raise RuntimeError("%scheck: status %s, %d bytes" % (path, st, len(body)))
+                seen.append(h.get("x-cache-status") or "-")
+                if len(seen) >= 2 and (seen[-1] == "HIT" or v.endswith("_nostore")):
+                    break
+                time.sleep(0.05)
+            out["checks"][v] = seen
+            expect = "HIT" if v.endswith("_store") else "MISS"
+            if seen[0] != "MISS" or seen[-1] != expect:
+                out["anomalies"].append("%s: the same URI twice gave %s, not MISS then %s"
+                                        % (v, " ".join(seen), expect))
+        base = "http://127.0.0.1:%d" % port
+        # a slow variant leaves up to wrk_c requests behind when wrk stops:
+        # every run waits until the worker is idle
+        res = wrk_interleaved(S, ngx, [(v, base + path, [], ngx.settle)
+                                       for v, path, _ in MISS_VARIANTS], "2xx",
+                              script=os.path.join(CONF, "misses.lua"))
+        out["variants"] = {k: summarize_wrk(r) for k, r in res.items()}
+        out["timed_requests"] = {k: sum(x["requests"] or 0 for x in r)
+                                 for k, r in res.items()}
+    finally:
+        ngx.stop()                              # flushes the buffered logs
+        out["alerts"] = ngx.alerts()
+    # every logged request (warm-up and timed runs) by cache status: all MISS
+    for v, _, _ in MISS_VARIANTS:
+        counts = {}
+        try:
+            with open(ngx.path("logs", v + ".log")) as f:
+                for line in f:
+                    k = line.strip() or "-"
+                    counts[k] = counts.get(k, 0) + 1
+        except OSError:
+            pass
+        out["logged"][v] = counts
+        other = sum(n for k, n in counts.items() if k != "MISS")
+        if other or counts.get("MISS", 0) < out["timed_requests"].get(v, 0):
+            out["anomalies"].append("%s: logged %s for %d timed requests" % (
+                v, ", ".join("%s %d" % kv for kv in sorted(counts.items())) or "nothing",
+                out["timed_requests"].get(v, 0)))
+    return out
+
+
 # ------------------------------------------------------------------ report
 
 def fmt(v, spec="%.0f"):
@@ -1140,6 +1238,70 @@ class Report:
                     "%d (proxy_cache: %s)" % (gmax, fmt(p)), "1", gmax == 1)
         self.alerts("coalesce", res.get("alerts"))
 
+    def misses(self, res):
+        S = self.S
+        x = res["variants"]
+        t = ["## 7. Cache misses", "",
+             "Every request has a URI of its own (wrk script `bench/conf/misses.lua`: "
+             "<location><run tag>-<thread>-<n>), so every request misses and goes upstream, "
+             "to an origin in the same nginx (a server block answering `return 200` with a "
+             "%d-byte JSON body, over keep-alive connections). The guard cache's keys zone "
+             "(`deepseek_guard_cache_path ... keys_zone=NAME:1m` or `:128m`) holds its "
+             "fill-lock table, sized from the zone. *Stored*: the answer is cacheable "
+             "(`deepseek_guard_cache_valid 200 10m`), so each miss also writes an entry; "
+             "*`no-store`*: the origin adds `Cache-Control: no-store`, so each miss takes "
+             "and releases its fill lock and writes nothing. Stock anchor: a `proxy_cache` "
+             "miss (`keys_zone=pcache:128m`, `proxy_cache_valid 200 10m`, a file written per "
+             "miss). One worker; `wrk -t%d -c%d -d%ds --latency`, %d runs each, interleaved, "
+             "each run started once the worker is idle (a slow variant leaves requests "
+             "behind when wrk stops); medians." % (res["body_bytes"], S.wrk_t, S.wrk_c, S.wrk_s, S.wrk_reps), "",
+             "| variant | req/s | p99 ms | req/cpu-s | nginx CPU share | runs (req/s) |",
+             "|---|---:|---:|---:|---:|---|"]
+        for v, _, label in MISS_VARIANTS:
+            y = x[v]
+            t.append("| %s | %s | %s | %s | %s | %s%s |" % (
+                label, kfmt(y["rps"]), fmt(y["p99_ms"], "%.2f"), kfmt(y["cpu_rps"]),
+                fmt(y["util"], "%.2f"), " / ".join(kfmt(q) for q in y["runs"]),
+                "" if y["ok"] else " (non-2xx or socket errors!)"))
+        rows = (("guard keys_zone 128m / 1m, stored", "guard_128m_store", "guard_1m_store",
+                 0.90),
+                ("guard keys_zone 128m / 1m, `no-store`", "guard_128m_nostore",
+                 "guard_1m_nostore", 0.90),
+                ("guard 1m / `proxy_cache`, stored", "guard_1m_store", "proxy_cache_store",
+                 None),
+                ("guard 128m / `proxy_cache`, stored", "guard_128m_store",
+                 "proxy_cache_store", None),
+                ("guard 1m: stored / `no-store` (the cost of the write)", "guard_1m_store",
+                 "guard_1m_nostore", None))
+        t += ["", "| ratio of medians | req/s | req/cpu-s | target (req/s) | met "
+              "| per-run req/s ratios |", "|---|---:|---:|---:|---|---|"]
+        for name, a, b, tg in rows:
+            r = ratio(x[a]["rps"], x[b]["rps"])
+            c = ratio(x[a]["cpu_rps"], x[b]["cpu_rps"])
+            t.append("| %s | %s | %s | %s | %s | %s |" % (
+                name, fmt(r, "%.3f"), fmt(c, "%.3f"), ">= %.2f" % tg if tg else "-",
+                met(verdict(r, c, tg)) if tg else "-", paired(x[a], x[b])))
+            if tg:
+                self.target("7 cache misses", "%s req/s (req/cpu-s)" % name.replace(
+                    "guard keys_zone", "guard miss keys_zone"),
+                            "%s (%s)" % (fmt(r, "%.3f"), fmt(c, "%.3f")), ">= %.2f" % tg,
+                            verdict(r, c, tg))
+        t += ["", "Each variant, before the runs, asked for one URI twice (X-Cache-Status: "
+              "%s). Cache status of every request in the runs (warm-up included), from the "
+              "access log: %s; timed requests counted by wrk: %s." % (
+                  "; ".join("%s %s" % (v, " then ".join(
+                      [res["checks"][v][0], res["checks"][v][-1]]))
+                            for v, _, _ in MISS_VARIANTS if v in res["checks"]),
+                  "; ".join("%s %s" % (v, ", ".join("%s %s" % (k, kfmt(n)) for k, n in
+                                                    sorted(res["logged"][v].items())) or
+                                      "nothing") for v, _, _ in MISS_VARIANTS),
+                  "; ".join("%s %s" % (v, kfmt(res["timed_requests"].get(v)))
+                            for v, _, _ in MISS_VARIANTS))]
+        if res["anomalies"]:
+            t += ["", "**Anomalies:** " + "; ".join(res["anomalies"][:10])]
+        self.add("\n".join(t))
+        self.alerts("misses", res.get("alerts"))
+
     def alerts(self, name, lines):
         if lines:
             self.add("**error.log alerts (%s):**\n\n```\n%s\n```" % (
@@ -1182,7 +1344,9 @@ def meta_info(S):
         except OSError:
             return "?"
     commit = cmd("git", "rev-parse", "--short", "HEAD")
-    if cmd("git", "status", "--porcelain", "--", "ngx_deepseek_guard_module", "config"):
+    if not re.fullmatch(r"[0-9a-f]{4,40}", commit):
+        commit = "? (not a git checkout)"
+    elif cmd("git", "status", "--porcelain", "--", "ngx_deepseek_guard_module", "config"):
         commit += " (with uncommitted changes in ngx_deepseek_guard_module/)"
     cpu = "?"
     try:
@@ -1210,7 +1374,7 @@ def build_report(S, raw, meta):
     rep = Report(S)
     if "throughput" in raw:
         rep.throughput(raw["throughput"])
-    for name in ("cache", "keys", "overload", "coalesce"):
+    for name in ("cache", "keys", "overload", "coalesce", "misses"):
         if name in raw:
             getattr(rep, name)(raw[name])
     return rep.render(meta)
@@ -1262,6 +1426,8 @@ def main():
             raw["cache"] = scenario_cache(S, root)
         if "keys" in which:
             raw["keys"] = scenario_keys(S, root)
+        if "misses" in which:                   # before the mock starts
+            raw["misses"] = scenario_misses(S, root)
         if "overload" in which or "coalesce" in which:
             mock = Mock(root, S)
         if "overload" in which:

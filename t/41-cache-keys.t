@@ -4,7 +4,7 @@
 # and different prompts would collide); canonical JSON (key order and
 # whitespace) only when enabled; invalid JSON with canonical on keyed on
 # its raw bytes; chunked and Content-Length bodies alike; the per-customer
-# key with $deepseek_guard_auth_sha256.
+# key with $deepseek_guard_auth_sha256, which the default key has too.
 
 use strict;
 use warnings;
@@ -225,11 +225,12 @@ sub prompt_body {
     is($n1->{cache}, 'MISS', '... no Authorization: a third entry');
     is(calls(), 3, '... three upstream calls in all');
 
-    # the default key has no customer in it: shared (why the per-customer
-    # key is documented)
+    # the default key names the credentials too: customers never share
     my $s1 = send_body('/v1/chat/completions', $body, @ka);
     my $s2 = send_body('/v1/chat/completions', $body, @kb);
-    is("$s1->{cache} $s2->{cache}", 'MISS HIT', 'default key: the two customers share');
+    my $s3 = send_body('/v1/chat/completions', $body, @ka);
+    is("$s1->{cache} $s2->{cache} $s3->{cache}", 'MISS MISS HIT',
+       'default key: the two customers are kept apart');
 }
 
 $t->done;

@@ -15,14 +15,30 @@ Endpoints:
   POST /v1/chat/completions  deterministic answer from sha256(body); "stream":true
                              gives SSE.  Test headers: X-Mock-Status, X-Mock-Delay-Ms,
                              X-Mock-Token-Ms, X-Mock-Abort-After, X-Mock-Header
-                             ("Name: value", repeatable), X-Mock-Pad.
+                             ("Name: value", repeatable), X-Mock-Pad,
+                             X-Mock-Gzip, X-Mock-Close-Delimited (see below).
   GET  /v1/models            one model, "deepseek-chat"
   GET  /stats                counters (requests, chat_requests, completed, inflight,
                              max_inflight, rejected_503, forced_errors, aborted_by_mock,
-                             client_aborts, bodies{sha256: count})
+                             client_aborts, cut_by_mock, bodies{sha256: count})
   POST /stats/reset          zero the counters
   GET|POST /admin/config     read / change capacity, first_token_ms, token_ms, tokens,
                              force_status (0 = off)
+
+Test headers of a non-streamed 200 chat answer (both may be combined):
+  X-Mock-Gzip: 1            the answer carries "Vary: Accept-Encoding"; when the
+                            request's Accept-Encoding accepts gzip (a "gzip" or
+                            "x-gzip" coding whose q is not 0) its body is
+                            gzip-compressed (mtime 0: the same bytes every time)
+                            with "Content-Encoding: gzip" and the Content-Length of
+                            the compressed bytes.  Any other value: no effect.
+  X-Mock-Close-Delimited: N the answer is close-delimited: no Content-Length, no
+                            Transfer-Encoding, "Connection: close"; the mock sends
+                            the first N bytes of the body (the whole body when
+                            N <= 0 or N >= its length), then closes the connection
+                            gracefully (FIN), as a complete answer would end.
+                            Counted in "cut_by_mock" when N cut the body, else in
+                            "completed".  Ignored with X-Mock-Abort-After.
 
 Example:
   curl -sN -H 'Content-Type: application/json' \\
@@ -31,6 +47,7 @@ Example:
 """
 import argparse
 import asyncio
+import gzip
 import hashlib
 import json
 import os
@@ -51,7 +68,8 @@ ERR_KINDS = {400: ("invalid_request_error", "invalid_request"),
              429: ("rate_limit_error", "rate_limit_exceeded"),
              503: ("server_error", "server_busy")}
 COUNTERS = ("requests", "chat_requests", "completed", "inflight", "max_inflight",
-            "rejected_503", "forced_errors", "aborted_by_mock", "client_aborts")
+            "rejected_503", "forced_errors", "aborted_by_mock", "client_aborts",
+            "cut_by_mock")
 CONFIG_KEYS = ("capacity", "first_token_ms", "token_ms", "tokens", "force_status")
 
 
@@ -69,6 +87,25 @@ def forced_err_body(status):
                  "mock_status_%d" % status))
     msg = BUSY_MSG if status == 503 else "Mock forced error status %d" % status
     return err_body(msg, etype, code)
+
+
+def accepts_gzip(value):
+    """True when an Accept-Encoding value accepts gzip (gzip or x-gzip, q != 0)."""
+    for item in value.split(","):
+        coding, _, params = item.partition(";")
+        if coding.strip().lower() not in ("gzip", "x-gzip"):
+            continue
+        q = 1.0
+        for p in params.split(";"):
+            k, _, v = p.partition("=")
+            if k.strip().lower() == "q":
+                try:
+                    q = float(v.strip())
+                except ValueError:
+                    q = 0.0
+        if q > 0:
+            return True
+    return False
 
 
 def as_int(value, default):
@@ -426,6 +463,19 @@ class Mock:
             if pad:
                 obj["pad"] = "x" * pad
             body = dumps(obj)
+            if req.get("x-mock-gzip", None) == "1":
+                extra = extra + [("Vary", "Accept-Encoding")]
+                if accepts_gzip(req.get("accept-encoding")):
+                    body = gzip.compress(body, mtime=0)
+                    extra.append(("Content-Encoding", "gzip"))
+            close_after = as_int(req.get("x-mock-close-delimited", None), None)
+            if close_after is not None and abort_after is None:
+                head, _ = self.head(req, 200, self.merge(
+                    [("Content-Type", "application/json")], extra))
+                cut = 0 < close_after < len(body)
+                await conn.write(head + (body[:close_after] if cut else body))
+                st["cut_by_mock" if cut else "completed"] += 1
+                return False            # close: the end of the body
             if abort_after is None:
                 keep = await self.send(conn, req, 200, body, extra=extra)
                 st["completed"] += 1
