@@ -47,6 +47,10 @@
 /* fill locks: probed in a window of so many slots from the digest's */
 #define NGX_HTTP_DSG_LOCK_PROBES      16
 
+/* the mark of a filler's proxied request, its entry's digest */
+#define NGX_HTTP_DSG_FILL_HEADER      "X-Deepseek-Guard-Fill"
+#define NGX_HTTP_DSG_FILL_HEADER_LC   "x-deepseek-guard-fill"
+
 /* an entry's line that is no header: the request's values Vary names */
 #define NGX_HTTP_DSG_VARY_LINE        ":vary:"
 
@@ -123,6 +127,10 @@ static uint64_t ngx_http_deepseek_guard_now_ms(void);
 static ngx_int_t ngx_http_deepseek_guard_cache_init_zone(
     ngx_shm_zone_t *shm_zone, void *data);
 static void ngx_http_deepseek_guard_cache_body_handler(ngx_http_request_t *r);
+static ngx_int_t ngx_http_deepseek_guard_cache_mark(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_cache_ctx_t *cctx);
+static ngx_uint_t ngx_http_deepseek_guard_cache_loop(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_cache_ctx_t *cctx);
 static ngx_int_t ngx_http_deepseek_guard_cache_key(ngx_http_request_t *r,
     ngx_http_deepseek_guard_cache_ctx_t *cctx);
 static ngx_int_t ngx_http_deepseek_guard_cache_lookup(ngx_http_request_t *r,
@@ -405,6 +413,18 @@ ngx_http_deepseek_guard_cache_access(ngx_http_request_t *r,
         rc = ngx_http_deepseek_guard_cache_lock(r, cctx);
     }
 
+    if (rc == NGX_BUSY && ngx_http_deepseek_guard_cache_loop(r, cctx)) {
+        /*
+         * the filler proxied this very request back into this nginx: it
+         * waits for us, we must not wait for it
+         */
+        ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                      "deepseek_guard cache \"%V\": the request that fills "
+                      "this entry proxied it here, not waiting",
+                      &lcf->cache->name);
+        rc = NGX_OK;
+    }
+
     if (rc == NGX_BUSY) {
 
         if (cctx->have_entry
@@ -443,6 +463,12 @@ ngx_http_deepseek_guard_cache_access(ngx_http_request_t *r,
     cctx->looked_up = 1;
     cctx->store = 1;
 
+    if (cctx->lock >= 0 && ngx_http_deepseek_guard_cache_mark(r, cctx)
+                           != NGX_OK)
+    {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
     if (cctx->status == 0) {
         cctx->status = cctx->have_entry ? NGX_HTTP_DSG_CACHE_EXPIRED
                                         : NGX_HTTP_DSG_CACHE_MISS;
@@ -453,6 +479,84 @@ ngx_http_deepseek_guard_cache_access(ngx_http_request_t *r,
     }
 
     return NGX_DECLINED;
+}
+
+
+/*
+ * A filler marks its request with the entry's digest: the proxied request
+ * carries the mark, and should it come back into this nginx with the same
+ * key (proxy_pass to a server of the same nginx), it knows not to wait
+ * for the request that waits for it.
+ */
+
+static ngx_int_t
+ngx_http_deepseek_guard_cache_mark(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_cache_ctx_t *cctx)
+{
+    u_char           *p;
+    ngx_table_elt_t  *h;
+
+    p = ngx_pnalloc(r->pool, 32);
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    h = ngx_list_push(&r->headers_in.headers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    ngx_str_set(&h->key, NGX_HTTP_DSG_FILL_HEADER);
+    h->lowcase_key = (u_char *) NGX_HTTP_DSG_FILL_HEADER_LC;
+    h->hash = ngx_hash_key(h->lowcase_key, h->key.len);
+    h->value.data = p;
+    h->value.len = ngx_hex_dump(p, cctx->digest, 16) - p;
+#if (nginx_version >= 1023000)
+    h->next = NULL;
+#endif
+
+    return NGX_OK;
+}
+
+
+static ngx_uint_t
+ngx_http_deepseek_guard_cache_loop(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_cache_ctx_t *cctx)
+{
+    u_char            hex[32];
+    ngx_uint_t        i;
+    ngx_list_part_t  *part;
+    ngx_table_elt_t  *h;
+
+    (void) ngx_hex_dump(hex, cctx->digest, 16);
+
+    part = &r->headers_in.headers.part;
+    h = part->elts;
+
+    for (i = 0; /* void */; i++) {
+
+        if (i >= part->nelts) {
+            if (part->next == NULL) {
+                break;
+            }
+
+            part = part->next;
+            h = part->elts;
+            i = 0;
+        }
+
+        if (h[i].key.len == sizeof(NGX_HTTP_DSG_FILL_HEADER) - 1
+            && h[i].value.len == 32
+            && ngx_strncasecmp(h[i].key.data,
+                               (u_char *) NGX_HTTP_DSG_FILL_HEADER,
+                               h[i].key.len) == 0
+            && ngx_strncmp(h[i].value.data, hex, 32) == 0)
+        {
+            return 1;
+        }
+    }
+
+    return 0;
 }
 
 

@@ -153,9 +153,10 @@ my @st = map { backend_idle();
                $t->chat(key => 'q', content => "quota $_")->{status} } 1 .. 5;
 is("@st", '200 200 200 429 429', 'quota: 3 admitted, then 429');
 
-# 2. a repeated prompt (another key, the default cache key has none) is a
-#    hit: answered before admission, no zone decides it
-my $r = $t->chat(key => 'q2', content => 'quota 1');
+# 2. a repeated prompt of the same key (the default cache key has the
+#    credentials in it), spent as its quota is, is a hit: answered before
+#    admission, no zone decides it
+my $r = $t->chat(key => 'q', content => 'quota 1');
 is($r->{status}, 200, 'cache: repeated prompt answered');
 is($r->{headers}{'x-cache-status'}, 'HIT', '... from the cache');
 
