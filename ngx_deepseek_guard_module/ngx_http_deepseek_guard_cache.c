@@ -3176,9 +3176,10 @@ ngx_http_deepseek_guard_body_sha_variable(ngx_http_request_t *r,
 
     if (r->main->request_body == NULL
         && (r->main->headers_in.content_length_n > 0
+            || r->main->headers_in.content_length
             || r->main->headers_in.chunked))
     {
-        /* the body is not read yet: no digest to give */
+        /* the body is not read yet, or was discarded: no digest to give */
         v->not_found = 1;
         return NGX_OK;
     }

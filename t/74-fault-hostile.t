@@ -9,8 +9,11 @@
 #   B  100 MB request bodies on a cached location: spilled to a temporary
 #      file, hashed in slices (the whole body: one byte differs, another
 #      entry), answered and cached, worker memory flat; JSON bodies of tiny
-#      values on a canonicalizing location cost bounded memory and time
-#      (1 MB, the cap: canonicalized; 8 MB: keyed on its raw bytes)
+#      values on a canonicalizing location cost bounded memory and time:
+#      canonicalized only up to 1 MB, 65536 values and 64 levels (the
+#      prescan), so 1 MB of short strings is canonicalized, 1 MB of
+#      `[{},{},...]` (700k values) and 8 MB of zeros are keyed on their raw
+#      bytes; each bound exactly (65536 values and 64 levels in, one more out)
 #   C  bodies that are not canonical JSON (invalid, duplicate keys, 100k
 #      nesting levels, invalid UTF-8) on a canonicalizing location:
 #      answered, keyed on their raw bytes
@@ -27,6 +30,12 @@
 #      once than the zone holds (no idle key to evict) is a request turned
 #      away, 503 with Retry-After, with the one alert this file allows:
 #      "could not allocate a key"
+#   G  unauthenticated bodies on a canonicalizing location behind
+#      auth_basic (no credentials, a wrong password; 1 MB of `[{},{},...]`
+#      and 16 MB): 401, the body never read, hashed or canonicalized
+#      (no digest in the access log, no info line, worker peak memory flat);
+#      the password's owner is answered after them; the peak memory per
+#      byte of a canonicalized body near the bounds (diag, for the README)
 
 use strict;
 use warnings;
@@ -34,6 +43,8 @@ use Test::More;
 use IO::Socket::INET;
 use IO::Select;
 use POSIX ();
+use MIME::Base64 qw(encode_base64);
+use Digest::SHA qw(sha256_hex);
 use Socket qw(SOL_SOCKET SO_LINGER);
 use Time::HiRes qw(time sleep);
 use List::Util qw(max min sum);
@@ -61,6 +72,10 @@ $t->write_config(<<'EOF');
     log_format dsg 'tag=$http_x_tag pid=$pid st=$deepseek_guard_status '
                    'wait=$deepseek_guard_wait_ms status=$status '
                    'cache=$deepseek_guard_cache_status';
+    # /auth only: the body digest, "-" before the body is read
+    log_format auth 'tag=$http_x_tag status=$status '
+                    'cache=$deepseek_guard_cache_status '
+                    'body=$deepseek_guard_body_sha256';
 
     deepseek_guard_class normal queue=64 queue_timeout=20s;
     deepseek_guard_zone per_key:1m key=$http_authorization rate=1r/m burst=1
@@ -112,6 +127,22 @@ $t->write_config(<<'EOF');
             proxy_pass http://%%MOCK%%/v1/models;
         }
 
+        # /big behind auth_basic (G)
+        location = /auth {
+            auth_basic "llm";
+            auth_basic_user_file %%PREFIX%%/htpasswd;
+            access_log %%PREFIX%%/logs/auth.log auth;
+            client_max_body_size 32m;
+            deepseek_guard_cache cache;
+            deepseek_guard_cache_valid 200 10m;
+            deepseek_guard_cache_json_canonical on;
+            deepseek_guard_cache_status_header X-Cache-Status;
+            proxy_method GET;
+            proxy_pass_request_body off;
+            proxy_set_header Content-Length "";
+            proxy_pass http://%%MOCK%%/v1/models;
+        }
+
         location = /metrics {
             deepseek_guard_metrics;
         }
@@ -129,6 +160,10 @@ $t->write_config(<<'EOF');
         }
     }
 EOF
+# the one user of /auth, a {PLAIN} password (nginx's auth_basic reads it)
+open(my $pw, '>', $t->prefix . '/htpasswd') or die "htpasswd: $!";
+print {$pw} "u:{PLAIN}secret\n";
+close $pw or die "htpasswd: $!";
 $t->start;
 
 # ------------------------------------------------------------ helpers
@@ -137,10 +172,17 @@ my $LOG = $t->prefix . '/logs/dsg.log';
 
 sub zone_keys { $t->metrics->{"deepseek_guard_zone_keys{zone=\"$_[0]\"}"} // -1 }
 
-# kB of VmRSS and VmHWM (peak) of each worker
+# kB of VmRSS and VmHWM (peak) of each worker; reset => 1 first resets
+# each worker's peak to its current RSS (clear_refs 5), so that a peak
+# left by an earlier request does not hide the next one's
 sub mem {
+    my (%o) = @_;
     my %m;
     for my $p ($t->worker_pids) {
+        if ($o{reset} && open(my $cr, '>', "/proc/$p/clear_refs")) {
+            print {$cr} "5";
+            close $cr;
+        }
         my $s = do { local $/; open(my $fh, '<', "/proc/$p/status") or next; <$fh> };
         $m{$p} = { rss => ($s =~ /VmRSS:\s+(\d+)/)[0], hwm => ($s =~ /VmHWM:\s+(\d+)/)[0] };
     }
@@ -173,6 +215,28 @@ sub rand_str {
     my @c = ('a' .. 'z', 'A' .. 'Z', '0' .. '9');
     return join '', map { $c[rand @c] } 1 .. $n;
 }
+
+# new workers (a reload): a worker's heap keeps what an earlier request
+# freed, and a request that reuses it would not show in the peak
+sub fresh_workers {
+    my ($why) = @_;
+    ok($t->reload, "($why: a reload, fresh workers)");
+    # done starting (a worker's own initialization is not the request's
+    # cost): both have answered, and a moment more
+    $t->parallel([map { { method => 'GET', uri => '/ping' } } 1 .. 8], timeout => 10);
+    sleep 0.3;
+    return mem(reset => 1);
+}
+
+# a JSON array of $n random strings of $len characters: $n + 1 values
+# for the prescan, ($len + 3) * $n + 1 bytes
+sub str_array {
+    my ($n, $len) = @_;
+    return '[' . join(',', map { '"' . rand_str($len) . '"' } 1 .. $n) . ']';
+}
+
+# "[{},{},...]" of $n objects: 2 * $n + 1 values, 3 * $n + 1 bytes
+sub obj_array { '[' . join(',', ('{}') x $_[0]) . ']' }
 
 sub big_req {
     my ($body, %o) = @_;
@@ -231,36 +295,71 @@ sub xcs { $_[0]{headers}{'x-cache-status'} // '-' }
 
 {
     # JSON made of tiny values costs the parser many times its size (a
-    # jansson tree of ~20x; it took an 8 MB body to 180 MB of worker memory
-    # and 1 s of worker time before b1295b3 lowered the canonicalization
-    # cap to 1 MB).  Just under the cap: canonicalized, bounded; far over
-    # it (8 MB): keyed on the raw bytes, never parsed.
-    my $n = int(1024 * 1024 / 2) - 4;
-    my @cases = (['1 MB', '[' . join(',', (0) x $n) . ']', 32 * 1024, 1],
-                 ['8 MB', '[' . join(',', (0) x (8 * $n)) . ']', 16 * 1024, 0]);
+    # jansson tree of about a hundred bytes a value: 1 MB of `[{},{},...]`,
+    # 700k values, took a worker to ~80 MB before issue 13).  The key
+    # canonicalizes a body only when it is at most 1 MB and a prescan
+    # (1 + every [ { , : outside strings) counts at most 65536 values and
+    # 64 levels; any other body is keyed on its raw bytes, never parsed.
+    # (the spaced variant of each body is under 1 MB too: only the value
+    # count tells the second case apart)
+    my $nobj = int((1024 * 1024 - 2) / 3);
+    my @cases = (
+        # what, body, peak kB, canonicalized, the info line
+        ['1 MB array of 58000 short strings (58001 values)', str_array(58000, 15),
+         16 * 1024, 1, ''],
+        ["1 MB `[{},{},...]` ($nobj objects, " . (2 * $nobj + 1) . ' values)',
+         obj_array($nobj), 8 * 1024, 0, 'too many JSON values to canonicalize'],
+        ['8 MB array of zeros', '[' . join(',', (0) x (4 * 1024 * 1024 - 4)) . ']',
+         16 * 1024, 0, ''],
+    );
     for my $c (@cases) {
-        my ($what, $arr, $max_kb, $canon) = @$c;
+        my ($what, $arr, $max_kb, $canon, $line) = @$c;
         # ASan keeps freed blocks in quarantine and pads every allocation
         my $max_ms = 1000;
         if (DSG::Test::sanitized()) {
             $max_kb *= 4;
             $max_ms *= 3;
         }
-        my $m0 = mem();
+        my $m0 = fresh_workers($what);
+        my $off = length $t->error_log;
         my $t0 = time;
         my $a = big_req($arr);
         my $ms = int((time - $t0) * 1000);
         my $g = hwm_growth($m0);
-        diag "$what JSON array: worker peak RSS +$g kB, $ms ms";
-        is($a->{status}, 200, "a $what JSON array of zeros on a canonicalizing location: answered");
+        diag sprintf('%s, %d bytes: worker peak RSS +%d kB (%.1f bytes a body byte), %d ms',
+                     $what, length $arr, $g, $g * 1024 / length $arr, $ms);
+        is($a->{status}, 200, "B a $what on a canonicalizing location: answered");
         cmp_ok($g, '<', $max_kb, "... worker peak RSS grew by $g kB, less than $max_kb kB");
         cmp_ok($ms, '<', $max_ms, "... in $ms ms: the worker was not blocked for long");
-        # the same array after a space (still under the cap): one entry
-        # if canonicalized
+        my $log = substr($t->error_log, $off);
+        if ($line) {
+            like($log, qr/\[info\].*deepseek_guard cache: request body has \Q$line\E, keyed on its bytes/,
+                 "... logged at info: \"$line\"");
+        } else {
+            unlike($log, qr/deepseek_guard cache: request body (?:has too many|is not canonical)/,
+                   '... no info line about its JSON');
+        }
+        # the same array after a space: one entry if canonicalized
         my $b = big_req(" $arr");
         is(xcs($b), $canon ? 'HIT' : 'MISS',
            $canon ? '... canonicalized: the array after a space is a HIT'
-                  : '... over the cap, keyed on the raw bytes: after a space, a MISS');
+                  : '... keyed on the raw bytes: after a space, a MISS');
+    }
+}
+
+{
+    # each bound exactly: 65536 values and 64 levels are canonicalized,
+    # one more of either is keyed on the raw bytes
+    my $zeros = sub { '[' . join(',', (0) x $_[0]) . ']' };     # n + 1 values
+    my $nest  = sub { ('[' x $_[0]) . (']' x $_[0]) };         # n levels
+    for my $c (['65536 values', $zeros->(65535), 1], ['65537 values', $zeros->(65536), 0],
+               ['64 levels', $nest->(64), 1], ['65 levels', $nest->(65), 0]) {
+        my ($what, $x, $canon) = @$c;
+        my @r = (big_req($x), big_req(" $x"));
+        is(join(' ', map { "$_->{status} " . xcs($_) } @r),
+           $canon ? '200 MISS 200 HIT' : '200 MISS 200 MISS',
+           "B JSON of $what: " . ($canon ? 'canonicalized (after a space, a HIT)'
+                                         : 'keyed on the raw bytes (after a space, a MISS)'));
     }
 }
 
@@ -568,6 +667,107 @@ sub raw_chat {
     ok($t->wait_until(sub { $t->mock_stats->{inflight} == 0 }, 10), '... they finish');
     my @f = map { $t->get('/slow/v1/models', Authorization => 'Bearer fresh after f2') } 1 .. 2;
     is(join(' ', map { $_->{status} } @f), '200 429', '... then a fresh key: 200, then 429');
+}
+
+# ================================================ G unauthenticated bodies
+
+# a POST to /auth; $user "u:secret" is the password's owner, "u:wrong" a
+# wrong password, undef no credentials
+sub auth_req {
+    my ($tag, $body, $user) = @_;
+    return $t->http(method => 'POST', uri => '/auth', body => $body, timeout => 60,
+                    headers => ['Content-Type' => 'application/json', 'X-Tag' => $tag,
+                                defined $user
+                                    ? ('Authorization' => 'Basic ' . encode_base64($user, ''))
+                                    : ()]);
+}
+
+{
+    # issue 13: five unauthenticated 1 MB `[{},{},...]` bodies took a
+    # worker from 6 MB to 92 MB, the body hashed and canonicalized in the
+    # access phase, before auth_basic had a say.  Now the guard runs after
+    # the access phase: a request auth_basic turns away is answered 401
+    # and its body discarded, never hashed, never canonicalized.  The
+    # access log of /auth shows $deepseek_guard_body_sha256 (never the
+    # body's digest); the error log is at info (the harness's level), where
+    # the key logs every body it does not canonicalize (the authenticated
+    # request at the end shows that it does, here).
+    my $auth_log = $t->prefix . '/logs/auth.log';
+    my $obj1 = obj_array(int((1024 * 1024 - 2) / 3));        # 1 MB, 700k values
+    my $obj16 = obj_array(int((16 * 1024 * 1024 - 2) / 3));  # 16 MB
+    my $max_kb = 4 * 1024;
+    $max_kb *= 4 if DSG::Test::sanitized();
+
+    my $m0 = fresh_workers('G');
+    my $off = length $t->error_log;
+    my @cases = (['g-none-1m', $obj1, undef], ['g-wrong-1m', $obj1, 'u:wrong'],
+                 ['g-none-16m', $obj16, undef], ['g-wrong-16m', $obj16, 'u:wrong']);
+    my @r;
+    for my $c (@cases) {
+        push @r, auth_req(@$c);
+        diag sprintf('%s: %s in %d ms', $c->[0], $r[-1]{status} || $r[-1]{error}, $r[-1]{ms} // -1);
+    }
+    my $g = hwm_growth($m0);
+    is(join(' ', map { $_->{status} } @r), '401 401 401 401',
+       'G unauthenticated 1 MB and 16 MB `[{},{},...]` bodies (no credentials, a wrong '
+       . 'password) on a canonicalizing location behind auth_basic: 401');
+    diag "G 2 x 1 MB + 2 x 16 MB unauthenticated: worker peak RSS +$g kB";
+    cmp_ok($g, '<', $max_kb, "... worker peak RSS grew by $g kB, less than $max_kb kB: "
+                             . 'no body in memory, no JSON tree');
+    # "-", or the digest of no bytes once nginx has discarded the whole
+    # body (it counts Content-Length down to 0 as it reads): never the
+    # digest of the body
+    my $log = $t->log_by_tag($auth_log, map { $_->[0] } @cases);
+    my $none = sha256_hex('');
+    my @d = map { my $d = $log->{ $_->[0] }{body} // '?'; $d eq '-' || $d eq $none ? 'ok' : $d }
+            @cases;
+    is("@d", 'ok ok ok ok',
+       '... no body digest: $deepseek_guard_body_sha256 in the access log is "-" or the '
+       . 'digest of no bytes');
+    my @lines = grep { /canonical|keyed on its bytes/ } split /\n/, substr($t->error_log, $off);
+    is(scalar @lines, 0, '... no canonicalization, nor its info line')
+        or diag explain \@lines;
+
+    # the password's owner, with the same 1 MB body: answered, and keyed
+    # on the raw bytes (700k values), which the info line says
+    $off = length $t->error_log;
+    my $ok = auth_req('g-user-1m', $obj1, 'u:secret');
+    is("$ok->{status} " . xcs($ok), '200 MISS', '... then the password\'s owner, same 1 MB body: 200');
+    like(substr($t->error_log, $off),
+         qr/\[info\].*request body has too many JSON values to canonicalize, keyed on its bytes/,
+         '... whose body is keyed after auth, at info in the same error log');
+    $log = $t->log_by_tag($auth_log, 'g-user-1m');
+    like($log->{'g-user-1m'}{body} // '', qr/^[0-9a-f]{64}$/, '... its digest in the access log');
+    # and a client without the password, same body: 401, not the entry
+    my $no = auth_req('g-none-again', $obj1, undef);
+    is("$no->{status} " . xcs($no), '401 -', '... a client without the password, same body: '
+                                             . '401, no cache status');
+}
+
+{
+    # Peak memory per byte of a canonicalized body, for the README: a
+    # body near both bounds (65000 values, 1 MB), and the densest body the
+    # bounds let through that we know of (32767 empty objects: 65535
+    # values in 96 KB; per body byte, `{}` cost more than `[]`, `""`, `0`
+    # or `{"k":0}` when this was written)
+    my @cases = (['65000 short strings', str_array(64999, 13), 16 * 1024],
+                 ['32767 empty objects', obj_array(32767), 16 * 1024]);
+    for my $c (@cases) {
+        my ($what, $body, $max_kb) = @$c;
+        $max_kb *= 4 if DSG::Test::sanitized();
+        my $tag = 'g-canon-' . length $body;
+        my $m0 = fresh_workers($what);
+        my $a = auth_req($tag, $body, 'u:secret');
+        my $g = hwm_growth($m0);
+        my $b = auth_req("$tag-sp", " $body", 'u:secret');
+        diag sprintf('G canonicalized, authenticated: %s, %d bytes: worker peak RSS +%d kB, '
+                     . '%.1f bytes a body byte, %d ms',
+                     $what, length $body, $g, $g * 1024 / length $body, $a->{ms});
+        is(join(' ', map { "$_->{status} " . xcs($_) } $a, $b), '200 MISS 200 HIT',
+           "G $what (" . length($body) . ' bytes), authenticated: canonicalized '
+           . '(after a space, a HIT)');
+        cmp_ok($g, '<', $max_kb, "... worker peak RSS grew by $g kB, less than $max_kb kB");
+    }
 }
 
 is(scalar(() = $t->error_log =~ /exited on signal/g), 0, 'no worker crashed');
