@@ -233,6 +233,14 @@ static ngx_str_t  ngx_http_deepseek_guard_cache_status_names[] = {
 };
 
 
+/*
+ * proxy_pass's content handler: the cache acts only where the content
+ * comes from an HTTP upstream it can capture.  Learned at configuration
+ * from a location whose proxy_pass names an upstream, or from the first
+ * answer of proxy_pass with variables.
+ */
+static ngx_http_handler_pt  ngx_http_deepseek_guard_proxy_handler;
+
 static ngx_http_output_header_filter_pt  ngx_http_next_header_filter;
 static ngx_http_output_body_filter_pt    ngx_http_next_body_filter;
 
@@ -253,6 +261,35 @@ ngx_http_deepseek_guard_now_ms(void)
     tp = ngx_timeofday();
 
     return (uint64_t) tp->sec * 1000 + tp->msec;
+}
+
+
+/*
+ * Whether the cache acts on this request at all: a cache in a location
+ * whose content is proxy_pass, with something it may store (a
+ * deepseek_guard_cache_valid line), for a cached method.  Everywhere else
+ * the request flows as in stock nginx: no body read ahead, no lookup, no
+ * fill lock, and the guard admits in the access phase.
+ */
+
+ngx_uint_t
+ngx_http_deepseek_guard_cache_active(ngx_http_request_t *r)
+{
+    ngx_http_core_loc_conf_t            *clcf;
+    ngx_http_deepseek_guard_loc_conf_t  *lcf;
+
+    lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
+
+    if (lcf->cache == NULL || lcf->cache_valid == NULL
+        || !(r->method & lcf->methods))
+    {
+        return 0;
+    }
+
+    clcf = ngx_http_get_module_loc_conf(r, ngx_http_core_module);
+
+    return clcf->handler != NULL
+           && clcf->handler == ngx_http_deepseek_guard_proxy_handler;
 }
 
 
@@ -311,7 +348,7 @@ ngx_http_deepseek_guard_cache_access(ngx_http_request_t *r,
      * sent to this location: its key would name another request's answer
      */
 
-    if (lcf->cache == NULL || r->internal) {
+    if (r->internal || !ngx_http_deepseek_guard_cache_active(r)) {
         return NGX_DECLINED;
     }
 
@@ -325,11 +362,6 @@ ngx_http_deepseek_guard_cache_access(ngx_http_request_t *r,
     }
 
     cctx->cache = lcf->cache;
-
-    if (!(r->method & lcf->methods)) {
-        cctx->looked_up = 1;
-        return NGX_DECLINED;
-    }
 
     if (cctx->body == NGX_HTTP_DSG_BODY_NONE
         && (r->headers_in.content_length_n > 0 || r->headers_in.chunked))
@@ -1181,17 +1213,14 @@ ngx_http_deepseek_guard_cache_overload(ngx_http_request_t *r)
 static ngx_int_t
 ngx_http_deepseek_guard_precontent_handler(ngx_http_request_t *r)
 {
-    ngx_int_t                            rc;
-    ngx_http_deepseek_guard_ctx_t       *ctx;
-    ngx_http_deepseek_guard_loc_conf_t  *lcf;
+    ngx_int_t                       rc;
+    ngx_http_deepseek_guard_ctx_t  *ctx;
 
     if (r != r->main) {
         return NGX_DECLINED;
     }
 
-    lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
-
-    if (lcf->cache == NULL) {
+    if (!ngx_http_deepseek_guard_cache_active(r)) {
         return NGX_DECLINED;
     }
 
@@ -1771,6 +1800,16 @@ ngx_http_deepseek_guard_header_filter(ngx_http_request_t *r)
 
     if (r != r->main) {
         return ngx_http_next_header_filter(r);
+    }
+
+    if (ngx_http_deepseek_guard_proxy_handler == NULL && r->upstream
+        && r->upstream->conf
+           == ngx_http_get_module_loc_conf(r, ngx_http_proxy_module))
+    {
+        /* proxy's upstream settings are the first field of its conf */
+        ngx_http_deepseek_guard_proxy_handler =
+            ((ngx_http_core_loc_conf_t *)
+             ngx_http_get_module_loc_conf(r, ngx_http_core_module))->handler;
     }
 
     ctx = ngx_http_get_module_ctx(r, ngx_http_deepseek_guard_module);
@@ -2898,6 +2937,8 @@ ngx_http_deepseek_guard_cache_merge(ngx_conf_t *cf,
 {
     ngx_str_t                             v;
     ngx_uint_t                            i;
+    ngx_http_upstream_conf_t             *ucf;
+    ngx_http_core_loc_conf_t             *clcf;
     ngx_http_deepseek_guard_cache_t     **caches;
     ngx_http_deepseek_guard_main_conf_t  *mcf;
     ngx_http_compile_complex_value_t      ccv;
@@ -2965,6 +3006,17 @@ ngx_http_deepseek_guard_cache_merge(ngx_conf_t *cf,
     conf->methods &= ~NGX_CONF_BITMASK_SET;
 
     conf->cache = NULL;
+
+    /* a proxy_pass that names an upstream: its handler is proxy's */
+
+    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+    ucf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_proxy_module);
+
+    if (clcf->handler && ucf->upstream
+        && ngx_http_deepseek_guard_proxy_handler == NULL)
+    {
+        ngx_http_deepseek_guard_proxy_handler = clcf->handler;
+    }
 
     if (conf->cache_name.data == NULL
         || ngx_strcmp(conf->cache_name.data, "off") == 0)

@@ -198,11 +198,7 @@ ngx_http_deepseek_guard_classify(ngx_http_request_t *r,
 ngx_int_t
 ngx_http_deepseek_guard_access_handler(ngx_http_request_t *r)
 {
-    ngx_http_deepseek_guard_loc_conf_t  *lcf;
-
-    lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
-
-    if (lcf->cache) {
+    if (ngx_http_deepseek_guard_cache_active(r)) {
         return NGX_DECLINED;
     }
 
@@ -237,7 +233,9 @@ ngx_http_deepseek_guard_decide(ngx_http_request_t *r)
 
     lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
 
-    if ((lcf->zones == NULL || lcf->zones->nelts == 0) && lcf->cache == NULL) {
+    if ((lcf->zones == NULL || lcf->zones->nelts == 0)
+        && !ngx_http_deepseek_guard_cache_active(r))
+    {
         return NGX_DECLINED;
     }
 

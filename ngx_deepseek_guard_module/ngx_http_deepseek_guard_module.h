@@ -226,6 +226,7 @@ struct ngx_http_deepseek_guard_ctx_s {
 
 
 extern ngx_module_t  ngx_http_deepseek_guard_module;
+extern ngx_module_t  ngx_http_proxy_module;
 
 
 /* ngx_http_deepseek_guard_module.c */
@@ -253,6 +254,7 @@ ngx_int_t ngx_http_deepseek_guard_cache_overload(ngx_http_request_t *r);
 ngx_int_t ngx_http_deepseek_guard_cache_access(ngx_http_request_t *r,
     ngx_http_deepseek_guard_ctx_t *ctx);
 void ngx_http_deepseek_guard_cache_drop(ngx_http_deepseek_guard_ctx_t *ctx);
+ngx_uint_t ngx_http_deepseek_guard_cache_active(ngx_http_request_t *r);
 ngx_int_t ngx_http_deepseek_guard_cache_init(ngx_conf_t *cf);
 ngx_int_t ngx_http_deepseek_guard_cache_init_module(ngx_cycle_t *cycle);
 ngx_int_t ngx_http_deepseek_guard_cache_init_process(ngx_cycle_t *cycle);

@@ -64,9 +64,20 @@ $t->write_config(<<'EOF');
             proxy_http_version 1.1;
         }
 
-        # no cache_valid at all: only X-Accel-Expires can store here
+        # no cache_valid line for 200: only X-Accel-Expires can store a
+        # 200 here
         location /novalid/ {
             deepseek_guard_cache llm;
+            deepseek_guard_cache_valid 404 1m;
+            proxy_pass http://%%MOCK%%/v1/;
+            proxy_buffering off;
+        }
+
+        # no cache_valid line at all: the cache does not act (the valid
+        # line is the opt-in), not even for X-Accel-Expires
+        location /nolines/ {
+            deepseek_guard_cache llm;
+            deepseek_guard_cache_status_header X-Cache-Status;
             proxy_pass http://%%MOCK%%/v1/;
             proxy_buffering off;
         }
@@ -399,9 +410,17 @@ for my $loc (['/v1/', 'proxy_buffering off'], ['/buf/', 'proxy_buffering on']) {
            "$_: stored (MISS, HIT)");
     }
     is("$first{nov}{cache} $second{nov}{cache}", 'MISS MISS',
-       'no cache_valid, no X-Accel-Expires: not stored');
+       'no cache_valid for the status, no X-Accel-Expires: not stored');
     is("$first{nma}{cache} $second{nma}{cache}", 'MISS MISS',
-       'no cache_valid: max-age alone does not store');
+       'no cache_valid for the status: max-age alone does not store');
+
+    # no cache_valid line at all: no cache status, nothing stored, even
+    # with X-Accel-Expires
+    my @nl = map { chat(uri => '/nolines/chat/completions', content => 'ttl no lines',
+                        headers => \@h_xa) } 1 .. 2;
+    is(join(' ', map { $_->{status} } @nl), '200 200', 'no cache_valid line: answered');
+    is(join(' ', map { $_->{cache} } @nl), ' ',
+       '... the cache does not act (no status), not even for X-Accel-Expires');
 
     # past every short TTL (1 s, and @now+2 s), well inside the long ones
     sleep 2.6;
@@ -420,8 +439,8 @@ for my $loc (['/v1/', 'proxy_buffering off'], ['/buf/', 'proxy_buffering on']) {
        'the refetched entries are stored again');
 
     my $bodies = $t->mock_stats->{bodies};
-    # ma, xa, at: 2 calls each; long, win: 1 each; nov, nma: 2 each
-    is(upstream_calls(), 3 * 2 + 2 * 1 + 2 * 2, 'upstream calls add up');
+    # ma, xa, at: 2 calls each; long, win: 1 each; nov, nma, nolines: 2 each
+    is(upstream_calls(), 3 * 2 + 2 * 1 + 3 * 2, 'upstream calls add up');
 }
 
 # ------------------------------------------------ bypass

@@ -22,6 +22,7 @@ my $t = DSG::Test->new(workers => 2);
 $t->write_config(<<'EOF');
     deepseek_guard_cache_path %%PREFIX%%/cache keys_zone=llm:1m;
     deepseek_guard_cache llm;
+    deepseek_guard_cache_valid 200 1s;
     deepseek_guard_cache_lock_timeout 20s;
     deepseek_guard_cache_status_header X-Cache-Status;
 
