@@ -46,6 +46,7 @@
 
 /* fill locks: probed in a window of so many slots from the digest's */
 #define NGX_HTTP_DSG_LOCK_PROBES      16
+#define NGX_HTTP_DSG_LOCKS_MAX        16384
 
 /* the mark of a filler's proxied request, its entry's digest */
 #define NGX_HTTP_DSG_FILL_HEADER      "X-Deepseek-Guard-Fill"
@@ -2603,11 +2604,16 @@ ngx_http_deepseek_guard_cache_init_zone(ngx_shm_zone_t *shm_zone, void *data)
         return NGX_OK;
     }
 
-    /* the fill locks take what the zone has, about half of it */
+    /*
+     * the fill locks take about half of the zone, up to the most misses
+     * that can coalesce at once: a larger table would only make the
+     * dead-worker scan of every worker longer
+     */
 
     size = shm_zone->shm.size / 2;
     n = (size - sizeof(ngx_http_deepseek_guard_cache_sh_t))
         / sizeof(ngx_http_deepseek_guard_lock_t) + 1;
+    n = ngx_min(n, NGX_HTTP_DSG_LOCKS_MAX);
 
     cache->sh = ngx_slab_calloc(shpool,
                                 sizeof(ngx_http_deepseek_guard_cache_sh_t)
