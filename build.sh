@@ -13,6 +13,11 @@
 #   ./build.sh test-asan  the prove suite against an ASan/UBSan build of the
 #                         module (build/asan/) loaded into the stock nginx
 #   ./build.sh test-valgrind  a subset (admission, cache, SSE) under valgrind
+#   ./build.sh peer       nginx's own test suite (../shared/peer, or PEER_DIR)
+#                         on stock nginx and with the module applied at http
+#                         level (PEER_VARIANTS, default "guard cache
+#                         cache_valid"); fails on any difference from stock
+#                         that t/peer-expected.txt does not list
 #   ./build.sh fuzz [s]   replay t/fuzz/regress and the seed corpora, then run
 #                         each libFuzzer target s seconds (default 60; 0: only
 #                         the replay)
@@ -37,6 +42,9 @@ DEPS="nginx nginx-dev liblmdb-dev lmdb-utils libssl-dev libjansson-dev
 BENCH_DEPS="wrk"
 FUZZ_DEPS="clang libclang-rt-dev"
 VALGRIND_DEPS="valgrind"
+# what nginx's own tests need besides Perl (without them ~44 files skip)
+PEER_DEPS="libio-socket-ssl-perl libnet-ssleay-perl libfcgi-perl
+           libscgi-perl"
 
 # fuzz targets: t/fuzz/fuzz_<name>.c exercises ngx_deepseek_guard_module/dsg_<name>.c
 FUZZ_TARGETS=${FUZZ_TARGETS:-"entry json bucket queue store"}
@@ -334,6 +342,32 @@ integration() {
 # it, for a quicker local run) and the valgrind subset (seconds).  Each
 # part runs even if one before it failed; the summary names what failed.
 # About 10 minutes on 2 cores.
+# nginx's own test suite with the module applied everywhere, diffed against
+# stock nginx; the allowed differences are listed in t/peer-expected.txt
+peer() {
+    local dir=${PEER_DIR:-$REPO/../shared/peer}
+    # somewhere the unprivileged test user (nobody) can reach, whatever the
+    # permissions above the checkout
+    local out=${PEER_OUT:-/tmp/dsg-peer}
+    local variants=${PEER_VARIANTS:-"guard cache cache_valid"}
+    if [ ! -x "$dir/run.sh" ] || [ ! -d "$dir/nginx-tests" ]; then
+        echo "build.sh: peer suite not found at $dir (set PEER_DIR): skipped"
+        return 0
+    fi
+    # shellcheck disable=SC2086
+    need $PEER_DEPS
+    # a copy the test user can read, not replaced by a rebuild
+    rm -rf "$out"
+    mkdir -p "$out"
+    cp "$SO" "$out/module.so"
+    chmod 755 "$out" "$out/module.so"
+    MODULE="$out/module.so" OUT="$out" JOBS="${JOBS:-2}" \
+        VARIANTS="baseline $variants" "$dir/run.sh" >"$out/run.log" 2>&1
+    sed -n '1,/^$/p' "$out/summary.md"
+    perl "$REPO/t/peer-check.pl" "$REPO/t/peer-expected.txt" \
+        "$out/summary.md" $variants
+}
+
 test_all() {
     local failed= start=$SECONDS
     echo "build.sh: === prove suite, plain build"
@@ -346,6 +380,8 @@ test_all() {
     fi
     echo "build.sh: === valgrind subset"
     ( test_valgrind ) || failed="$failed test-valgrind"
+    echo "build.sh: === nginx's own tests, stock and with the module"
+    ( peer ) || failed="$failed peer"
     echo "build.sh: test took $((SECONDS - start)) s${failed:+, FAILED:$failed}"
     [ -z "$failed" ]
 }
@@ -389,8 +425,12 @@ case "${1:-build}" in
     fuzz)
         fuzz "${2:-60}"
         ;;
+    peer)
+        build
+        peer
+        ;;
     *)
-        echo "usage: $0 [build|test [t/file.t ...]|unit|run|bench|test-asan [t/file.t ...]|test-valgrind|fuzz [seconds]]" >&2
+        echo "usage: $0 [build|test [t/file.t ...]|unit|run|bench|test-asan [t/file.t ...]|test-valgrind|fuzz [seconds]|peer]" >&2
         exit 2
         ;;
 esac

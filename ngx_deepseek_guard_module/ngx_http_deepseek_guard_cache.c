@@ -3109,6 +3109,11 @@ ngx_http_deepseek_guard_body_sha(ngx_http_request_t *r,
             b = cl->buf;
 
             if (!b->in_file) {
+                if (b->pos == b->last) {
+                    /* the last, empty buffer of a chunked body: no pos */
+                    continue;
+                }
+
                 if (all) {
                     ngx_memcpy(all + len, b->pos, b->last - b->pos);
                     len += b->last - b->pos;
