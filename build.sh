@@ -361,11 +361,31 @@ peer() {
     mkdir -p "$out"
     cp "$SO" "$out/module.so"
     chmod 755 "$out" "$out/module.so"
-    MODULE="$out/module.so" OUT="$out" JOBS="${JOBS:-2}" \
+    MODULE="$out/module.so" OUT="$out/all" JOBS="${JOBS:-2}" \
         VARIANTS="baseline $variants" "$dir/run.sh" >"$out/run.log" 2>&1
-    sed -n '1,/^$/p' "$out/summary.md"
+    sed -n '1,/^$/p' "$out/all/summary.md"
+    # shellcheck disable=SC2086
     perl "$REPO/t/peer-check.pl" "$REPO/t/peer-expected.txt" \
-        "$out/summary.md" $variants
+        "$out/all/summary.md" $variants >"$out/check.log" || true
+    tail -1 "$out/check.log"
+    grep '^peer: listed' "$out/check.log" || true
+    local again
+    again=$(sed -n 's/^peer: NOT ALLOWED: [^ ]* \([^:]*\):.*/\1/p' \
+                "$out/check.log" | sort -u | tr '\n' ' ')
+    [ -z "$again" ] && return 0
+    grep '^peer: NOT ALLOWED' "$out/check.log"
+    # nginx's tests time things on a loaded machine: a difference counts
+    # only if it comes back when the file runs again, stock and with the
+    # module side by side
+    echo "build.sh: peer: running again: $again"
+    MODULE="$out/module.so" OUT="$out/again" JOBS="${JOBS:-2}" TESTS="$again" \
+        VARIANTS="baseline $variants" "$dir/run.sh" >>"$out/run.log" 2>&1
+    local rc=0
+    # shellcheck disable=SC2086
+    perl "$REPO/t/peer-check.pl" "$REPO/t/peer-expected.txt" \
+        "$out/again/summary.md" $variants >"$out/check-again.log" || rc=$?
+    grep -v '^peer: allowed\|^peer: listed' "$out/check-again.log" || true
+    return $rc
 }
 
 test_all() {

@@ -276,6 +276,7 @@ ngx_http_deepseek_guard_now_ms(void)
 ngx_uint_t
 ngx_http_deepseek_guard_cache_active(ngx_http_request_t *r)
 {
+    ngx_http_upstream_conf_t            *ucf;
     ngx_http_core_loc_conf_t            *clcf;
     ngx_http_deepseek_guard_loc_conf_t  *lcf;
 
@@ -289,8 +290,26 @@ ngx_http_deepseek_guard_cache_active(ngx_http_request_t *r)
 
     clcf = ngx_http_get_module_loc_conf(r, ngx_http_core_module);
 
-    return clcf->handler != NULL
-           && clcf->handler == ngx_http_deepseek_guard_proxy_handler;
+    if (clcf->handler == NULL
+        || clcf->handler != ngx_http_deepseek_guard_proxy_handler)
+    {
+        return 0;
+    }
+
+    /*
+     * "proxy_request_buffering off" streams a body to the upstream as it
+     * arrives: a request with a body passes by, not read ahead for a key
+     */
+
+    ucf = ngx_http_get_module_loc_conf(r, ngx_http_proxy_module);
+
+    if (!ucf->request_buffering
+        && (r->headers_in.content_length_n > 0 || r->headers_in.chunked))
+    {
+        return 0;
+    }
+
+    return 1;
 }
 
 
@@ -635,18 +654,18 @@ ngx_http_deepseek_guard_header_in(ngx_table_elt_t *h, ngx_str_t *names)
 
 /*
  * Computes the key and its digest, once.  The key is the configured one
- * and, for a request that accepts gzip, a mark of it: a gzip answer is
- * stored only under that mark, so a client that did not ask for gzip
- * never gets it.
+ * and marks of what else the upstream's answer depends on: a request that
+ * accepts gzip (a gzip answer is stored only under that mark, so a client
+ * that did not ask for gzip never gets it), and one that has a body.
  */
 
 static ngx_int_t
 ngx_http_deepseek_guard_cache_key(ngx_http_request_t *r,
     ngx_http_deepseek_guard_cache_ctx_t *cctx)
 {
-    u_char                              *p;
+    u_char                              *p, *last;
     ngx_str_t                            key;
-    ngx_uint_t                           i;
+    ngx_uint_t                           i, body;
     unsigned int                         dlen;
     ngx_list_part_t                     *part;
     ngx_table_elt_t                     *h;
@@ -693,16 +712,33 @@ ngx_http_deepseek_guard_cache_key(ngx_http_request_t *r,
         return NGX_ERROR;
     }
 
-    if (cctx->gzip) {
-        /* a line feed is in no variable of a request line or header */
-        p = ngx_pnalloc(r->pool, key.len + sizeof("\ngzip") - 1);
+    /*
+     * what the upstream sees besides the key: whether the client accepts
+     * gzip, and whether the request has a body at all (an empty one still
+     * sends "Content-Length: 0"); a line feed is in no variable of a
+     * request line or header
+     */
+
+    body = (r->headers_in.content_length || r->headers_in.chunked);
+
+    if (cctx->gzip || body) {
+        p = ngx_pnalloc(r->pool, key.len + sizeof("\ngzip\nbody") - 1);
         if (p == NULL) {
             return NGX_ERROR;
         }
 
-        key.len = ngx_cpymem(p, key.data, key.len) - p;
-        key.len = ngx_cpymem(p + key.len, "\ngzip", sizeof("\ngzip") - 1) - p;
+        last = ngx_cpymem(p, key.data, key.len);
+
+        if (cctx->gzip) {
+            last = ngx_cpymem(last, "\ngzip", sizeof("\ngzip") - 1);
+        }
+
+        if (body) {
+            last = ngx_cpymem(last, "\nbody", sizeof("\nbody") - 1);
+        }
+
         key.data = p;
+        key.len = last - p;
     }
 
     if (EVP_Digest(key.data, key.len, cctx->digest, &dlen, EVP_sha256(),
