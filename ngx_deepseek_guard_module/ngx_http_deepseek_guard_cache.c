@@ -1631,6 +1631,14 @@ ngx_http_deepseek_guard_cache_storable(ngx_http_request_t *r,
         goto no;
     }
 
+    if (r->headers_out.status == NGX_HTTP_NOT_MODIFIED
+        || r->headers_out.status == NGX_HTTP_PRECONDITION_FAILED)
+    {
+        /* the answer to this client's condition, not to the request */
+        ngx_str_set(&why, "an answer to a condition");
+        goto no;
+    }
+
     if (cctx->credentials && !lcf->key_has_auth && !shared
         && lcf->credentials != NGX_HTTP_DSG_CRED_SHARED)
     {

@@ -187,6 +187,12 @@ $auth_locations
             proxy_pass http://127.0.0.1:%%PORT_1%%/;
         }
 
+        # "any" status made cacheable: a 304 is still never stored
+        location /cond/ {
+            deepseek_guard_cache_valid any 1m;
+            proxy_pass http://127.0.0.1:%%PORT_1%%/;
+        }
+
         # the maintenance fallback of a new user
         location /maint/ {
             proxy_intercept_errors on;
@@ -476,6 +482,30 @@ for my $cc ('public', 'public, max-age=60', 's-maxage=60', 'must-revalidate') {
     # and the entry is still the whole document
     my $g3 = get2('/range/doc.txt');
     is("$g3->{status} " . length($g3->{body}), "200 $len", 'plain GET after it: the whole document');
+}
+
+# ------------------------------------------------ 5b. conditional requests
+
+{
+    # learn the static document's validators through the uncached range
+    # location's answer, then ask /cond/ conditionally first: the static
+    # upstream answers 304, which must not be stored under the key a plain
+    # GET uses
+    my $v = get2('/range/doc.txt');
+    my $etag = $v->{headers}{etag} // '';
+    like($etag, qr/^"/, 'the static document has an ETag');
+    my $c1 = get2('/cond/doc.txt', 'If-None-Match' => $etag);
+    is($c1->{status}, 304, 'conditional first, valid any: 304 from the upstream');
+    my $p1 = get2('/cond/doc.txt');
+    is($p1->{status}, 200, '... a plain GET then: 200, not the stored 304');
+    is($p1->{body}, $DOC, '... the whole document');
+    # the 200 is stored; a conditional request on it: 304 from nginx's
+    # not_modified filter, on the entry's ETag
+    my $p2 = get2('/cond/doc.txt');
+    is("$p2->{cache} $p2->{status}", 'HIT 200', '... stored: HIT 200');
+    my $c2 = get2('/cond/doc.txt', 'If-None-Match' => $etag);
+    is("$c2->{cache} $c2->{status}", 'HIT 304', 'a conditional request on the entry: HIT 304');
+    is($c2->{body} // '', '', '... no body');
 }
 
 # ------------------------------------------------ 6. fallback page
