@@ -109,7 +109,6 @@ typedef struct ngx_http_deepseek_guard_cache_ctx_s {
     ngx_chain_t                **last;
     size_t                       size;
     off_t                        expect;       /* Content-Length, -1 */
-    ngx_uint_t                   framed;       /* length or chunked */
 
     /* coalescing */
     ngx_queue_t                  wait_link;
@@ -654,9 +653,10 @@ ngx_http_deepseek_guard_header_in(ngx_table_elt_t *h, ngx_str_t *names)
 
 /*
  * Computes the key and its digest, once.  The key is the configured one
- * and marks of what else the upstream's answer depends on: a request that
- * accepts gzip (a gzip answer is stored only under that mark, so a client
- * that did not ask for gzip never gets it), and one that has a body.
+ * after marks of what else the upstream's answer depends on: a request
+ * that accepts gzip (a gzip answer is stored only under that mark, so a
+ * client that did not ask for gzip never gets it), and one that has a
+ * body.
  */
 
 static ngx_int_t
@@ -715,31 +715,22 @@ ngx_http_deepseek_guard_cache_key(ngx_http_request_t *r,
     /*
      * what the upstream sees besides the key: whether the client accepts
      * gzip, and whether the request has a body at all (an empty one still
-     * sends "Content-Length: 0"); a line feed is in no variable of a
-     * request line or header
+     * sends "Content-Length: 0"); a prefix of fixed length, so no key can
+     * pass for another with other marks
      */
+
+    p = ngx_pnalloc(r->pool, sizeof("g0b0|") - 1 + key.len);
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
 
     body = (r->headers_in.content_length || r->headers_in.chunked);
 
-    if (cctx->gzip || body) {
-        p = ngx_pnalloc(r->pool, key.len + sizeof("\ngzip\nbody") - 1);
-        if (p == NULL) {
-            return NGX_ERROR;
-        }
+    last = ngx_sprintf(p, "g%uib%ui|", cctx->gzip, body);
+    last = ngx_cpymem(last, key.data, key.len);
 
-        last = ngx_cpymem(p, key.data, key.len);
-
-        if (cctx->gzip) {
-            last = ngx_cpymem(last, "\ngzip", sizeof("\ngzip") - 1);
-        }
-
-        if (body) {
-            last = ngx_cpymem(last, "\nbody", sizeof("\nbody") - 1);
-        }
-
-        key.data = p;
-        key.len = last - p;
-    }
+    key.data = p;
+    key.len = last - p;
 
     if (EVP_Digest(key.data, key.len, cctx->digest, &dlen, EVP_sha256(),
                    NULL)
