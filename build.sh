@@ -21,6 +21,10 @@
 #   ./build.sh fuzz [s]   replay t/fuzz/regress and the seed corpora, then run
 #                         each libFuzzer target s seconds (default 60; 0: only
 #                         the replay)
+#   ./build.sh deb        the Debian package (debian/) built from a copy of
+#                         the tree in build/deb-src: build/libnginx-mod-http-
+#                         deepseek-guard_<version>_<arch>.deb, then lintian
+#                         (fails on any E:; accepted warnings in README.md)
 #
 # The module is left at build/ngx_http_deepseek_guard_module.so.
 # NGINX_SRC=<dir> builds against another nginx source tree (it must be
@@ -45,6 +49,11 @@ VALGRIND_DEPS="valgrind"
 # what nginx's own tests need besides Perl (without them ~44 files skip)
 PEER_DEPS="libio-socket-ssl-perl libnet-ssleay-perl libfcgi-perl
            libscgi-perl"
+# t/81-status-page.t: Debian's chromium, driven by playwright-core (npm)
+BROWSER_DEPS="chromium"
+# dpkg-buildpackage of debian/ (nginx-dev provides dh-sequence-nginx)
+DEB_DEPS="build-essential debhelper dpkg-dev nginx-dev liblmdb-dev
+          libjansson-dev libssl-dev lintian"
 
 # fuzz targets: t/fuzz/fuzz_<name>.c exercises ngx_deepseek_guard_module/dsg_<name>.c
 FUZZ_TARGETS=${FUZZ_TARGETS:-"entry json bucket queue store"}
@@ -77,10 +86,35 @@ need() {
     return 0
 }
 
+# The status page (deepseek_guard_status): uPlot and playwright-core from
+# npm, pinned in status/package-lock.json, installed by `npm ci` into
+# status/node_modules (not in git) when the lockfile changed, then
+# status/page.html with uPlot inlined becomes the C header that `config`
+# requires, build/status/ngx_http_deepseek_guard_status_page.h.  Debian's
+# nodejs and npm only where no node and npm are installed.
+status_page() {
+    local dir="$REPO/status" sum
+    if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+        need nodejs npm
+    fi
+    sum=$(md5sum <"$dir/package-lock.json" | cut -d' ' -f1)
+    if [ "$(cat "$dir/node_modules/.dsg-lock" 2>/dev/null)" != "$sum" ]
+    then
+        echo "build.sh: npm ci in status/"
+        (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error) || {
+            echo "build.sh: npm ci failed in status/" >&2; exit 1; }
+        echo "$sum" >"$dir/node_modules/.dsg-lock"
+    fi
+    mkdir -p "$BUILD/status"
+    perl "$dir/gen-page.pl" "$dir" \
+        "$BUILD/status/ngx_http_deepseek_guard_status_page.h"
+}
+
 build() {
     # shellcheck disable=SC2086
     need $DEPS
     mkdir -p "$BUILD"
+    status_page
     local src="$BUILD/nginx"
     local stamp="$BUILD/configure.stamp"
     local want
@@ -224,6 +258,8 @@ EOF
 # into a report.  Any other SIGBUS still shows as "exited on signal 7".
 test_asan() {
     build
+    # shellcheck disable=SC2086
+    need $BROWSER_DEPS
     asan_build
     local rt lib
     rt=
@@ -336,6 +372,52 @@ integration() {
     prove ${PROVE_ARGS:-} t/*.t
 }
 
+# The Debian package: debian/ built by dpkg-buildpackage from a copy of the
+# tree in build/deb-src (the checkout stays clean; build/, .git and
+# node_modules are not copied), so the .deb, its -dbgsym package, .buildinfo
+# and .changes land in build/.  The package build is offline, as Debian's
+# are: what build() generates from npm (build/status/, the status page
+# with uPlot inlined) is generated here first and copied in.  lintian's
+# report on the .deb is printed in full; any error (E:) fails, the accepted
+# warnings are listed in README.md.
+deb() {
+    build
+    # shellcheck disable=SC2086
+    need $DEB_DEPS
+    local src="$BUILD/deb-src" name=libnginx-mod-http-deepseek-guard
+    local version arch pkg rc=0
+    version=$(dpkg-parsechangelog -l "$REPO/debian/changelog" -S Version)
+    arch=$(dpkg-architecture -q DEB_HOST_ARCH)
+    pkg="$BUILD/${name}_${version}_$arch.deb"
+    mkdir -p "$BUILD"
+    rm -rf "$src"
+    rm -f "$BUILD/${name}_${version}_$arch".{deb,buildinfo,changes} \
+          "$BUILD/${name}-dbgsym_${version}_$arch.deb"
+    mkdir -p "$src"
+    tar -C "$REPO" --exclude=./build --exclude=./.git --exclude=node_modules \
+        --exclude=__pycache__ -cf - . | tar -C "$src" -xf -
+    if [ -d "$BUILD/status" ]; then
+        mkdir -p "$src/build"
+        tar -C "$BUILD" --exclude=node_modules -cf - status \
+            | tar -C "$src/build" -xf -
+    fi
+    echo "build.sh: dpkg-buildpackage in ${src#"$REPO"/}"
+    (cd "$src" && dpkg-buildpackage -us -uc -b) >"$BUILD/deb.log" 2>&1 || {
+        tail -60 "$BUILD/deb.log"; exit 1; }
+    [ -f "$pkg" ] || { echo "build.sh: $pkg not built" >&2; exit 1; }
+    echo "build.sh: package at ${pkg#"$REPO"/}"
+    dpkg-deb -f "$pkg" Package Version Depends
+    dpkg-deb -c "$pkg" | awk '{ print "  " $6 $7 $8 }'
+    echo "build.sh: lintian ${pkg#"$REPO"/}"
+    lintian "$pkg" >"$BUILD/lintian.log" 2>&1 || rc=$?
+    cat "$BUILD/lintian.log"
+    if [ $rc -ne 0 ] || grep -q '^E: ' "$BUILD/lintian.log"; then
+        echo "build.sh: lintian failed (exit status $rc)" >&2
+        exit 1
+    fi
+    echo "build.sh: lintian: no errors"
+}
+
 # What CI runs (.ci/run): the prove suite against the plain build, a
 # libFuzzer smoke of every target (FUZZ_SMOKE seconds each, default 5),
 # the prove suite again against the ASan/UBSan build (DSG_NO_ASAN=1 skips
@@ -412,6 +494,8 @@ case "${1:-build}" in
         ;;
     test)
         build
+        # shellcheck disable=SC2086
+        need $BROWSER_DEPS
         unit
         fuzz_replay
         if [ $# -gt 1 ]; then
@@ -449,8 +533,11 @@ case "${1:-build}" in
         build
         peer
         ;;
+    deb)
+        deb
+        ;;
     *)
-        echo "usage: $0 [build|test [t/file.t ...]|unit|run|bench|test-asan [t/file.t ...]|test-valgrind|fuzz [seconds]|peer]" >&2
+        echo "usage: $0 [build|test [t/file.t ...]|unit|run|bench|test-asan [t/file.t ...]|test-valgrind|fuzz [seconds]|peer|deb]" >&2
         exit 2
         ;;
 esac

@@ -65,6 +65,13 @@ static ngx_int_t ngx_http_deepseek_guard_zone_variable(
  *       le = 0.005 0.01 0.025 0.05 0.1 0.25 0.5 1 5 10 +Inf seconds,
  *       cumulative; _count is the +Inf bucket of the same scrape; _sum has
  *       millisecond precision
+ *   deepseek_guard_retry_after_seconds{zone,class}               summary
+ *       the waits announced to the clients this zone rejected (Retry-After
+ *       rounds them up to whole seconds, retry-after-ms has them exactly):
+ *       _count and _sum (millisecond precision), counted in the log phase;
+ *       a rejection answered with a stale entry announces nothing
+ *   deepseek_guard_retry_after_last_seconds{zone,class}          gauge
+ *       the wait announced in the latest of them (0: none yet)
  *
  * Per zone:
  *
@@ -123,7 +130,9 @@ static ngx_int_t ngx_http_deepseek_guard_zone_variable(
  *     "classes":[{"class":"critical","requests":{"admitted":3,..},
  *       "inflight":0,"queue_depth":0,"queue_capacity":16,
  *       "queue_wait":{"buckets":{"0.005":0,"0.01":0,"0.025":1,..,
- *         "+Inf":1},"count":1,"sum_seconds":0.012}},..]},..],
+ *         "+Inf":1},"count":1,"sum_seconds":0.012},
+ *       "retry_after":{"count":2,"sum_seconds":1.5,
+ *         "last_seconds":0.75}},..]},..],
  *    "caches":[{"cache":"llm","requests":{"hit":2,"miss":3,..},
  *      "stores":3,..,"capacity_bytes":268435456}]}
  */
@@ -145,8 +154,6 @@ typedef struct {
 
 
 static ngx_int_t ngx_http_deepseek_guard_log_handler(ngx_http_request_t *r);
-static ngx_int_t ngx_http_deepseek_guard_metrics_handler(
-    ngx_http_request_t *r);
 static ngx_uint_t ngx_http_deepseek_guard_metrics_json(ngx_http_request_t *r);
 static void ngx_http_deepseek_guard_text(ngx_http_deepseek_guard_out_t *o,
     ngx_http_deepseek_guard_main_conf_t *mcf);
@@ -542,8 +549,10 @@ ngx_http_deepseek_guard_log_handler(ngx_http_request_t *r)
 {
     ngx_uint_t                           i, status;
     ngx_shm_zone_t                     **zones;
+    ngx_http_deepseek_guard_ctx_t       *ctx;
     ngx_http_deepseek_guard_zone_t      *z;
     ngx_http_deepseek_guard_loc_conf_t  *lcf;
+    ngx_http_deepseek_guard_counters_t  *cnt;
 
     if (r != r->main) {
         return NGX_OK;
@@ -553,6 +562,21 @@ ngx_http_deepseek_guard_log_handler(ngx_http_request_t *r)
 
     if (lcf->zones == NULL || lcf->zones->nelts == 0) {
         return NGX_OK;
+    }
+
+    /* the wait announced to a rejected client (not one answered stale) */
+
+    ctx = ngx_http_deepseek_guard_get_ctx(r);
+
+    if (ctx != NULL && ctx->status == NGX_HTTP_DSG_REJECTED
+        && ctx->reject_zone != NULL && ctx->reject_zone->sh != NULL)
+    {
+        cnt = &ctx->reject_zone->sh->counters[ctx->cls];
+
+        (void) ngx_atomic_fetch_add(&cnt->retry_count, 1);
+        (void) ngx_atomic_fetch_add(&cnt->retry_sum_ms,
+                                    (ngx_atomic_int_t) ctx->retry_ms);
+        cnt->retry_last_ms = (ngx_atomic_uint_t) ctx->retry_ms;
     }
 
     status = r->err_status ? r->err_status : r->headers_out.status;
@@ -576,7 +600,9 @@ ngx_http_deepseek_guard_log_handler(ngx_http_request_t *r)
 }
 
 
-static ngx_int_t
+/* also the status page's ?format= (ngx_http_deepseek_guard_status.c) */
+
+ngx_int_t
 ngx_http_deepseek_guard_metrics_handler(ngx_http_request_t *r)
 {
     ngx_int_t                             rc;
@@ -837,6 +863,46 @@ ngx_http_deepseek_guard_text(ngx_http_deepseek_guard_out_t *o,
             }
         }
 
+        ngx_http_deepseek_guard_family(o, "deepseek_guard_retry_after_seconds",
+            "summary",
+            "Waits announced in rejections (Retry-After, retry-after-ms).");
+
+        for (i = 0; i < mcf->zones.nelts; i++) {
+            z = zones[i]->data;
+
+            for (k = 0; k < ncls; k++) {
+                cnt = &z->sh->counters[k];
+
+                ngx_http_deepseek_guard_series(o,
+                    "deepseek_guard_retry_after_seconds_sum", "zone",
+                    &zones[i]->shm.name, &cls[k].name, NULL, NULL);
+                ngx_http_deepseek_guard_out_secs(o, cnt->retry_sum_ms);
+                ngx_http_deepseek_guard_out_lit(o, "\n");
+
+                ngx_http_deepseek_guard_series(o,
+                    "deepseek_guard_retry_after_seconds_count", "zone",
+                    &zones[i]->shm.name, &cls[k].name, NULL, NULL);
+                ngx_http_deepseek_guard_out_value(o, cnt->retry_count);
+            }
+        }
+
+        ngx_http_deepseek_guard_family(o,
+            "deepseek_guard_retry_after_last_seconds", "gauge",
+            "The wait announced in the latest rejection, 0 if none yet.");
+
+        for (i = 0; i < mcf->zones.nelts; i++) {
+            z = zones[i]->data;
+
+            for (k = 0; k < ncls; k++) {
+                ngx_http_deepseek_guard_series(o,
+                    "deepseek_guard_retry_after_last_seconds", "zone",
+                    &zones[i]->shm.name, &cls[k].name, NULL, NULL);
+                ngx_http_deepseek_guard_out_secs(o,
+                                           z->sh->counters[k].retry_last_ms);
+                ngx_http_deepseek_guard_out_lit(o, "\n");
+            }
+        }
+
         ngx_http_deepseek_guard_family(o, "deepseek_guard_zone_keys",
             "gauge", "Keys tracked in the zone.");
 
@@ -1056,6 +1122,14 @@ ngx_http_deepseek_guard_json(ngx_http_deepseek_guard_out_t *o,
             ngx_http_deepseek_guard_out_num(o, sum);
             ngx_http_deepseek_guard_out_lit(o, ",\"sum_seconds\":");
             ngx_http_deepseek_guard_out_secs(o, cnt->wait_sum_ms);
+
+            ngx_http_deepseek_guard_out_lit(o,
+                                         "},\"retry_after\":{\"count\":");
+            ngx_http_deepseek_guard_out_num(o, cnt->retry_count);
+            ngx_http_deepseek_guard_out_lit(o, ",\"sum_seconds\":");
+            ngx_http_deepseek_guard_out_secs(o, cnt->retry_sum_ms);
+            ngx_http_deepseek_guard_out_lit(o, ",\"last_seconds\":");
+            ngx_http_deepseek_guard_out_secs(o, cnt->retry_last_ms);
             ngx_http_deepseek_guard_out_lit(o, "}}");
         }
 

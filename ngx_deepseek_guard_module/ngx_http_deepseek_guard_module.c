@@ -186,6 +186,13 @@ static ngx_command_t  ngx_http_deepseek_guard_commands[] = {
       0,
       NULL },
 
+    { ngx_string("deepseek_guard_status"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_http_deepseek_guard_status_page,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
       ngx_null_command
 };
 

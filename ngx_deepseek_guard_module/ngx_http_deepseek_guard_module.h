@@ -54,6 +54,10 @@ typedef struct {
     ngx_atomic_t                 wait_count;
     ngx_atomic_t                 wait_sum_ms;
     ngx_atomic_t                 wait_bucket[NGX_HTTP_DSG_WAIT_BUCKETS + 1];
+    /* the waits announced in rejections (Retry-After), log phase */
+    ngx_atomic_t                 retry_count;
+    ngx_atomic_t                 retry_sum_ms;
+    ngx_atomic_t                 retry_last_ms; /* gauge: the latest one */
 } ngx_http_deepseek_guard_counters_t;
 
 
@@ -282,6 +286,11 @@ ngx_int_t ngx_http_deepseek_guard_register_variables(ngx_conf_t *cf,
 char *ngx_http_deepseek_guard_metrics(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 ngx_int_t ngx_http_deepseek_guard_metrics_init(ngx_conf_t *cf);
+ngx_int_t ngx_http_deepseek_guard_metrics_handler(ngx_http_request_t *r);
+
+/* ngx_http_deepseek_guard_status.c */
+char *ngx_http_deepseek_guard_status_page(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
 
 
 #endif /* NGX_HTTP_DEEPSEEK_GUARD_MODULE_H */
