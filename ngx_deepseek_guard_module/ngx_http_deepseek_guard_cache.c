@@ -127,6 +127,8 @@ static uint64_t ngx_http_deepseek_guard_now_ms(void);
 static ngx_int_t ngx_http_deepseek_guard_cache_init_zone(
     ngx_shm_zone_t *shm_zone, void *data);
 static void ngx_http_deepseek_guard_cache_body_handler(ngx_http_request_t *r);
+static ngx_table_elt_t *ngx_http_deepseek_guard_header_next(
+    ngx_list_part_t **part, ngx_uint_t *i);
 static ngx_int_t ngx_http_deepseek_guard_cache_mark(ngx_http_request_t *r,
     ngx_http_deepseek_guard_cache_ctx_t *cctx);
 static ngx_uint_t ngx_http_deepseek_guard_cache_loop(ngx_http_request_t *r,
@@ -309,6 +311,27 @@ ngx_http_deepseek_guard_cache_active(ngx_http_request_t *r)
     }
 
     return 1;
+}
+
+
+/*
+ * The elements of a header list one by one: *part starts at the list's
+ * first part and *i at 0; NULL after the last.
+ */
+
+static ngx_table_elt_t *
+ngx_http_deepseek_guard_header_next(ngx_list_part_t **part, ngx_uint_t *i)
+{
+    while (*i >= (*part)->nelts) {
+        if ((*part)->next == NULL) {
+            return NULL;
+        }
+
+        *part = (*part)->next;
+        *i = 0;
+    }
+
+    return (ngx_table_elt_t *) (*part)->elts + (*i)++;
 }
 
 
@@ -582,26 +605,15 @@ ngx_http_deepseek_guard_cache_loop(ngx_http_request_t *r,
     (void) ngx_hex_dump(hex, cctx->digest, 16);
 
     part = &r->headers_in.headers.part;
-    h = part->elts;
+    i = 0;
 
-    for (i = 0; /* void */; i++) {
-
-        if (i >= part->nelts) {
-            if (part->next == NULL) {
-                break;
-            }
-
-            part = part->next;
-            h = part->elts;
-            i = 0;
-        }
-
-        if (h[i].key.len == sizeof(NGX_HTTP_DSG_FILL_HEADER) - 1
-            && h[i].value.len == 32
-            && ngx_strncasecmp(h[i].key.data,
+    while ((h = ngx_http_deepseek_guard_header_next(&part, &i)) != NULL) {
+        if (h->key.len == sizeof(NGX_HTTP_DSG_FILL_HEADER) - 1
+            && h->value.len == 32
+            && ngx_strncasecmp(h->key.data,
                                (u_char *) NGX_HTTP_DSG_FILL_HEADER,
-                               h[i].key.len) == 0
-            && ngx_strncmp(h[i].value.data, hex, 32) == 0)
+                               h->key.len) == 0
+            && ngx_strncmp(h->value.data, hex, 32) == 0)
         {
             return 1;
         }
@@ -678,31 +690,20 @@ ngx_http_deepseek_guard_cache_key(ngx_http_request_t *r,
     lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
 
     part = &r->headers_in.headers.part;
-    h = part->elts;
+    i = 0;
 
-    for (i = 0; /* void */; i++) {
-
-        if (i >= part->nelts) {
-            if (part->next == NULL) {
-                break;
-            }
-
-            part = part->next;
-            h = part->elts;
-            i = 0;
-        }
-
-        if (ngx_http_deepseek_guard_header_in(&h[i],
+    while ((h = ngx_http_deepseek_guard_header_next(&part, &i)) != NULL) {
+        if (ngx_http_deepseek_guard_header_in(h,
                                   ngx_http_deepseek_guard_credential_headers))
         {
             cctx->credentials = 1;
 
-        } else if (h[i].key.len == sizeof("Accept-Encoding") - 1
-                   && ngx_strncasecmp(h[i].key.data,
+        } else if (h->key.len == sizeof("Accept-Encoding") - 1
+                   && ngx_strncasecmp(h->key.data,
                                       (u_char *) "Accept-Encoding",
-                                      h[i].key.len) == 0
-                   && dsg_http_accepts_gzip((char *) h[i].value.data,
-                                            h[i].value.len))
+                                      h->key.len) == 0
+                   && dsg_http_accepts_gzip((char *) h->value.data,
+                                            h->value.len))
         {
             cctx->gzip = 1;
         }
@@ -779,24 +780,15 @@ ngx_http_deepseek_guard_vary_digest(ngx_http_request_t *r, u_char *vary,
         ok = (EVP_DigestUpdate(md, "\0", 1) == 1);
 
         part = &r->headers_in.headers.part;
-        h = part->elts;
+        i = 0;
 
-        for (i = 0; ok; i++) {
-
-            if (i >= part->nelts) {
-                if (part->next == NULL) {
-                    break;
-                }
-
-                part = part->next;
-                h = part->elts;
-                i = 0;
-            }
-
-            if (h[i].key.len == n
-                && ngx_strncasecmp(h[i].key.data, (u_char *) tok, n) == 0)
+        while (ok && (h = ngx_http_deepseek_guard_header_next(&part, &i))
+                  != NULL)
+        {
+            if (h->key.len == n
+                && ngx_strncasecmp(h->key.data, (u_char *) tok, n) == 0)
             {
-                ok = (EVP_DigestUpdate(md, h[i].value.data, h[i].value.len)
+                ok = (EVP_DigestUpdate(md, h->value.data, h->value.len)
                       == 1
                       && EVP_DigestUpdate(md, "\n", 1) == 1);
             }
@@ -1505,40 +1497,29 @@ ngx_http_deepseek_guard_cache_ttl(ngx_http_request_t *r,
     dsg_http_cc_init(&cc);
 
     part = &r->upstream->headers_in.headers.part;
-    h = part->elts;
+    i = 0;
 
-    for (i = 0; /* void */; i++) {
-
-        if (i >= part->nelts) {
-            if (part->next == NULL) {
-                break;
-            }
-
-            part = part->next;
-            h = part->elts;
-            i = 0;
-        }
-
-        if (h[i].hash == 0) {
+    while ((h = ngx_http_deepseek_guard_header_next(&part, &i)) != NULL) {
+        if (h->hash == 0) {
             continue;
         }
 
-        if (h[i].key.len == sizeof("Set-Cookie") - 1
-            && ngx_strncasecmp(h[i].key.data, (u_char *) "Set-Cookie",
-                               h[i].key.len) == 0)
+        if (h->key.len == sizeof("Set-Cookie") - 1
+            && ngx_strncasecmp(h->key.data, (u_char *) "Set-Cookie",
+                               h->key.len) == 0)
         {
             return 0;
         }
 
-        if (h[i].key.len == sizeof("X-Accel-Expires") - 1
-            && ngx_strncasecmp(h[i].key.data, (u_char *) "X-Accel-Expires",
-                               h[i].key.len) == 0)
+        if (h->key.len == sizeof("X-Accel-Expires") - 1
+            && ngx_strncasecmp(h->key.data, (u_char *) "X-Accel-Expires",
+                               h->key.len) == 0)
         {
             xae = 1;
             xttl = 0;
 
-            if (h[i].value.len && h[i].value.data[0] == '@') {
-                n = ngx_atoi(h[i].value.data + 1, h[i].value.len - 1);
+            if (h->value.len && h->value.data[0] == '@') {
+                n = ngx_atoi(h->value.data + 1, h->value.len - 1);
                 if (n != NGX_ERROR && n > ngx_time()) {
                     xttl = (uint64_t) (n - ngx_time()) * 1000;
                 }
@@ -1546,7 +1527,7 @@ ngx_http_deepseek_guard_cache_ttl(ngx_http_request_t *r,
                 continue;
             }
 
-            n = ngx_atoi(h[i].value.data, h[i].value.len);
+            n = ngx_atoi(h->value.data, h->value.len);
             if (n != NGX_ERROR) {
                 xttl = (uint64_t) n * 1000;
             }
@@ -1559,11 +1540,11 @@ ngx_http_deepseek_guard_cache_ttl(ngx_http_request_t *r,
          * carries it: only no-store and private forbid storing
          */
 
-        if (h[i].key.len == sizeof("Cache-Control") - 1
-            && ngx_strncasecmp(h[i].key.data, (u_char *) "Cache-Control",
-                               h[i].key.len) == 0)
+        if (h->key.len == sizeof("Cache-Control") - 1
+            && ngx_strncasecmp(h->key.data, (u_char *) "Cache-Control",
+                               h->key.len) == 0)
         {
-            dsg_http_cc_parse((char *) h[i].value.data, h[i].value.len, &cc);
+            dsg_http_cc_parse((char *) h->value.data, h->value.len, &cc);
         }
     }
 
@@ -1659,32 +1640,21 @@ ngx_http_deepseek_guard_cache_storable(ngx_http_request_t *r,
     nvary = 0;
 
     part = &r->headers_out.headers.part;
-    h = part->elts;
+    i = 0;
 
-    for (i = 0; /* void */; i++) {
-
-        if (i >= part->nelts) {
-            if (part->next == NULL) {
-                break;
-            }
-
-            part = part->next;
-            h = part->elts;
-            i = 0;
-        }
-
-        if (h[i].hash == 0) {
+    while ((h = ngx_http_deepseek_guard_header_next(&part, &i)) != NULL) {
+        if (h->hash == 0) {
             continue;
         }
 
-        if (h[i].key.len == sizeof("Content-Encoding") - 1
-            && ngx_strncasecmp(h[i].key.data, (u_char *) "Content-Encoding",
-                               h[i].key.len) == 0
-            && !(h[i].value.len == 8
-                 && ngx_strncasecmp(h[i].value.data, (u_char *) "identity",
+        if (h->key.len == sizeof("Content-Encoding") - 1
+            && ngx_strncasecmp(h->key.data, (u_char *) "Content-Encoding",
+                               h->key.len) == 0
+            && !(h->value.len == 8
+                 && ngx_strncasecmp(h->value.data, (u_char *) "identity",
                                     8) == 0)
-            && !(cctx->gzip && h[i].value.len == 4
-                 && ngx_strncasecmp(h[i].value.data, (u_char *) "gzip", 4)
+            && !(cctx->gzip && h->value.len == 4
+                 && ngx_strncasecmp(h->value.data, (u_char *) "gzip", 4)
                     == 0))
         {
             /* only gzip, and only for a request that accepts it */
@@ -1692,27 +1662,27 @@ ngx_http_deepseek_guard_cache_storable(ngx_http_request_t *r,
             goto no;
         }
 
-        if (h[i].key.len == sizeof("Vary") - 1
-            && ngx_strncasecmp(h[i].key.data, (u_char *) "Vary", 4) == 0)
+        if (h->key.len == sizeof("Vary") - 1
+            && ngx_strncasecmp(h->key.data, (u_char *) "Vary", 4) == 0)
         {
-            if (dsg_http_vary_star((char *) h[i].value.data, h[i].value.len))
+            if (dsg_http_vary_star((char *) h->value.data, h->value.len))
             {
                 ngx_str_set(&why, "Vary: *");
                 goto no;
             }
 
-            vlen += h[i].value.len + 2;
+            vlen += h->value.len + 2;
             nvary++;
             continue;
         }
 
-        if (ngx_http_deepseek_guard_header_in(&h[i],
+        if (ngx_http_deepseek_guard_header_in(h,
                                     ngx_http_deepseek_guard_unstored_headers))
         {
             continue;
         }
 
-        len += h[i].key.len + 2 + h[i].value.len + 2;
+        len += h->key.len + 2 + h->value.len + 2;
     }
 
     len += vlen;
@@ -1738,23 +1708,12 @@ ngx_http_deepseek_guard_cache_storable(ngx_http_request_t *r,
     }
 
     part = &r->headers_out.headers.part;
-    h = part->elts;
+    i = 0;
 
-    for (i = 0; /* void */; i++) {
-
-        if (i >= part->nelts) {
-            if (part->next == NULL) {
-                break;
-            }
-
-            part = part->next;
-            h = part->elts;
-            i = 0;
-        }
-
-        if (h[i].hash == 0
-            || !(h[i].key.len == 4
-                 && ngx_strncasecmp(h[i].key.data, (u_char *) "Vary", 4)
+    while ((h = ngx_http_deepseek_guard_header_next(&part, &i)) != NULL) {
+        if (h->hash == 0
+            || !(h->key.len == 4
+                 && ngx_strncasecmp(h->key.data, (u_char *) "Vary", 4)
                     == 0))
         {
             continue;
@@ -1765,7 +1724,7 @@ ngx_http_deepseek_guard_cache_storable(ngx_http_request_t *r,
             *p++ = ' ';
         }
 
-        p = ngx_cpymem(p, h[i].value.data, h[i].value.len);
+        p = ngx_cpymem(p, h->value.data, h->value.len);
     }
 
     if (nvary) {
@@ -1786,30 +1745,19 @@ ngx_http_deepseek_guard_cache_storable(ngx_http_request_t *r,
     }
 
     part = &r->headers_out.headers.part;
-    h = part->elts;
+    i = 0;
 
-    for (i = 0; /* void */; i++) {
-
-        if (i >= part->nelts) {
-            if (part->next == NULL) {
-                break;
-            }
-
-            part = part->next;
-            h = part->elts;
-            i = 0;
-        }
-
-        if (h[i].hash == 0
-            || (h[i].key.len == 4
-                && ngx_strncasecmp(h[i].key.data, (u_char *) "Vary", 4) == 0)
-            || ngx_http_deepseek_guard_header_in(&h[i],
+    while ((h = ngx_http_deepseek_guard_header_next(&part, &i)) != NULL) {
+        if (h->hash == 0
+            || (h->key.len == 4
+                && ngx_strncasecmp(h->key.data, (u_char *) "Vary", 4) == 0)
+            || ngx_http_deepseek_guard_header_in(h,
                                     ngx_http_deepseek_guard_unstored_headers))
         {
             continue;
         }
 
-        p = ngx_sprintf(p, "%V: %V\r\n", &h[i].key, &h[i].value);
+        p = ngx_sprintf(p, "%V: %V\r\n", &h->key, &h->value);
     }
 
     cctx->hdrs.len = p - cctx->hdrs.data;
@@ -3338,27 +3286,18 @@ ngx_http_deepseek_guard_auth_sha_variable(ngx_http_request_t *r,
          name++)
     {
         part = &r->headers_in.headers.part;
-        h = part->elts;
+        i = 0;
 
-        for (i = 0; ok; i++) {
-
-            if (i >= part->nelts) {
-                if (part->next == NULL) {
-                    break;
-                }
-
-                part = part->next;
-                h = part->elts;
-                i = 0;
-            }
-
-            if (h[i].key.len == name->len
-                && ngx_strncasecmp(h[i].key.data, name->data, name->len) == 0)
+        while (ok && (h = ngx_http_deepseek_guard_header_next(&part, &i))
+                  != NULL)
+        {
+            if (h->key.len == name->len
+                && ngx_strncasecmp(h->key.data, name->data, name->len) == 0)
             {
                 ok = (EVP_DigestUpdate(md, name->data, name->len) == 1
                       && EVP_DigestUpdate(md, ": ", 2) == 1
-                      && EVP_DigestUpdate(md, h[i].value.data,
-                                          h[i].value.len) == 1
+                      && EVP_DigestUpdate(md, h->value.data,
+                                          h->value.len) == 1
                       && EVP_DigestUpdate(md, "\n", 1) == 1);
             }
         }
