@@ -199,6 +199,11 @@ static ngx_str_t  ngx_http_deepseek_guard_credential_headers[] = {
 };
 
 
+/* the hex SHA-256 of nothing: the digest of no body and no credentials */
+static u_char  ngx_http_deepseek_guard_empty_sha[] =
+    "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+
 /* response headers never stored: hop-by-hop, or rebuilt on a hit */
 static ngx_str_t  ngx_http_deepseek_guard_unstored_headers[] = {
     ngx_string("Connection"),
@@ -3055,6 +3060,13 @@ ngx_http_deepseek_guard_body_sha(ngx_http_request_t *r,
 
     lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
 
+    if (r->request_body == NULL || r->request_body->bufs == NULL) {
+        /* no body: the digest is known, no hashing on the GET path */
+        ngx_memcpy(cctx->body_sha, ngx_http_deepseek_guard_empty_sha, 64);
+        cctx->body_sha_done = 1;
+        return NGX_OK;
+    }
+
     md = EVP_MD_CTX_new();
     if (md == NULL) {
         return NGX_ERROR;
@@ -3273,6 +3285,27 @@ ngx_http_deepseek_guard_auth_sha_variable(ngx_http_request_t *r,
     ngx_list_part_t  *part;
     ngx_table_elt_t  *h;
     u_char            digest[32];
+
+    part = &r->headers_in.headers.part;
+    i = 0;
+
+    while ((h = ngx_http_deepseek_guard_header_next(&part, &i)) != NULL) {
+        if (ngx_http_deepseek_guard_header_in(h,
+                                  ngx_http_deepseek_guard_credential_headers))
+        {
+            break;
+        }
+    }
+
+    if (h == NULL) {
+        /* no credentials: the digest of nothing, without hashing */
+        v->data = ngx_http_deepseek_guard_empty_sha;
+        v->len = 64;
+        v->valid = 1;
+        v->no_cacheable = 0;
+        v->not_found = 0;
+        return NGX_OK;
+    }
 
     md = EVP_MD_CTX_new();
     if (md == NULL) {
