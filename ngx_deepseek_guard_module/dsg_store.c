@@ -199,6 +199,7 @@ typedef struct {
 typedef struct {
     const uint8_t      *key;
     uint64_t            now_ms;
+    unsigned            n;          /* keys at key, for touch_many */
 } dsg_store_touch_t;
 
 
@@ -251,6 +252,8 @@ static int dsg_store_evict(dsg_store_t *st, MDB_txn *txn,
 static int dsg_store_put_op(dsg_store_t *st, MDB_txn *txn, void *data);
 static int dsg_store_del_op(dsg_store_t *st, MDB_txn *txn, void *data);
 static int dsg_store_touch_op(dsg_store_t *st, MDB_txn *txn, void *data);
+static int dsg_store_touch_many_op(dsg_store_t *st, MDB_txn *txn,
+    void *data);
 static int dsg_store_evict_op(dsg_store_t *st, MDB_txn *txn, void *data);
 static int dsg_store_bump_op(dsg_store_t *st, MDB_txn *txn, void *data);
 static int dsg_store_sweep_op(dsg_store_t *st, MDB_txn *txn, void *data);
@@ -1836,6 +1839,53 @@ dsg_store_del(dsg_store_t *st, const uint8_t key[DSG_STORE_KEY_SIZE])
 }
 
 
+static int
+dsg_store_touch_many_op(dsg_store_t *st, MDB_txn *txn, void *data)
+{
+    dsg_store_touch_t  *t = data;
+
+    int                 rc;
+    unsigned            i;
+    dsg_store_touch_t   one;
+
+    one.now_ms = t->now_ms;
+    one.n = 1;
+
+    for (i = 0; i < t->n; i++) {
+        one.key = t->key + (size_t) i * DSG_STORE_KEY_SIZE;
+
+        rc = dsg_store_touch_op(st, txn, &one);
+        if (rc != MDB_SUCCESS && rc != MDB_NOTFOUND) {
+            return rc;
+        }
+    }
+
+    return MDB_SUCCESS;
+}
+
+
+int
+dsg_store_touch_many(dsg_store_t *st, const uint8_t *keys, unsigned n,
+    uint64_t now_ms)
+{
+    dsg_store_touch_t  t;
+
+    if (st == NULL || (keys == NULL && n > 0)) {
+        return dsg_store_rc(st, EINVAL);
+    }
+
+    if (n == 0) {
+        return DSG_STORE_OK;
+    }
+
+    t.key = keys;
+    t.n = n;
+    t.now_ms = now_ms;
+
+    return dsg_store_write_full(st, dsg_store_touch_many_op, &t, NULL);
+}
+
+
 int
 dsg_store_touch(dsg_store_t *st, const uint8_t key[DSG_STORE_KEY_SIZE],
     uint64_t now_ms)
@@ -1847,6 +1897,7 @@ dsg_store_touch(dsg_store_t *st, const uint8_t key[DSG_STORE_KEY_SIZE],
     }
 
     t.key = key;
+    t.n = 1;
     t.now_ms = now_ms;
 
     return dsg_store_write_full(st, dsg_store_touch_op, &t, NULL);

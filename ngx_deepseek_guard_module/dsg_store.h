@@ -173,6 +173,15 @@ int dsg_store_touch(dsg_store_t *st, const uint8_t key[DSG_STORE_KEY_SIZE],
     uint64_t now_ms);
 
 /*
+ * dsg_store_touch for n keys (n * DSG_STORE_KEY_SIZE bytes) in one write
+ * transaction; keys no longer stored are passed over.  The glue gathers a
+ * worker's hits and touches them once a second.
+ * DSG_STORE_OK or an error.
+ */
+int dsg_store_touch_many(dsg_store_t *st, const uint8_t *keys, unsigned n,
+    uint64_t now_ms);
+
+/*
  * Housekeeping, in write transactions of at most DSG_STORE_TXN_ROWS rows
  * of each kind (see dsg_store.c: it bounds the memory LMDB keeps):
  *  - removes up to max_items entries with expires_ms + keep_stale_ms <

@@ -1,167 +1,29 @@
 /*
  * Copyright (C) ngx_deepseek_guard_module authors
  *
- * The LMDB response cache: directives, the lookup in the access phase
- * (before admission, so a fresh hit costs no capacity), hit serving in the
- * precontent phase (it runs even when the location's content handler is
- * proxy_pass), the response capture filters, coalescing of concurrent
- * misses through fill locks in shared memory, stale answers, and the
- * background sweep.
+ * The cache engine, the ngx_http_file_cache.c analogue: the path and
+ * keys zone, fill locks in shared memory, storing an entry, the sweep,
+ * repair of a damaged file, and the worker's LMDB environment.
  */
 
 
 #include "ngx_http_deepseek_guard_module.h"
-
-#include <openssl/evp.h>
+#include "ngx_http_deepseek_guard_cache.h"
 
 #include "dsg_entry.h"
-#include "dsg_http.h"
-#include "dsg_json.h"
 #include "dsg_store.h"
 
 
-#define NGX_HTTP_DSG_CACHE_MISS       1
-#define NGX_HTTP_DSG_CACHE_HIT        2
-#define NGX_HTTP_DSG_CACHE_EXPIRED    3
-#define NGX_HTTP_DSG_CACHE_STALE      4
-#define NGX_HTTP_DSG_CACHE_COALESCED  5
-#define NGX_HTTP_DSG_CACHE_BYPASS     6
 
-/* bit 0 is NGX_CONF_BITMASK_SET, which the merge clears */
-#define NGX_HTTP_DSG_STALE_OVERLOAD   0x0002
-#define NGX_HTTP_DSG_STALE_ERROR      0x0004
-#define NGX_HTTP_DSG_STALE_TIMEOUT    0x0008
-#define NGX_HTTP_DSG_STALE_500        0x0010
-#define NGX_HTTP_DSG_STALE_502        0x0020
-#define NGX_HTTP_DSG_STALE_503        0x0040
-#define NGX_HTTP_DSG_STALE_504        0x0080
-#define NGX_HTTP_DSG_STALE_429        0x0100
-#define NGX_HTTP_DSG_STALE_UPDATING   0x0200
-#define NGX_HTTP_DSG_STALE_OFF        0x8000
-
-#define NGX_HTTP_DSG_CACHE_POLL_MS    5
-#define NGX_HTTP_DSG_SWEEP_MS         1000
-#define NGX_HTTP_DSG_SWEEP_ITEMS      256
-#define NGX_HTTP_DSG_JSON_MAX         (1024 * 1024)
-
-/* fill locks: probed in a window of so many slots from the digest's */
-#define NGX_HTTP_DSG_LOCK_PROBES      16
-#define NGX_HTTP_DSG_LOCKS_MAX        16384
-
-/* the mark of a filler's proxied request, its entry's digest */
-#define NGX_HTTP_DSG_FILL_HEADER      "X-Deepseek-Guard-Fill"
-#define NGX_HTTP_DSG_FILL_HEADER_LC   "x-deepseek-guard-fill"
-
-/* an entry's line that is no header: the request's values Vary names */
-#define NGX_HTTP_DSG_VARY_LINE        ":vary:"
-
-#define NGX_HTTP_DSG_BODY_NONE        0
-#define NGX_HTTP_DSG_BODY_READING     1
-#define NGX_HTTP_DSG_BODY_DONE        2
+/* hits remembered per worker for the eviction order, touched each second */
+#define NGX_HTTP_DSG_TOUCH_MAX        256
 
 
-typedef struct {
-    ngx_uint_t                   status;
-    ngx_msec_t                   valid;
-} ngx_http_deepseek_guard_valid_t;
-
-
-typedef struct ngx_http_deepseek_guard_cache_ctx_s {
-    ngx_http_deepseek_guard_ctx_t  *guard;
-    ngx_http_deepseek_guard_cache_t  *cache;
-
-    ngx_uint_t                   status;       /* NGX_HTTP_DSG_CACHE_* */
-    ngx_uint_t                   body;         /* NGX_HTTP_DSG_BODY_* */
-    ngx_uint_t                   looked_up;
-    ngx_uint_t                   waited;
-    ngx_uint_t                   lock_timed_out;
-    ngx_uint_t                   bypass;
-    ngx_uint_t                   dropped;      /* internal redirect */
-
-    /* what the request carries */
-    ngx_uint_t                   credentials;  /* a credential header */
-    ngx_uint_t                   gzip;         /* Accept-Encoding: gzip */
-
-    ngx_str_t                    key;
-    u_char                       digest[32];
-    u_char                       body_sha[64];
-    ngx_uint_t                   body_sha_done;
-
-    /* the entry found: fresh (serve), or expired (stale candidate) */
-    dsg_entry_t                  entry;
-    ngx_uint_t                   have_entry;
-    ngx_uint_t                   fresh;
-    ngx_uint_t                   serve;        /* answer from entry */
-    ngx_uint_t                   serving;      /* our answer is going out */
-    ngx_uint_t                   ranges;       /* entry: Accept-Ranges */
-
-    /* filling */
-    ngx_int_t                    lock;         /* index, -1 none */
-    ngx_uint_t                   store;        /* may store the response */
-    ngx_uint_t                   capture;      /* capturing the body */
-    ngx_uint_t                   replacing;    /* stale replaces upstream */
-    ngx_uint_t                   replaced;
-    ngx_uint_t                   sse;
-    ngx_uint_t                   http_status;
-    uint64_t                     ttl;
-    ngx_str_t                    hdrs;         /* the headers to store */
-    ngx_chain_t                 *chain;
-    ngx_chain_t                **last;
-    size_t                       size;
-    off_t                        expect;       /* Content-Length, -1 */
-
-    /* coalescing */
-    ngx_queue_t                  wait_link;
-    ngx_uint_t                   waiting;
-    ngx_msec_t                   wait_deadline;
-} ngx_http_deepseek_guard_cache_ctx_t;
-
-
-typedef struct {
-    dsg_entry_t                 *entry;
-    ngx_chain_t                 *chain;
-} ngx_http_deepseek_guard_fill_t;
-
-
-static uint64_t ngx_http_deepseek_guard_now_ms(void);
-static ngx_int_t ngx_http_deepseek_guard_cache_init_zone(
-    ngx_shm_zone_t *shm_zone, void *data);
-static void ngx_http_deepseek_guard_cache_body_handler(ngx_http_request_t *r);
-static ngx_table_elt_t *ngx_http_deepseek_guard_header_next(
-    ngx_list_part_t **part, ngx_uint_t *i);
-static ngx_int_t ngx_http_deepseek_guard_cache_mark(ngx_http_request_t *r,
-    ngx_http_deepseek_guard_cache_ctx_t *cctx);
-static ngx_uint_t ngx_http_deepseek_guard_cache_loop(ngx_http_request_t *r,
-    ngx_http_deepseek_guard_cache_ctx_t *cctx);
-static ngx_int_t ngx_http_deepseek_guard_cache_key(ngx_http_request_t *r,
-    ngx_http_deepseek_guard_cache_ctx_t *cctx);
-static ngx_int_t ngx_http_deepseek_guard_cache_lookup(ngx_http_request_t *r,
-    ngx_http_deepseek_guard_cache_ctx_t *cctx);
-static void ngx_http_deepseek_guard_cache_fault(
-    ngx_http_deepseek_guard_cache_t *cache, ngx_log_t *log, ngx_uint_t level,
-    const char *what, int rc);
+static void ngx_http_deepseek_guard_cache_sweep(ngx_event_t *ev);
 static void ngx_http_deepseek_guard_cache_repair(
     ngx_http_deepseek_guard_cache_t *cache, ngx_log_t *log, unsigned flags);
-static ngx_int_t ngx_http_deepseek_guard_cache_lock(ngx_http_request_t *r,
-    ngx_http_deepseek_guard_cache_ctx_t *cctx);
-static void ngx_http_deepseek_guard_cache_unlock(
-    ngx_http_deepseek_guard_cache_ctx_t *cctx);
-static ngx_int_t ngx_http_deepseek_guard_cache_send(ngx_http_request_t *r,
-    ngx_http_deepseek_guard_cache_ctx_t *cctx);
-static ngx_int_t ngx_http_deepseek_guard_precontent_handler(
-    ngx_http_request_t *r);
-static ngx_int_t ngx_http_deepseek_guard_header_filter(ngx_http_request_t *r);
-static ngx_int_t ngx_http_deepseek_guard_body_filter(ngx_http_request_t *r,
-    ngx_chain_t *in);
-static void ngx_http_deepseek_guard_cache_store(ngx_http_request_t *r,
-    ngx_http_deepseek_guard_cache_ctx_t *cctx);
-static void ngx_http_deepseek_guard_cache_cleanup(void *data);
-static void ngx_http_deepseek_guard_cache_poll(ngx_event_t *ev);
-static void ngx_http_deepseek_guard_cache_sweep(ngx_event_t *ev);
-static ngx_int_t ngx_http_deepseek_guard_cache_status_header(
-    ngx_http_request_t *r, ngx_http_deepseek_guard_cache_ctx_t *cctx);
-static ngx_int_t ngx_http_deepseek_guard_body_sha(ngx_http_request_t *r,
-    ngx_http_deepseek_guard_cache_ctx_t *cctx);
+static ngx_int_t ngx_http_deepseek_guard_cache_init_zone(
+    ngx_shm_zone_t *shm_zone, void *data);
 
 
 ngx_conf_bitmask_t  ngx_http_deepseek_guard_use_stale_masks[] = {
@@ -186,774 +48,14 @@ ngx_conf_enum_t  ngx_http_deepseek_guard_credentials_enum[] = {
 };
 
 
-/*
- * Request headers that name a client: a response to a request that sends
- * one may differ by client, so it is kept apart by the key
- */
-static ngx_str_t  ngx_http_deepseek_guard_credential_headers[] = {
-    ngx_string("Authorization"),
-    ngx_string("Api-Key"),
-    ngx_string("X-Api-Key"),
-    ngx_string("Cookie"),
-    ngx_null_string
-};
-
-
-/* the hex SHA-256 of nothing: the digest of no body and no credentials */
-static u_char  ngx_http_deepseek_guard_empty_sha[] =
-    "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
-
-
-/* response headers never stored: hop-by-hop, or rebuilt on a hit */
-static ngx_str_t  ngx_http_deepseek_guard_unstored_headers[] = {
-    ngx_string("Connection"),
-    ngx_string("Keep-Alive"),
-    ngx_string("Proxy-Authenticate"),
-    ngx_string("Proxy-Connection"),
-    ngx_string("TE"),
-    ngx_string("Trailer"),
-    ngx_string("Transfer-Encoding"),
-    ngx_string("Upgrade"),
-    ngx_string("Content-Length"),
-    ngx_string("Content-Type"),
-    ngx_string("Date"),
-    ngx_null_string
-};
-
-
 ngx_conf_bitmask_t  ngx_http_deepseek_guard_methods_masks[] = {
     { ngx_string("GET"), NGX_HTTP_GET },
     { ngx_string("HEAD"), NGX_HTTP_HEAD },
     { ngx_string("POST"), NGX_HTTP_POST },
     { ngx_null_string, 0 }
 };
-
-
-static ngx_str_t  ngx_http_deepseek_guard_cache_status_names[] = {
-    ngx_null_string,
-    ngx_string("MISS"),
-    ngx_string("HIT"),
-    ngx_string("EXPIRED"),
-    ngx_string("STALE"),
-    ngx_string("COALESCED"),
-    ngx_string("BYPASS")
-};
-
-
-/*
- * proxy_pass's content handler: the cache acts only where the content
- * comes from an HTTP upstream it can capture.  Learned at configuration
- * from a location whose proxy_pass names an upstream, or from the first
- * answer of proxy_pass with variables.
- */
-static ngx_http_handler_pt  ngx_http_deepseek_guard_proxy_handler;
-
-static ngx_http_output_header_filter_pt  ngx_http_next_header_filter;
-static ngx_http_output_body_filter_pt    ngx_http_next_body_filter;
-
-static ngx_queue_t   ngx_http_deepseek_guard_cache_waiters;
-static ngx_uint_t    ngx_http_deepseek_guard_cache_nwaiters;
-static ngx_event_t   ngx_http_deepseek_guard_cache_poll_ev;
 static ngx_event_t   ngx_http_deepseek_guard_cache_sweep_ev;
 static ngx_array_t  *ngx_http_deepseek_guard_cache_list;
-
-
-/* wall clock ms: entries outlive the process, so not ngx_current_msec */
-
-static uint64_t
-ngx_http_deepseek_guard_now_ms(void)
-{
-    ngx_time_t  *tp;
-
-    tp = ngx_timeofday();
-
-    return (uint64_t) tp->sec * 1000 + tp->msec;
-}
-
-
-/*
- * Whether the cache acts on this request at all: a cache in a location
- * whose content is proxy_pass, with something it may store (a
- * deepseek_guard_cache_valid line), for a cached method.  Everywhere else
- * the request flows as in stock nginx: no body read ahead, no lookup, no
- * fill lock, and the guard admits in the access phase.
- */
-
-ngx_uint_t
-ngx_http_deepseek_guard_cache_active(ngx_http_request_t *r)
-{
-    ngx_http_upstream_conf_t            *ucf;
-    ngx_http_core_loc_conf_t            *clcf;
-    ngx_http_deepseek_guard_loc_conf_t  *lcf;
-
-    lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
-
-    if (lcf->cache == NULL || lcf->cache_valid == NULL
-        || !(r->method & lcf->methods))
-    {
-        return 0;
-    }
-
-    clcf = ngx_http_get_module_loc_conf(r, ngx_http_core_module);
-
-    if (clcf->handler == NULL
-        || clcf->handler != ngx_http_deepseek_guard_proxy_handler)
-    {
-        return 0;
-    }
-
-    /*
-     * "proxy_request_buffering off" streams a body to the upstream as it
-     * arrives: a request with a body passes by, not read ahead for a key
-     */
-
-    ucf = ngx_http_get_module_loc_conf(r, ngx_http_proxy_module);
-
-    if (!ucf->request_buffering
-        && (r->headers_in.content_length_n > 0 || r->headers_in.chunked))
-    {
-        return 0;
-    }
-
-    return 1;
-}
-
-
-/*
- * The elements of a header list one by one: *part starts at the list's
- * first part and *i at 0; NULL after the last.
- */
-
-static ngx_table_elt_t *
-ngx_http_deepseek_guard_header_next(ngx_list_part_t **part, ngx_uint_t *i)
-{
-    while (*i >= (*part)->nelts) {
-        if ((*part)->next == NULL) {
-            return NULL;
-        }
-
-        *part = (*part)->next;
-        *i = 0;
-    }
-
-    return (ngx_table_elt_t *) (*part)->elts + (*i)++;
-}
-
-
-/* the per-request cache state, created on first use */
-
-static ngx_http_deepseek_guard_cache_ctx_t *
-ngx_http_deepseek_guard_cache_ctx(ngx_http_request_t *r,
-    ngx_http_deepseek_guard_ctx_t *ctx)
-{
-    ngx_pool_cleanup_t                   *cln;
-    ngx_http_deepseek_guard_cache_ctx_t  *cctx;
-
-    if (ctx->cache) {
-        return ctx->cache;
-    }
-
-    cln = ngx_pool_cleanup_add(r->main->pool,
-                               sizeof(ngx_http_deepseek_guard_cache_ctx_t));
-    if (cln == NULL) {
-        return NULL;
-    }
-
-    cctx = cln->data;
-    ngx_memzero(cctx, sizeof(ngx_http_deepseek_guard_cache_ctx_t));
-    cctx->guard = ctx;
-    cctx->lock = -1;
-    cln->handler = ngx_http_deepseek_guard_cache_cleanup;
-
-    ctx->cache = cctx;
-
-    return cctx;
-}
-
-
-/*
- * Runs at the start of the precontent phase, after every access module,
- * before admission.  NGX_DECLINED: go on to admission (a miss, or not
- * cacheable); NGX_OK: answered from the cache, skip admission; NGX_DONE:
- * parked (reading the body, or waiting for the request that fills this
- * entry); an HTTP status on error.
- */
-
-ngx_int_t
-ngx_http_deepseek_guard_cache_access(ngx_http_request_t *r,
-    ngx_http_deepseek_guard_ctx_t *ctx)
-{
-    ngx_int_t                             rc;
-    ngx_http_deepseek_guard_cache_ctx_t  *cctx;
-    ngx_http_deepseek_guard_loc_conf_t   *lcf;
-
-    lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
-
-    /*
-     * after an internal redirect (error_page, a named location, try_files'
-     * fallback, X-Accel-Redirect) the request is not the one the client
-     * sent to this location: its key would name another request's answer
-     */
-
-    if (r->internal || !ngx_http_deepseek_guard_cache_active(r)) {
-        return NGX_DECLINED;
-    }
-
-    cctx = ngx_http_deepseek_guard_cache_ctx(r, ctx);
-    if (cctx == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    if (cctx->looked_up) {
-        return cctx->serve ? NGX_OK : NGX_DECLINED;
-    }
-
-    cctx->cache = lcf->cache;
-
-    if (cctx->body == NGX_HTTP_DSG_BODY_NONE
-        && (r->headers_in.content_length_n > 0 || r->headers_in.chunked))
-    {
-        cctx->body = NGX_HTTP_DSG_BODY_READING;
-
-        rc = ngx_http_read_client_request_body(r,
-                                 ngx_http_deepseek_guard_cache_body_handler);
-        if (rc >= NGX_HTTP_SPECIAL_RESPONSE) {
-            return rc;
-        }
-
-        /* the body handler reruns the phases, now or once the body is in */
-
-        ngx_http_finalize_request(r, NGX_DONE);
-        return NGX_DONE;
-    }
-
-    if (cctx->body == NGX_HTTP_DSG_BODY_READING) {
-        /* re-entered before the body handler ran: keep waiting */
-        return NGX_DONE;
-    }
-
-    if (ngx_http_test_predicates(r, lcf->cache_bypass) == NGX_DECLINED) {
-
-        /* the response is still stored: under this request's key */
-        if (ngx_http_deepseek_guard_cache_key(r, cctx) != NGX_OK) {
-            return NGX_HTTP_INTERNAL_SERVER_ERROR;
-        }
-
-        cctx->looked_up = 1;
-        cctx->bypass = 1;
-        cctx->store = 1;
-        cctx->status = NGX_HTTP_DSG_CACHE_BYPASS;
-        (void) ngx_atomic_fetch_add(&lcf->cache->sh->bypass, 1);
-        return NGX_DECLINED;
-    }
-
-    rc = ngx_http_deepseek_guard_cache_lookup(r, cctx);
-
-    if (rc == NGX_ERROR) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    if (r->headers_in.range && !(rc == NGX_OK && cctx->ranges)) {
-        /*
-         * a part of an answer: nginx cuts it from a stored whole that
-         * says it serves ranges; anything else asks the upstream, and its
-         * answer (a 206, or a whole the range filter trims) is not stored
-         */
-        cctx->looked_up = 1;
-        cctx->have_entry = 0;
-        cctx->status = NGX_HTTP_DSG_CACHE_MISS;
-        (void) ngx_atomic_fetch_add(&lcf->cache->sh->misses, 1);
-        return NGX_DECLINED;
-    }
-
-    if (rc == NGX_OK) {
-        /* fresh hit */
-        cctx->looked_up = 1;
-        cctx->serve = 1;
-
-        if (cctx->waited) {
-            cctx->status = NGX_HTTP_DSG_CACHE_COALESCED;
-            (void) ngx_atomic_fetch_add(&lcf->cache->sh->coalesced, 1);
-
-        } else {
-            cctx->status = NGX_HTTP_DSG_CACHE_HIT;
-            (void) ngx_atomic_fetch_add(&lcf->cache->sh->hits, 1);
-        }
-
-        return NGX_OK;
-    }
-
-    /* a miss: become the filler, or wait for the one filling it */
-
-    if (cctx->lock_timed_out) {
-        rc = NGX_OK;
-
-    } else {
-        rc = ngx_http_deepseek_guard_cache_lock(r, cctx);
-    }
-
-    if (rc == NGX_BUSY && ngx_http_deepseek_guard_cache_loop(r, cctx)) {
-        /*
-         * the filler proxied this very request back into this nginx: it
-         * waits for us, we must not wait for it
-         */
-        ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
-                      "deepseek_guard cache \"%V\": the request that fills "
-                      "this entry proxied it here, not waiting",
-                      &lcf->cache->name);
-        rc = NGX_OK;
-    }
-
-    if (rc == NGX_BUSY) {
-
-        if (cctx->have_entry
-            && (lcf->use_stale & NGX_HTTP_DSG_STALE_UPDATING))
-        {
-            cctx->looked_up = 1;
-            cctx->serve = 1;
-            cctx->status = NGX_HTTP_DSG_CACHE_STALE;
-            (void) ngx_atomic_fetch_add(&lcf->cache->sh->stale, 1);
-            return NGX_OK;
-        }
-
-        if (!cctx->waiting) {
-            cctx->waiting = 1;
-            cctx->waited = 1;
-            cctx->wait_deadline = ngx_current_msec + lcf->lock_timeout;
-            ngx_queue_insert_tail(&ngx_http_deepseek_guard_cache_waiters,
-                                  &cctx->wait_link);
-            ngx_http_deepseek_guard_cache_nwaiters++;
-        }
-
-        r->read_event_handler = ngx_http_test_reading;
-        r->write_event_handler = ngx_http_request_empty_handler;
-
-        if (!ngx_http_deepseek_guard_cache_poll_ev.timer_set) {
-            ngx_add_timer(&ngx_http_deepseek_guard_cache_poll_ev,
-                          NGX_HTTP_DSG_CACHE_POLL_MS);
-        }
-
-        ngx_log_debug0(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
-                       "deepseek_guard cache: waiting for the filler");
-
-        return NGX_DONE;
-    }
-
-    cctx->looked_up = 1;
-    cctx->store = 1;
-
-    if (cctx->lock >= 0 && ngx_http_deepseek_guard_cache_mark(r, cctx)
-                           != NGX_OK)
-    {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    if (cctx->status == 0) {
-        cctx->status = cctx->have_entry ? NGX_HTTP_DSG_CACHE_EXPIRED
-                                        : NGX_HTTP_DSG_CACHE_MISS;
-
-        (void) ngx_atomic_fetch_add(cctx->have_entry
-                                    ? &lcf->cache->sh->expired
-                                    : &lcf->cache->sh->misses, 1);
-    }
-
-    return NGX_DECLINED;
-}
-
-
-/*
- * A filler marks its request with the entry's digest: the proxied request
- * carries the mark, and should it come back into this nginx with the same
- * key (proxy_pass to a server of the same nginx), it knows not to wait
- * for the request that waits for it.
- */
-
-static ngx_int_t
-ngx_http_deepseek_guard_cache_mark(ngx_http_request_t *r,
-    ngx_http_deepseek_guard_cache_ctx_t *cctx)
-{
-    u_char           *p;
-    ngx_table_elt_t  *h;
-
-    p = ngx_pnalloc(r->pool, 32);
-    if (p == NULL) {
-        return NGX_ERROR;
-    }
-
-    h = ngx_list_push(&r->headers_in.headers);
-    if (h == NULL) {
-        return NGX_ERROR;
-    }
-
-    ngx_str_set(&h->key, NGX_HTTP_DSG_FILL_HEADER);
-    h->lowcase_key = (u_char *) NGX_HTTP_DSG_FILL_HEADER_LC;
-    h->hash = ngx_hash_key(h->lowcase_key, h->key.len);
-    h->value.data = p;
-    h->value.len = ngx_hex_dump(p, cctx->digest, 16) - p;
-#if (nginx_version >= 1023000)
-    h->next = NULL;
-#endif
-
-    return NGX_OK;
-}
-
-
-static ngx_uint_t
-ngx_http_deepseek_guard_cache_loop(ngx_http_request_t *r,
-    ngx_http_deepseek_guard_cache_ctx_t *cctx)
-{
-    u_char            hex[32];
-    ngx_uint_t        i;
-    ngx_list_part_t  *part;
-    ngx_table_elt_t  *h;
-
-    (void) ngx_hex_dump(hex, cctx->digest, 16);
-
-    part = &r->headers_in.headers.part;
-    i = 0;
-
-    while ((h = ngx_http_deepseek_guard_header_next(&part, &i)) != NULL) {
-        if (h->key.len == sizeof(NGX_HTTP_DSG_FILL_HEADER) - 1
-            && h->value.len == 32
-            && ngx_strncasecmp(h->key.data,
-                               (u_char *) NGX_HTTP_DSG_FILL_HEADER,
-                               h->key.len) == 0
-            && ngx_strncmp(h->value.data, hex, 32) == 0)
-        {
-            return 1;
-        }
-    }
-
-    return 0;
-}
-
-
-static void
-ngx_http_deepseek_guard_cache_body_handler(ngx_http_request_t *r)
-{
-    ngx_http_deepseek_guard_ctx_t  *ctx;
-
-    ctx = ngx_http_deepseek_guard_get_ctx(r);
-
-    if (ctx && ctx->cache) {
-        ctx->cache->body = NGX_HTTP_DSG_BODY_DONE;
-    }
-
-    r->write_event_handler = ngx_http_core_run_phases;
-    ngx_http_core_run_phases(r);
-}
-
-
-static void *
-ngx_http_deepseek_guard_cache_alloc(void *pool, size_t n)
-{
-    return ngx_palloc(pool, n);
-}
-
-
-/* 1 if the header is one of the names, case-insensitively */
-
-static ngx_uint_t
-ngx_http_deepseek_guard_header_in(ngx_table_elt_t *h, ngx_str_t *names)
-{
-    for ( /* void */ ; names->len; names++) {
-        if (h->key.len == names->len
-            && ngx_strncasecmp(h->key.data, names->data, names->len) == 0)
-        {
-            return 1;
-        }
-    }
-
-    return 0;
-}
-
-
-/*
- * Computes the key and its digest, once.  The key is the configured one
- * after marks of what else the upstream's answer depends on: a request
- * that accepts gzip (a gzip answer is stored only under that mark, so a
- * client that did not ask for gzip never gets it), and one that has a
- * body.
- */
-
-static ngx_int_t
-ngx_http_deepseek_guard_cache_key(ngx_http_request_t *r,
-    ngx_http_deepseek_guard_cache_ctx_t *cctx)
-{
-    u_char                              *p, *last;
-    ngx_str_t                            key;
-    ngx_uint_t                           i, body;
-    unsigned int                         dlen;
-    ngx_list_part_t                     *part;
-    ngx_table_elt_t                     *h;
-    ngx_http_deepseek_guard_loc_conf_t  *lcf;
-
-    if (cctx->key.data) {
-        return NGX_OK;
-    }
-
-    lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
-
-    part = &r->headers_in.headers.part;
-    i = 0;
-
-    while ((h = ngx_http_deepseek_guard_header_next(&part, &i)) != NULL) {
-        if (ngx_http_deepseek_guard_header_in(h,
-                                  ngx_http_deepseek_guard_credential_headers))
-        {
-            cctx->credentials = 1;
-
-        } else if (h->key.len == sizeof("Accept-Encoding") - 1
-                   && ngx_strncasecmp(h->key.data,
-                                      (u_char *) "Accept-Encoding",
-                                      h->key.len) == 0
-                   && dsg_http_accepts_gzip((char *) h->value.data,
-                                            h->value.len))
-        {
-            cctx->gzip = 1;
-        }
-    }
-
-    if (ngx_http_complex_value(r, lcf->cache_key, &key) != NGX_OK) {
-        return NGX_ERROR;
-    }
-
-    /*
-     * what the upstream sees besides the key: whether the client accepts
-     * gzip, and whether the request has a body at all (an empty one still
-     * sends "Content-Length: 0"); a prefix of fixed length, so no key can
-     * pass for another with other marks
-     */
-
-    p = ngx_pnalloc(r->pool, sizeof("g0b0|") - 1 + key.len);
-    if (p == NULL) {
-        return NGX_ERROR;
-    }
-
-    body = (r->headers_in.content_length || r->headers_in.chunked);
-
-    last = ngx_sprintf(p, "g%uib%ui|", cctx->gzip, body);
-    last = ngx_cpymem(last, key.data, key.len);
-
-    key.data = p;
-    key.len = last - p;
-
-    if (EVP_Digest(key.data, key.len, cctx->digest, &dlen, EVP_sha256(),
-                   NULL)
-        != 1)
-    {
-        return NGX_ERROR;
-    }
-
-    cctx->key = key;
-
-    return NGX_OK;
-}
-
-
-/*
- * The hex SHA-256 of the request's values of the headers a Vary value
- * names, in the order it names them: equal for two requests the upstream
- * would answer alike.
- */
-
-static ngx_int_t
-ngx_http_deepseek_guard_vary_digest(ngx_http_request_t *r, u_char *vary,
-    size_t len, u_char *hex)
-{
-    size_t            n, plen;
-    ngx_uint_t        i, ok;
-    const char       *p, *tok, *par;
-    unsigned int      dlen;
-    EVP_MD_CTX       *md;
-    ngx_list_part_t  *part;
-    ngx_table_elt_t  *h;
-    u_char            digest[32];
-
-    md = EVP_MD_CTX_new();
-    if (md == NULL) {
-        return NGX_ERROR;
-    }
-
-    ok = (EVP_DigestInit_ex(md, EVP_sha256(), NULL) == 1);
-
-    p = (const char *) vary;
-
-    while (ok && dsg_http_list_next(&p, (const char *) vary + len, &tok, &n,
-                                    &par, &plen))
-    {
-        ok = (EVP_DigestUpdate(md, "\0", 1) == 1);
-
-        part = &r->headers_in.headers.part;
-        i = 0;
-
-        while (ok && (h = ngx_http_deepseek_guard_header_next(&part, &i))
-                  != NULL)
-        {
-            if (h->key.len == n
-                && ngx_strncasecmp(h->key.data, (u_char *) tok, n) == 0)
-            {
-                ok = (EVP_DigestUpdate(md, h->value.data, h->value.len)
-                      == 1
-                      && EVP_DigestUpdate(md, "\n", 1) == 1);
-            }
-        }
-    }
-
-    ok = ok && (EVP_DigestFinal_ex(md, digest, &dlen) == 1);
-
-    EVP_MD_CTX_free(md);
-
-    if (!ok) {
-        return NGX_ERROR;
-    }
-
-    ngx_hex_dump(hex, digest, 32);
-
-    return NGX_OK;
-}
-
-
-/*
- * Reads what an entry's headers say of its reuse: whether it serves
- * ranges, and whether the request has the values its Vary names.
- * NGX_OK: it may answer this request; NGX_DECLINED: it may not.
- */
-
-static ngx_int_t
-ngx_http_deepseek_guard_cache_usable(ngx_http_request_t *r,
-    ngx_http_deepseek_guard_cache_ctx_t *cctx, dsg_entry_t *e)
-{
-    u_char     *p, *last, *eol, *vary, *stored;
-    size_t      len;
-    u_char      hex[64];
-
-    cctx->ranges = 0;
-    vary = NULL;
-    stored = NULL;
-    len = 0;
-
-    p = (u_char *) e->hdrs;
-    last = p + e->hdrs_len;
-
-    for ( /* void */ ; p < last; p = eol + 2) {
-        eol = ngx_strlchr(p, last, '\r');
-        if (eol == NULL) {
-            eol = last;
-        }
-
-        if ((size_t) (eol - p) == sizeof(NGX_HTTP_DSG_VARY_LINE) - 1 + 64
-            && ngx_strncmp(p, NGX_HTTP_DSG_VARY_LINE,
-                           sizeof(NGX_HTTP_DSG_VARY_LINE) - 1) == 0)
-        {
-            stored = p + sizeof(NGX_HTTP_DSG_VARY_LINE) - 1;
-            continue;
-        }
-
-        if (eol - p > 5 && ngx_strncasecmp(p, (u_char *) "Vary:", 5) == 0) {
-            /* the store joins every Vary line into one */
-            vary = p + 5;
-            len = eol - vary;
-            continue;
-        }
-
-        if (eol - p >= 20
-            && ngx_strncasecmp(p, (u_char *) "Accept-Ranges:", 14) == 0
-            && ngx_strlcasestrn(p + 14, eol, (u_char *) "bytes", 5 - 1))
-        {
-            cctx->ranges = 1;
-        }
-    }
-
-    if (vary == NULL) {
-        return NGX_OK;
-    }
-
-    if (stored == NULL
-        || ngx_http_deepseek_guard_vary_digest(r, vary, len, hex) != NGX_OK
-        || ngx_memcmp(hex, stored, 64) != 0)
-    {
-        return NGX_DECLINED;
-    }
-
-    return NGX_OK;
-}
-
-
-/*
- * Computes the key and its digest, then reads the entry.  NGX_OK: fresh;
- * NGX_DECLINED: none or expired (cctx->have_entry says which).
- */
-
-static ngx_int_t
-ngx_http_deepseek_guard_cache_lookup(ngx_http_request_t *r,
-    ngx_http_deepseek_guard_cache_ctx_t *cctx)
-{
-    int           rc;
-    size_t        len;
-    uint8_t      *val;
-    uint64_t      now;
-    dsg_entry_t   e;
-
-    if (ngx_http_deepseek_guard_cache_key(r, cctx) != NGX_OK) {
-        return NGX_ERROR;
-    }
-
-    cctx->have_entry = 0;
-
-    if (cctx->cache->store == NULL) {
-        return NGX_DECLINED;
-    }
-
-    rc = dsg_store_get(cctx->cache->store, cctx->digest,
-                       ngx_http_deepseek_guard_cache_alloc, r->pool,
-                       &val, &len);
-
-    if (rc == DSG_STORE_NOTFOUND) {
-        return NGX_DECLINED;
-    }
-
-    if (rc != DSG_STORE_OK) {
-        ngx_http_deepseek_guard_cache_fault(cctx->cache, r->connection->log,
-                                            NGX_LOG_ERR, "read failed", rc);
-        return NGX_DECLINED;
-    }
-
-    rc = dsg_entry_decode(val, len, &e);
-    if (rc != DSG_ENTRY_OK) {
-        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
-                      "deepseek_guard cache \"%V\": bad entry: %s",
-                      &cctx->cache->name, dsg_entry_strerror(rc));
-        return NGX_DECLINED;
-    }
-
-    if (e.key_len != cctx->key.len
-        || ngx_memcmp(e.key, cctx->key.data, e.key_len) != 0)
-    {
-        /* a SHA-256 collision: never answer another request's entry */
-        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
-                      "deepseek_guard cache \"%V\": key digest collision",
-                      &cctx->cache->name);
-        return NGX_DECLINED;
-    }
-
-    now = ngx_http_deepseek_guard_now_ms();
-
-    if (now >= e.stale_until_ms) {
-        return NGX_DECLINED;
-    }
-
-    if (ngx_http_deepseek_guard_cache_usable(r, cctx, &e) != NGX_OK) {
-        /* another variant: a miss, and its answer replaces the entry */
-        return NGX_DECLINED;
-    }
-
-    cctx->entry = e;
-    cctx->have_entry = 1;
-    cctx->fresh = (now < e.expires_ms);
-
-    return cctx->fresh ? NGX_OK : NGX_DECLINED;
-}
 
 
 /*
@@ -983,7 +85,7 @@ ngx_http_deepseek_guard_lock_window(ngx_http_deepseek_guard_cache_t *cache,
  * request does.  A lock whose deadline passed is taken over.
  */
 
-static ngx_int_t
+ngx_int_t
 ngx_http_deepseek_guard_cache_lock(ngx_http_request_t *r,
     ngx_http_deepseek_guard_cache_ctx_t *cctx)
 {
@@ -1049,7 +151,7 @@ done:
 }
 
 
-static void
+void
 ngx_http_deepseek_guard_cache_unlock(ngx_http_deepseek_guard_cache_ctx_t *cctx)
 {
     ngx_http_deepseek_guard_lock_t   *lk;
@@ -1075,1000 +177,122 @@ ngx_http_deepseek_guard_cache_unlock(ngx_http_deepseek_guard_cache_ctx_t *cctx)
 
     cctx->lock = -1;
 
-    if (ngx_http_deepseek_guard_cache_nwaiters
-        && !ngx_http_deepseek_guard_cache_poll_ev.timer_set)
-    {
-        ngx_add_timer(&ngx_http_deepseek_guard_cache_poll_ev, 0);
-    }
+    /* a request of this worker waiting for the entry goes on at once */
+    ngx_http_deepseek_guard_wake(0);
 }
 
 
-/* this worker's waiters: retry once their entry's lock is gone */
+/* whether a live request holds the fill lock of digest */
 
-static void
-ngx_http_deepseek_guard_cache_poll(ngx_event_t *ev)
+ngx_uint_t
+ngx_http_deepseek_guard_cache_locked(ngx_http_deepseek_guard_cache_t *cache,
+    u_char *digest)
 {
-    ngx_uint_t                            i, n, h, w, busy;
-    ngx_queue_t                          *q, *next;
-    ngx_connection_t                     *c;
-    ngx_http_request_t                   *r;
-    ngx_http_deepseek_guard_lock_t       *lk;
-    ngx_http_deepseek_guard_cache_t      *cache;
-    ngx_http_deepseek_guard_cache_ctx_t  *cctx;
+    ngx_uint_t                       i, n, h, w, busy;
+    ngx_http_deepseek_guard_lock_t  *lk;
 
-    for (q = ngx_queue_head(&ngx_http_deepseek_guard_cache_waiters);
-         q != ngx_queue_sentinel(&ngx_http_deepseek_guard_cache_waiters);
-         q = next)
-    {
-        next = ngx_queue_next(q);
-        cctx = ngx_queue_data(q, ngx_http_deepseek_guard_cache_ctx_t,
-                              wait_link);
-        cache = cctx->cache;
-        r = cctx->guard->request;
-        c = r->connection;
+    busy = 0;
+    n = cache->sh->nlocks;
+    w = ngx_http_deepseek_guard_lock_window(cache, digest, &h);
 
-        busy = 0;
-        n = cache->sh->nlocks;
-        w = ngx_http_deepseek_guard_lock_window(cache, cctx->digest, &h);
+    ngx_shmtx_lock(&cache->shpool->mutex);
 
-        ngx_shmtx_lock(&cache->shpool->mutex);
+    for (i = 0; i < w; i++) {
+        lk = &cache->sh->locks[(h + i) % n];
 
-        for (i = 0; i < w; i++) {
-            lk = &cache->sh->locks[(h + i) % n];
-
-            if (lk->pid != 0
-                && ngx_memcmp(lk->digest, cctx->digest, 32) == 0
-                && (int64_t) (lk->deadline - ngx_current_msec) > 0)
-            {
-                busy = 1;
-                break;
-            }
-        }
-
-        ngx_shmtx_unlock(&cache->shpool->mutex);
-
-        if (busy
-            && (ngx_msec_int_t) (cctx->wait_deadline - ngx_current_msec) > 0)
+        if (lk->pid != 0
+            && ngx_memcmp(lk->digest, digest, 32) == 0
+            && (int64_t) (lk->deadline - ngx_current_msec) > 0)
         {
-            continue;
+            busy = 1;
+            break;
         }
-
-        if (busy) {
-            /* waited long enough: go to the upstream on our own */
-            cctx->lock_timed_out = 1;
-            ngx_log_error(NGX_LOG_WARN, c->log, 0,
-                          "deepseek_guard cache \"%V\": lock timeout, "
-                          "going upstream", &cache->name);
-        }
-
-        ngx_queue_remove(&cctx->wait_link);
-        ngx_http_deepseek_guard_cache_nwaiters--;
-        cctx->waiting = 0;
-
-        r->read_event_handler = ngx_http_block_reading;
-        r->write_event_handler = ngx_http_core_run_phases;
-        ngx_http_core_run_phases(r);
-        ngx_http_run_posted_requests(c);
     }
 
-    if (ngx_http_deepseek_guard_cache_nwaiters) {
-        ngx_add_timer(ev, NGX_HTTP_DSG_CACHE_POLL_MS);
+    ngx_shmtx_unlock(&cache->shpool->mutex);
+
+    return busy;
+}
+
+
+/* the reaper: the pids that hold fill locks */
+
+void
+ngx_http_deepseek_guard_cache_pids(ngx_http_deepseek_guard_cache_t *cache,
+    ngx_array_t *pids)
+{
+    ngx_uint_t  i;
+
+    ngx_shmtx_lock(&cache->shpool->mutex);
+
+    for (i = 0; i < cache->sh->nlocks; i++) {
+        if (cache->sh->locks[i].pid != 0) {
+            (void) ngx_http_deepseek_guard_pid_add(pids,
+                                                   cache->sh->locks[i].pid);
+        }
+    }
+
+    ngx_shmtx_unlock(&cache->shpool->mutex);
+}
+
+
+/* the reaper: frees the fill locks of dead pids, their waiters take over */
+
+void
+ngx_http_deepseek_guard_cache_reap(ngx_http_deepseek_guard_cache_t *cache,
+    ngx_array_t *dead, ngx_log_t *log)
+{
+    ngx_uint_t  i, reaped;
+
+    reaped = 0;
+
+    ngx_shmtx_lock(&cache->shpool->mutex);
+
+    for (i = 0; i < cache->sh->nlocks; i++) {
+        if (cache->sh->locks[i].pid != 0
+            && ngx_http_deepseek_guard_pid_in(dead, cache->sh->locks[i].pid))
+        {
+            cache->sh->locks[i].pid = 0;
+            reaped++;
+        }
+    }
+
+    ngx_shmtx_unlock(&cache->shpool->mutex);
+
+    if (reaped) {
+        ngx_log_error(NGX_LOG_NOTICE, log, 0,
+                      "deepseek_guard cache \"%V\": released %ui fill "
+                      "lock(s) of dead workers", &cache->name, reaped);
     }
 }
 
 
 /*
- * An internal redirect took the request to another location: the cache's
- * decision was for the one left behind.  Nothing is answered from it or
- * stored, and a waiter for this entry need not wait for this request.
+ * A hit: remembered, and touched in the store (the eviction order) by the
+ * worker's next sweep tick, in one write transaction for all its hits.
+ * Beyond NGX_HTTP_DSG_TOUCH_MAX hits a second the rest are not recorded.
  */
 
 void
-ngx_http_deepseek_guard_cache_drop(ngx_http_deepseek_guard_ctx_t *ctx)
+ngx_http_deepseek_guard_cache_touch(ngx_http_deepseek_guard_cache_t *cache,
+    u_char *digest)
 {
-    ngx_http_deepseek_guard_cache_ctx_t  *cctx;
+    u_char  *last;
 
-    cctx = ctx->cache;
-
-    if (cctx == NULL || cctx->dropped) {
+    if (cache->touched == NULL || cache->ntouched == NGX_HTTP_DSG_TOUCH_MAX) {
         return;
     }
 
-    if (cctx->waiting) {
-        ngx_queue_remove(&cctx->wait_link);
-        ngx_http_deepseek_guard_cache_nwaiters--;
-        cctx->waiting = 0;
-    }
-
-    cctx->dropped = 1;
-    cctx->looked_up = 1;
-    cctx->have_entry = 0;
-    cctx->serve = 0;
-    cctx->store = 0;
-    cctx->capture = 0;
-    cctx->replacing = 0;
-
-    if (cctx->cache) {
-        ngx_http_deepseek_guard_cache_unlock(cctx);
-    }
-}
-
-
-/* the guard would reject: answer with a stale entry if allowed */
-
-ngx_int_t
-ngx_http_deepseek_guard_cache_overload(ngx_http_request_t *r)
-{
-    ngx_http_deepseek_guard_ctx_t        *ctx;
-    ngx_http_deepseek_guard_cache_ctx_t  *cctx;
-    ngx_http_deepseek_guard_loc_conf_t   *lcf;
-
-    lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
-    ctx = ngx_http_deepseek_guard_get_ctx(r);
-
-    if (ctx == NULL || ctx->cache == NULL
-        || !(lcf->use_stale & NGX_HTTP_DSG_STALE_OVERLOAD))
-    {
-        return NGX_DECLINED;
-    }
-
-    cctx = ctx->cache;
-
-    if (!cctx->have_entry || r->header_sent) {
-        return NGX_DECLINED;
-    }
-
-    cctx->status = NGX_HTTP_DSG_CACHE_STALE;
-    cctx->store = 0;
-    (void) ngx_atomic_fetch_add(&cctx->cache->sh->stale, 1);
-    ngx_http_deepseek_guard_cache_unlock(cctx);
-
-    ngx_http_discard_request_body(r);
-
-    return ngx_http_deepseek_guard_cache_send(r, cctx);
-}
-
-
-/*
- * Where the cache may answer, the guard's decision runs here, after the
- * access phase (see the access handler); a hit is sent from here, before
- * the location's content handler (proxy_pass) could run.
- */
-
-static ngx_int_t
-ngx_http_deepseek_guard_precontent_handler(ngx_http_request_t *r)
-{
-    ngx_int_t                       rc;
-    ngx_http_deepseek_guard_ctx_t  *ctx;
-
-    if (r != r->main) {
-        return NGX_DECLINED;
-    }
-
-    if (!ngx_http_deepseek_guard_cache_active(r)) {
-        return NGX_DECLINED;
-    }
-
-    rc = ngx_http_deepseek_guard_decide(r);
-
-    if (rc != NGX_DECLINED) {
-        return rc;
-    }
-
-    ctx = ngx_http_get_module_ctx(r, ngx_http_deepseek_guard_module);
-
-    if (ctx == NULL || ctx->cache == NULL || !ctx->cache->serve
-        || ctx->cache->serving)
-    {
-        return NGX_DECLINED;
-    }
-
-    ngx_http_discard_request_body(r);
-
-    ngx_http_finalize_request(r,
-                         ngx_http_deepseek_guard_cache_send(r, ctx->cache));
-
-    return NGX_DONE;
-}
-
-
-/*
- * Sets the response headers of the entry, as the upstream's came through
- * proxy: nginx's own filters (not_modified, range, gzip, charset) then
- * treat a hit as they treat the upstream's answer.  The body follows.
- */
-
-static ngx_int_t
-ngx_http_deepseek_guard_cache_set_headers(ngx_http_request_t *r,
-    ngx_http_deepseek_guard_cache_ctx_t *cctx)
-{
-    u_char           *p, *last, *colon, *eol;
-    ngx_str_t         name, value;
-    ngx_table_elt_t  *h;
-
-#define ngx_http_dsg_is(name, s)                                             \
-    ((name).len == sizeof(s) - 1                                            \
-     && ngx_strncasecmp((name).data, (u_char *) s, sizeof(s) - 1) == 0)
-
-    r->headers_out.status = cctx->entry.status;
-    r->allow_ranges = 0;
-    r->headers_out.content_length_n = cctx->entry.body_len;
-    r->headers_out.content_length = NULL;
-    r->headers_out.content_type.len = 0;
-    r->headers_out.content_type_len = 0;
-    r->headers_out.content_type_lowcase = NULL;
-    r->headers_out.last_modified_time = -1;
-    r->headers_out.last_modified = NULL;
-
-    p = (u_char *) cctx->entry.hdrs;
-    last = p + cctx->entry.hdrs_len;
-
-    while (p < last) {
-        eol = ngx_strlchr(p, last, '\r');
-        if (eol == NULL) {
-            eol = last;
-        }
-
-        colon = ngx_strlchr(p, eol, ':');
-
-        if (colon) {
-            name.data = p;
-            name.len = colon - p;
-            value.data = colon + 1;
-            value.len = eol - value.data;
-
-            while (value.len && value.data[0] == ' ') {
-                value.data++;
-                value.len--;
-            }
-
-            if (name.len == 0) {
-                /* not a header: the store's own line */
-
-            } else if (ngx_http_dsg_is(name, "Content-Type")) {
-                r->headers_out.content_type = value;
-                r->headers_out.content_type_len = value.len;
-
-            } else if (ngx_http_dsg_is(name, "Accept-Ranges")) {
-                /* the range filter says it again when it may cut ranges */
-                r->allow_ranges = cctx->ranges;
-
-            } else {
-                h = ngx_list_push(&r->headers_out.headers);
-                if (h == NULL) {
-                    return NGX_ERROR;
-                }
-
-                h->hash = 1;
-                h->key = name;
-                h->value = value;
-                h->lowcase_key = NULL;
-#if (nginx_version >= 1023000)
-                h->next = NULL;
-#endif
-
-                if (ngx_http_dsg_is(name, "Content-Encoding")) {
-                    r->headers_out.content_encoding = h;
-
-                } else if (ngx_http_dsg_is(name, "Last-Modified")) {
-                    r->headers_out.last_modified = h;
-                    r->headers_out.last_modified_time =
-                                    ngx_parse_http_time(value.data, value.len);
-
-                } else if (ngx_http_dsg_is(name, "ETag")) {
-                    r->headers_out.etag = h;
-
-                } else if (ngx_http_dsg_is(name, "Location")) {
-                    r->headers_out.location = h;
-                }
-            }
-        }
-
-        p = eol + 2;
-    }
-
-#undef ngx_http_dsg_is
-
-    return NGX_OK;
-}
-
-
-static ngx_buf_t *
-ngx_http_deepseek_guard_cache_body_buf(ngx_http_request_t *r,
-    ngx_http_deepseek_guard_cache_ctx_t *cctx)
-{
-    ngx_buf_t  *b;
-
-    b = ngx_calloc_buf(r->pool);
-    if (b == NULL) {
-        return NULL;
-    }
-
-    b->pos = (u_char *) cctx->entry.body;
-    b->last = b->pos + cctx->entry.body_len;
-    b->memory = cctx->entry.body_len ? 1 : 0;
-    b->last_buf = (r == r->main) ? 1 : 0;
-    b->last_in_chain = 1;
-
-    return b;
-}
-
-
-static ngx_int_t
-ngx_http_deepseek_guard_cache_send(ngx_http_request_t *r,
-    ngx_http_deepseek_guard_cache_ctx_t *cctx)
-{
-    ngx_int_t     rc;
-    ngx_buf_t    *b;
-    ngx_chain_t   out;
-
-    cctx->serving = 1;
-
-    ngx_http_clean_header(r);
-
-    if (ngx_http_deepseek_guard_cache_set_headers(r, cctx) != NGX_OK) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    b = ngx_http_deepseek_guard_cache_body_buf(r, cctx);
-    if (b == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    rc = ngx_http_send_header(r);
-
-    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
-        return rc;
-    }
-
-    out.buf = b;
-    out.next = NULL;
-
-    return ngx_http_output_filter(r, &out);
-}
-
-
-static ngx_int_t
-ngx_http_deepseek_guard_cache_status_header(ngx_http_request_t *r,
-    ngx_http_deepseek_guard_cache_ctx_t *cctx)
-{
-    ngx_table_elt_t                     *h;
-    ngx_http_deepseek_guard_loc_conf_t  *lcf;
-
-    lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
-
-    if (lcf->status_header.len == 0 || cctx->status == 0) {
-        return NGX_OK;
-    }
-
-    h = ngx_list_push(&r->headers_out.headers);
-    if (h == NULL) {
-        return NGX_ERROR;
-    }
-
-    h->hash = 1;
-    h->key = lcf->status_header;
-    h->value = ngx_http_deepseek_guard_cache_status_names[cctx->status];
-
-    return NGX_OK;
-}
-
-
-/*
- * The TTL an upstream response allows, in ms; 0: do not store.  Whatever
- * the order of the header lines: Set-Cookie forbids storing, then
- * X-Accel-Expires wins, then Cache-Control no-store, private or max-age=0
- * forbid it, and s-maxage (a shared cache's own) or max-age sets the TTL
- * of a status with a valid line.  *shared: the response says any client
- * may have it (public, s-maxage or must-revalidate, RFC 9111 3.5).
- */
-
-static uint64_t
-ngx_http_deepseek_guard_cache_ttl(ngx_http_request_t *r,
-    ngx_http_deepseek_guard_loc_conf_t *lcf, ngx_uint_t status,
-    ngx_uint_t *shared)
-{
-    int64_t                           age;
-    ngx_int_t                         n;
-    ngx_uint_t                        i, found, xae;
-    uint64_t                          ttl, xttl;
-    dsg_http_cc_t                     cc;
-    ngx_list_part_t                  *part;
-    ngx_table_elt_t                  *h;
-    ngx_http_deepseek_guard_valid_t  *v;
-
-    ttl = 0;
-    found = 0;
-    *shared = 0;
-
-    if (lcf->cache_valid) {
-        v = lcf->cache_valid->elts;
-
-        for (i = 0; i < lcf->cache_valid->nelts; i++) {
-            if (v[i].status == status || v[i].status == 0) {
-                ttl = v[i].valid;
-                found = 1;
-                break;
-            }
+    if (cache->ntouched) {
+        last = cache->touched + (cache->ntouched - 1) * 32;
+
+        if (ngx_memcmp(last, digest, 32) == 0) {
+            return;
         }
     }
 
-    if (r->upstream == NULL) {
-        return ttl;
-    }
-
-    xae = 0;
-    xttl = 0;
-    dsg_http_cc_init(&cc);
-
-    part = &r->upstream->headers_in.headers.part;
-    i = 0;
-
-    while ((h = ngx_http_deepseek_guard_header_next(&part, &i)) != NULL) {
-        if (h->hash == 0) {
-            continue;
-        }
-
-        if (h->key.len == sizeof("Set-Cookie") - 1
-            && ngx_strncasecmp(h->key.data, (u_char *) "Set-Cookie",
-                               h->key.len) == 0)
-        {
-            return 0;
-        }
-
-        if (h->key.len == sizeof("X-Accel-Expires") - 1
-            && ngx_strncasecmp(h->key.data, (u_char *) "X-Accel-Expires",
-                               h->key.len) == 0)
-        {
-            xae = 1;
-            xttl = 0;
-
-            if (h->value.len && h->value.data[0] == '@') {
-                n = ngx_atoi(h->value.data + 1, h->value.len - 1);
-                if (n != NGX_ERROR && n > ngx_time()) {
-                    xttl = (uint64_t) (n - ngx_time()) * 1000;
-                }
-
-                continue;
-            }
-
-            n = ngx_atoi(h->value.data, h->value.len);
-            if (n != NGX_ERROR) {
-                xttl = (uint64_t) n * 1000;
-            }
-
-            continue;
-        }
-
-        /*
-         * no-cache only asks for revalidation, and every LLM event stream
-         * carries it: only no-store and private forbid storing
-         */
-
-        if (h->key.len == sizeof("Cache-Control") - 1
-            && ngx_strncasecmp(h->key.data, (u_char *) "Cache-Control",
-                               h->key.len) == 0)
-        {
-            dsg_http_cc_parse((char *) h->value.data, h->value.len, &cc);
-        }
-    }
-
-    *shared = cc.public_ || cc.must_revalidate || cc.s_maxage >= 0;
-
-    /* X-Accel-Expires wins over everything else */
-
-    if (xae) {
-        return xttl;
-    }
-
-    if (cc.no_store || cc.private_) {
-        return 0;
-    }
-
-    age = (cc.s_maxage >= 0) ? cc.s_maxage : cc.max_age;
-
-    if (age == 0) {
-        return 0;
-    }
-
-    if (age > 0 && found) {
-        ttl = (uint64_t) age * 1000;
-    }
-
-    return ttl;
-}
-
-
-/*
- * Whether the response in r->headers_out may be stored for this request,
- * past its TTL: NGX_OK, with the headers to store in cctx->hdrs;
- * NGX_DECLINED, not storable (the reason at debug level).
- */
-
-static ngx_int_t
-ngx_http_deepseek_guard_cache_storable(ngx_http_request_t *r,
-    ngx_http_deepseek_guard_cache_ctx_t *cctx, ngx_uint_t shared)
-{
-    u_char                              *p;
-    size_t                               len, vlen;
-    ngx_uint_t                           i, nvary;
-    ngx_str_t                            why;
-    ngx_list_part_t                     *part;
-    ngx_table_elt_t                     *h;
-    ngx_http_deepseek_guard_loc_conf_t  *lcf;
-    u_char                              *vary;
-
-    lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
-
-    if (r->headers_out.status == NGX_HTTP_PARTIAL_CONTENT
-        || r->headers_in.range)
-    {
-        /* a part: never a whole answer to another request */
-        ngx_str_set(&why, "a range");
-        goto no;
-    }
-
-    if (r->headers_out.status == NGX_HTTP_NOT_MODIFIED
-        || r->headers_out.status == NGX_HTTP_PRECONDITION_FAILED)
-    {
-        /* the answer to this client's condition, not to the request */
-        ngx_str_set(&why, "an answer to a condition");
-        goto no;
-    }
-
-    if (cctx->credentials && !lcf->key_has_auth && !shared
-        && lcf->credentials != NGX_HTTP_DSG_CRED_SHARED)
-    {
-        ngx_str_set(&why, "credentials the key does not name");
-        goto no;
-    }
-
-    if (r->upstream
-        && r->upstream->headers_in.content_length_n < 0
-        && !r->upstream->headers_in.chunked
-        && !r->header_only
-        && !(r->headers_out.content_type.len >= 17
-             && ngx_strncasecmp(r->headers_out.content_type.data,
-                                (u_char *) "text/event-stream", 17) == 0))
-    {
-        /* ended by the connection's close: a cut looks like the end */
-        ngx_str_set(&why, "a close-delimited body");
-        goto no;
-    }
-
-    /* the headers to keep: their size first, then the bytes */
-
-    len = sizeof("Content-Type: \r\n") - 1 + r->headers_out.content_type.len
-          + sizeof(NGX_HTTP_DSG_VARY_LINE) - 1 + 64 + 2
-          + sizeof("Vary: \r\n") - 1;
-    vlen = 0;
-    nvary = 0;
-
-    part = &r->headers_out.headers.part;
-    i = 0;
-
-    while ((h = ngx_http_deepseek_guard_header_next(&part, &i)) != NULL) {
-        if (h->hash == 0) {
-            continue;
-        }
-
-        if (h->key.len == sizeof("Content-Encoding") - 1
-            && ngx_strncasecmp(h->key.data, (u_char *) "Content-Encoding",
-                               h->key.len) == 0
-            && !(h->value.len == 8
-                 && ngx_strncasecmp(h->value.data, (u_char *) "identity",
-                                    8) == 0)
-            && !(cctx->gzip && h->value.len == 4
-                 && ngx_strncasecmp(h->value.data, (u_char *) "gzip", 4)
-                    == 0))
-        {
-            /* only gzip, and only for a request that accepts it */
-            ngx_str_set(&why, "an encoding");
-            goto no;
-        }
-
-        if (h->key.len == sizeof("Vary") - 1
-            && ngx_strncasecmp(h->key.data, (u_char *) "Vary", 4) == 0)
-        {
-            if (dsg_http_vary_star((char *) h->value.data, h->value.len))
-            {
-                ngx_str_set(&why, "Vary: *");
-                goto no;
-            }
-
-            vlen += h->value.len + 2;
-            nvary++;
-            continue;
-        }
-
-        if (ngx_http_deepseek_guard_header_in(h,
-                                    ngx_http_deepseek_guard_unstored_headers))
-        {
-            continue;
-        }
-
-        len += h->key.len + 2 + h->value.len + 2;
-    }
-
-    len += vlen;
-
-    p = ngx_pnalloc(r->pool, len);
-    if (p == NULL) {
-        return NGX_ERROR;
-    }
-
-    cctx->hdrs.data = p;
-
-    if (r->headers_out.content_type.len) {
-        p = ngx_sprintf(p, "Content-Type: %V\r\n",
-                        &r->headers_out.content_type);
-    }
-
-    vary = NULL;
-
-    if (nvary) {
-        /* every Vary line in one, and the request's values it names */
-        p = ngx_cpymem(p, "Vary: ", sizeof("Vary: ") - 1);
-        vary = p;
-    }
-
-    part = &r->headers_out.headers.part;
-    i = 0;
-
-    while ((h = ngx_http_deepseek_guard_header_next(&part, &i)) != NULL) {
-        if (h->hash == 0
-            || !(h->key.len == 4
-                 && ngx_strncasecmp(h->key.data, (u_char *) "Vary", 4)
-                    == 0))
-        {
-            continue;
-        }
-
-        if (p != vary) {
-            *p++ = ',';
-            *p++ = ' ';
-        }
-
-        p = ngx_cpymem(p, h->value.data, h->value.len);
-    }
-
-    if (nvary) {
-        vlen = p - vary;
-        *p++ = '\r';
-        *p++ = '\n';
-
-        p = ngx_cpymem(p, NGX_HTTP_DSG_VARY_LINE,
-                       sizeof(NGX_HTTP_DSG_VARY_LINE) - 1);
-
-        if (ngx_http_deepseek_guard_vary_digest(r, vary, vlen, p) != NGX_OK) {
-            return NGX_ERROR;
-        }
-
-        p += 64;
-        *p++ = '\r';
-        *p++ = '\n';
-    }
-
-    part = &r->headers_out.headers.part;
-    i = 0;
-
-    while ((h = ngx_http_deepseek_guard_header_next(&part, &i)) != NULL) {
-        if (h->hash == 0
-            || (h->key.len == 4
-                && ngx_strncasecmp(h->key.data, (u_char *) "Vary", 4) == 0)
-            || ngx_http_deepseek_guard_header_in(h,
-                                    ngx_http_deepseek_guard_unstored_headers))
-        {
-            continue;
-        }
-
-        p = ngx_sprintf(p, "%V: %V\r\n", &h->key, &h->value);
-    }
-
-    cctx->hdrs.len = p - cctx->hdrs.data;
-
-    return NGX_OK;
-
-no:
-
-    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
-                   "deepseek_guard cache: not stored: %V", &why);
-
-    return NGX_DECLINED;
-}
-
-
-static ngx_int_t
-ngx_http_deepseek_guard_header_filter(ngx_http_request_t *r)
-{
-    ngx_int_t                             rc;
-    ngx_uint_t                            status, mask, shared;
-    ngx_http_deepseek_guard_ctx_t        *ctx;
-    ngx_http_deepseek_guard_cache_ctx_t  *cctx;
-    ngx_http_deepseek_guard_loc_conf_t   *lcf;
-
-    if (r != r->main) {
-        return ngx_http_next_header_filter(r);
-    }
-
-    if (ngx_http_deepseek_guard_proxy_handler == NULL && r->upstream
-        && r->upstream->conf
-           == ngx_http_get_module_loc_conf(r, ngx_http_proxy_module))
-    {
-        /* proxy's upstream settings are the first field of its conf */
-        ngx_http_deepseek_guard_proxy_handler =
-            ((ngx_http_core_loc_conf_t *)
-             ngx_http_get_module_loc_conf(r, ngx_http_core_module))->handler;
-    }
-
-    ctx = ngx_http_get_module_ctx(r, ngx_http_deepseek_guard_module);
-
-    if (ctx == NULL || ctx->cache == NULL) {
-        return ngx_http_next_header_filter(r);
-    }
-
-    cctx = ctx->cache;
-    lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
-
-    if (cctx->serving) {
-        if (ngx_http_deepseek_guard_cache_status_header(r, cctx) != NGX_OK) {
-            return NGX_ERROR;
-        }
-
-        return ngx_http_next_header_filter(r);
-    }
-
-    status = r->headers_out.status;
-
-    /* the upstream failed or is busy: a stale entry may answer instead */
-
-    if (cctx->have_entry && !cctx->fresh && lcf->use_stale) {
-        switch (status) {
-        case NGX_HTTP_INTERNAL_SERVER_ERROR:
-            mask = NGX_HTTP_DSG_STALE_500;
-            break;
-        case NGX_HTTP_BAD_GATEWAY:
-            mask = NGX_HTTP_DSG_STALE_502 | NGX_HTTP_DSG_STALE_ERROR;
-            break;
-        case NGX_HTTP_SERVICE_UNAVAILABLE:
-            mask = NGX_HTTP_DSG_STALE_503;
-            break;
-        case NGX_HTTP_GATEWAY_TIME_OUT:
-            mask = NGX_HTTP_DSG_STALE_504 | NGX_HTTP_DSG_STALE_TIMEOUT;
-            break;
-        case NGX_HTTP_TOO_MANY_REQUESTS:
-            mask = NGX_HTTP_DSG_STALE_429;
-            break;
-        default:
-            mask = 0;
-        }
-
-        if (lcf->use_stale & mask) {
-            cctx->replacing = 1;
-            cctx->serving = 1;
-            cctx->store = 0;
-            cctx->status = NGX_HTTP_DSG_CACHE_STALE;
-            (void) ngx_atomic_fetch_add(&cctx->cache->sh->stale, 1);
-
-            if (ngx_list_init(&r->headers_out.headers, r->pool, 8,
-                              sizeof(ngx_table_elt_t))
-                != NGX_OK)
-            {
-                return NGX_ERROR;
-            }
-
-            /*
-             * the upstream's status line ("503 Service Unavailable") would
-             * go out instead of the entry's status, and nginx's own error
-             * status (502, 504) would be logged as $status
-             */
-            ngx_str_null(&r->headers_out.status_line);
-            r->err_status = 0;
-
-            r->headers_out.location = NULL;
-            r->headers_out.www_authenticate = NULL;
-            r->headers_out.refresh = NULL;
-            r->headers_out.content_encoding = NULL;
-            r->headers_out.accept_ranges = NULL;
-            r->headers_out.etag = NULL;
-            r->headers_out.expires = NULL;
-#if (nginx_version >= 1023000)
-            r->headers_out.cache_control = NULL;
-            r->headers_out.link = NULL;
-#else
-            r->headers_out.cache_control.nelts = 0;
-            r->headers_out.link.nelts = 0;
-#endif
-            r->keepalive = 0;
-
-            if (ngx_http_deepseek_guard_cache_set_headers(r, cctx) != NGX_OK)
-            {
-                return NGX_ERROR;
-            }
-
-            r->header_only = (r->method == NGX_HTTP_HEAD);
-
-            if (ngx_http_deepseek_guard_cache_status_header(r, cctx)
-                != NGX_OK)
-            {
-                return NGX_ERROR;
-            }
-
-            ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
-                          "deepseek_guard cache \"%V\": upstream answered "
-                          "%ui, serving the stale entry", &cctx->cache->name,
-                          status);
-
-            return ngx_http_next_header_filter(r);
-        }
-    }
-
-    if (cctx->store && cctx->cache->store && r->upstream) {
-
-        /*
-         * an error page nginx made itself (no upstream, timeout) is not
-         * an upstream answer: never stored, even with "valid any"
-         */
-        cctx->ttl = r->err_status
-                    ? 0 : ngx_http_deepseek_guard_cache_ttl(r, lcf, status,
-                                                            &shared);
-
-        rc = NGX_DECLINED;
-
-        if (cctx->ttl > 0
-            && (r->headers_out.content_length_n < 0
-                || (size_t) r->headers_out.content_length_n
-                   <= lcf->max_entry_size))
-        {
-            rc = ngx_http_deepseek_guard_cache_storable(r, cctx, shared);
-            if (rc == NGX_ERROR) {
-                return NGX_ERROR;
-            }
-        }
-
-        if (rc == NGX_OK) {
-            cctx->capture = 1;
-            cctx->http_status = status;
-            cctx->sse = (r->headers_out.content_type.len >= 17
-                         && ngx_strncasecmp(r->headers_out.content_type.data,
-                                            (u_char *) "text/event-stream",
-                                            17) == 0);
-            cctx->last = &cctx->chain;
-            cctx->expect = r->header_only
-                           ? -1 : r->headers_out.content_length_n;
-            r->filter_need_in_memory = 1;
-
-        } else {
-            (void) ngx_atomic_fetch_add(&cctx->cache->sh->not_cacheable, 1);
-            ngx_http_deepseek_guard_cache_unlock(cctx);
-        }
-    }
-
-    if (ngx_http_deepseek_guard_cache_status_header(r, cctx) != NGX_OK) {
-        return NGX_ERROR;
-    }
-
-    return ngx_http_next_header_filter(r);
-}
-
-
-static ngx_int_t
-ngx_http_deepseek_guard_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
-{
-    size_t                                len;
-    ngx_buf_t                            *b;
-    ngx_chain_t                          *cl, *ln, out;
-    ngx_http_deepseek_guard_ctx_t        *ctx;
-    ngx_http_deepseek_guard_cache_ctx_t  *cctx;
-    ngx_http_deepseek_guard_loc_conf_t   *lcf;
-
-    if (r != r->main || in == NULL) {
-        return ngx_http_next_body_filter(r, in);
-    }
-
-    ctx = ngx_http_get_module_ctx(r, ngx_http_deepseek_guard_module);
-
-    if (ctx == NULL || ctx->cache == NULL) {
-        return ngx_http_next_body_filter(r, in);
-    }
-
-    cctx = ctx->cache;
-
-    if (cctx->replacing) {
-        /* the upstream's error body is dropped, the stale entry goes out */
-
-        for (cl = in; cl; cl = cl->next) {
-            cl->buf->pos = cl->buf->last;
-            if (cl->buf->in_file) {
-                cl->buf->file_pos = cl->buf->file_last;
-            }
-        }
-
-        if (cctx->replaced) {
-            return NGX_OK;
-        }
-
-        cctx->replaced = 1;
-
-        b = ngx_http_deepseek_guard_cache_body_buf(r, cctx);
-        if (b == NULL) {
-            return NGX_ERROR;
-        }
-
-        out.buf = b;
-        out.next = NULL;
-
-        return ngx_http_next_body_filter(r, &out);
-    }
-
-    if (!cctx->capture) {
-        return ngx_http_next_body_filter(r, in);
-    }
-
-    lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
-
-    for (cl = in; cl; cl = cl->next) {
-        b = cl->buf;
-
-        if (!cctx->capture) {
-            break;
-        }
-
-        if (b->in_file && !ngx_buf_in_memory(b)) {
-            /* cannot happen with filter_need_in_memory; be safe */
-            cctx->capture = 0;
-            break;
-        }
-
-        len = b->last - b->pos;
-
-        if (len) {
-            if (cctx->size + len > lcf->max_entry_size) {
-                cctx->capture = 0;
-                (void) ngx_atomic_fetch_add(&cctx->cache->sh->not_cacheable,
-                                            1);
-                break;
-            }
-
-            ln = ngx_alloc_chain_link(r->pool);
-            if (ln == NULL) {
-                return NGX_ERROR;
-            }
-
-            ln->buf = ngx_create_temp_buf(r->pool, len);
-            if (ln->buf == NULL) {
-                return NGX_ERROR;
-            }
-
-            ln->buf->last = ngx_cpymem(ln->buf->pos, b->pos, len);
-            ln->next = NULL;
-            *cctx->last = ln;
-            cctx->last = &ln->next;
-            cctx->size += len;
-        }
-
-        /*
-         * the upstream finished cleanly: an error sends no last_buf.  A
-         * body of known length is stored as soon as it is whole, before
-         * its last bytes go out: unbuffered proxying sends last_buf only
-         * after them, and a client that has its answer may already ask
-         * another worker for it
-         */
-
-        if (b->last_buf
-            || (cctx->expect > 0 && cctx->size == (size_t) cctx->expect))
-        {
-            ngx_http_deepseek_guard_cache_store(r, cctx);
-            cctx->capture = 0;
-            break;
-        }
-    }
-
-    if (!cctx->capture) {
-        ngx_http_deepseek_guard_cache_unlock(cctx);
-    }
-
-    return ngx_http_next_body_filter(r, in);
+    ngx_memcpy(cache->touched + cache->ntouched * 32, digest, 32);
+    cache->ntouched++;
 }
 
 
@@ -2103,7 +327,7 @@ ngx_http_deepseek_guard_cache_fill(void *data, uint8_t *dst, size_t len)
 
 /* stores a complete response; runs once, when its last buffer passed */
 
-static void
+void
 ngx_http_deepseek_guard_cache_store(ngx_http_request_t *r,
     ngx_http_deepseek_guard_cache_ctx_t *cctx)
 {
@@ -2227,22 +451,6 @@ ngx_http_deepseek_guard_cache_store(ngx_http_request_t *r,
 }
 
 
-static void
-ngx_http_deepseek_guard_cache_cleanup(void *data)
-{
-    ngx_http_deepseek_guard_cache_ctx_t *cctx = data;
-
-    if (cctx->waiting) {
-        ngx_queue_remove(&cctx->wait_link);
-        ngx_http_deepseek_guard_cache_nwaiters--;
-        cctx->waiting = 0;
-    }
-
-    /* a filler that failed: one waiter takes over */
-    ngx_http_deepseek_guard_cache_unlock(cctx);
-}
-
-
 /*
  * One worker a second (elected through the shared zone) removes expired
  * entries past their stale window and evicts beyond the high-water mark,
@@ -2252,11 +460,10 @@ ngx_http_deepseek_guard_cache_cleanup(void *data)
 static void
 ngx_http_deepseek_guard_cache_sweep(ngx_event_t *ev)
 {
-    int                                rc, dead;
+    int                                rc;
     unsigned                           expired, evicted;
     uint64_t                           now;
-    ngx_uint_t                         i, j, mine, npids;
-    ngx_pid_t                          pids[8];
+    ngx_uint_t                         i, mine;
     dsg_store_stat_t                   st;
     ngx_http_deepseek_guard_cache_t  **caches, *cache;
 
@@ -2280,19 +487,24 @@ ngx_http_deepseek_guard_cache_sweep(ngx_event_t *ev)
             }
         }
 
-        /* fill locks of dead workers */
+        /* this worker's hits of the last second: the eviction order */
 
-        npids = 0;
+        if (cache->ntouched) {
+            rc = dsg_store_touch_many(cache->store, cache->touched,
+                                      (unsigned) cache->ntouched, now);
+            cache->ntouched = 0;
 
-        ngx_shmtx_lock(&cache->shpool->mutex);
-
-        for (j = 0; j < cache->sh->nlocks && npids < 8; j++) {
-            if (cache->sh->locks[j].pid != 0
-                && cache->sh->locks[j].pid != ngx_pid)
-            {
-                pids[npids++] = cache->sh->locks[j].pid;
+            if (rc != DSG_STORE_OK) {
+                ngx_http_deepseek_guard_cache_fault(cache, ev->log,
+                                                    NGX_LOG_ERR,
+                                                    "touch failed", rc);
+                if (cache->store == NULL) {
+                    continue;
+                }
             }
         }
+
+        ngx_shmtx_lock(&cache->shpool->mutex);
 
         mine = (now - cache->sh->last_sweep >= NGX_HTTP_DSG_SWEEP_MS);
         if (mine) {
@@ -2300,18 +512,6 @@ ngx_http_deepseek_guard_cache_sweep(ngx_event_t *ev)
         }
 
         ngx_shmtx_unlock(&cache->shpool->mutex);
-
-        for (j = 0; j < npids; j++) {
-            if (kill(pids[j], 0) == -1 && ngx_errno == NGX_ESRCH) {
-                ngx_shmtx_lock(&cache->shpool->mutex);
-                for (dead = 0; (ngx_uint_t) dead < cache->sh->nlocks; dead++) {
-                    if (cache->sh->locks[dead].pid == pids[j]) {
-                        cache->sh->locks[dead].pid = 0;
-                    }
-                }
-                ngx_shmtx_unlock(&cache->shpool->mutex);
-            }
-        }
 
         if (!mine) {
             continue;
@@ -2359,7 +559,7 @@ ngx_http_deepseek_guard_cache_sweep(ngx_event_t *ev)
  * system error; a corrupt file is replaced at once
  */
 
-static void
+void
 ngx_http_deepseek_guard_cache_fault(ngx_http_deepseek_guard_cache_t *cache,
     ngx_log_t *log, ngx_uint_t level, const char *what, int rc)
 {
@@ -2429,9 +629,6 @@ ngx_http_deepseek_guard_cache_init_process(ngx_cycle_t *cycle)
     ngx_http_deepseek_guard_cache_t     **caches, *cache;
     ngx_http_deepseek_guard_main_conf_t  *mcf;
 
-    ngx_queue_init(&ngx_http_deepseek_guard_cache_waiters);
-    ngx_http_deepseek_guard_cache_nwaiters = 0;
-
     mcf = ngx_http_cycle_get_module_main_conf(cycle,
                                               ngx_http_deepseek_guard_module);
     if (mcf == NULL || mcf->caches.nelts == 0) {
@@ -2464,6 +661,9 @@ ngx_http_deepseek_guard_cache_init_process(ngx_cycle_t *cycle)
             continue;
         }
 
+        cache->touched = ngx_alloc(NGX_HTTP_DSG_TOUCH_MAX * 32, cycle->log);
+        cache->ntouched = 0;
+
         if (recreated) {
             (void) ngx_atomic_fetch_add(&cache->sh->recreated, 1);
             ngx_log_error(NGX_LOG_WARN, cycle->log, 0,
@@ -2472,18 +672,6 @@ ngx_http_deepseek_guard_cache_init_process(ngx_cycle_t *cycle)
                           "recreated", &cache->name, &cache->path->name);
         }
     }
-
-    ngx_http_deepseek_guard_cache_poll_ev.handler =
-                                      ngx_http_deepseek_guard_cache_poll;
-    ngx_http_deepseek_guard_cache_poll_ev.log = cycle->log;
-    ngx_http_deepseek_guard_cache_poll_ev.data =
-                                      &ngx_http_deepseek_guard_cache_poll_ev;
-
-    /*
-     * not cancelable: a worker shutting down on reload must stay until its
-     * coalesced waiters are answered; the timer runs only while it has any
-     */
-    ngx_http_deepseek_guard_cache_poll_ev.cancelable = 0;
 
     ngx_http_deepseek_guard_cache_sweep_ev.handler =
                                       ngx_http_deepseek_guard_cache_sweep;
@@ -2515,6 +703,11 @@ ngx_http_deepseek_guard_cache_exit_process(ngx_cycle_t *cycle)
             (void) dsg_store_sync(caches[i]->store);
             dsg_store_close(caches[i]->store);
             caches[i]->store = NULL;
+        }
+
+        if (caches[i]->touched) {
+            ngx_free(caches[i]->touched);
+            caches[i]->touched = NULL;
         }
     }
 }
@@ -2629,7 +822,6 @@ ngx_http_deepseek_guard_cache_path(ngx_conf_t *cf, ngx_command_t *cmd,
 {
     ngx_http_deepseek_guard_main_conf_t *mcf = conf;
 
-    u_char                            *p;
     ssize_t                            size;
     ngx_int_t                          t;
     ngx_str_t                         *value, s, name;
@@ -2671,37 +863,10 @@ ngx_http_deepseek_guard_cache_path(ngx_conf_t *cf, ngx_command_t *cmd,
     for (i = 2; i < cf->args->nelts; i++) {
 
         if (ngx_strncmp(value[i].data, "keys_zone=", 10) == 0) {
-            name.data = value[i].data + 10;
-
-            p = (u_char *) ngx_strchr(name.data, ':');
-            if (p == NULL || p == name.data) {
-                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "invalid keys zone \"%V\"", &value[i]);
-                return NGX_CONF_ERROR;
-            }
-
-            name.len = p - name.data;
-
-            if (ngx_http_deepseek_guard_check_name(cf, &name, "cache")
-                != NGX_OK)
+            if (ngx_http_deepseek_guard_parse_zone(cf, &value[i], 10,
+                                                   "keys zone", &name, &size)
+                != NGX_CONF_OK)
             {
-                return NGX_CONF_ERROR;
-            }
-
-            s.data = p + 1;
-            s.len = value[i].data + value[i].len - s.data;
-
-            size = ngx_parse_size(&s);
-            if (size == NGX_ERROR) {
-                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "invalid keys zone size \"%V\"",
-                                   &value[i]);
-                return NGX_CONF_ERROR;
-            }
-
-            if (size < (ssize_t) (8 * ngx_pagesize)) {
-                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "zone \"%V\" is too small", &value[i]);
                 return NGX_CONF_ERROR;
             }
 
@@ -2921,515 +1086,4 @@ ngx_http_deepseek_guard_cache_valid(ngx_conf_t *cf, ngx_command_t *cmd,
     }
 
     return NGX_CONF_OK;
-}
-
-
-char *
-ngx_http_deepseek_guard_cache_merge(ngx_conf_t *cf,
-    ngx_http_deepseek_guard_loc_conf_t *prev,
-    ngx_http_deepseek_guard_loc_conf_t *conf)
-{
-    ngx_str_t                             v;
-    ngx_uint_t                            i;
-    ngx_http_upstream_conf_t             *ucf;
-    ngx_http_core_loc_conf_t             *clcf;
-    ngx_http_deepseek_guard_cache_t     **caches;
-    ngx_http_deepseek_guard_main_conf_t  *mcf;
-    ngx_http_compile_complex_value_t      ccv;
-
-    if (conf->cache_name.data == NULL) {
-        conf->cache_name = prev->cache_name;
-        conf->cfile = prev->cfile;
-        conf->cline = prev->cline;
-    }
-
-    if (conf->cache_key == NULL) {
-        conf->cache_key = prev->cache_key;
-        conf->key_has_auth = prev->key_has_auth;
-    }
-
-    if (conf->cache_key == NULL) {
-        conf->cache_key = ngx_palloc(cf->pool,
-                                     sizeof(ngx_http_complex_value_t));
-        if (conf->cache_key == NULL) {
-            return NGX_CONF_ERROR;
-        }
-
-        ngx_str_set(&v, "$request_method|$scheme://$host$request_uri|"
-                        "$deepseek_guard_auth_sha256|"
-                        "$deepseek_guard_body_sha256");
-
-        ngx_memzero(&ccv, sizeof(ngx_http_compile_complex_value_t));
-        ccv.cf = cf;
-        ccv.value = &v;
-        ccv.complex_value = conf->cache_key;
-
-        if (ngx_http_compile_complex_value(&ccv) != NGX_OK) {
-            return NGX_CONF_ERROR;
-        }
-
-        prev->cache_key = conf->cache_key;
-        conf->key_has_auth = 1;
-        prev->key_has_auth = 1;
-    }
-
-    if (conf->cache_valid == NULL) {
-        conf->cache_valid = prev->cache_valid;
-    }
-
-    ngx_conf_merge_bitmask_value(conf->use_stale, prev->use_stale,
-                                 NGX_CONF_BITMASK_SET);
-    if (conf->use_stale & NGX_HTTP_DSG_STALE_OFF) {
-        conf->use_stale = 0;
-    }
-
-    conf->use_stale &= ~NGX_CONF_BITMASK_SET;
-
-    ngx_conf_merge_msec_value(conf->lock_timeout, prev->lock_timeout, 60000);
-    ngx_conf_merge_size_value(conf->max_entry_size, prev->max_entry_size,
-                              1024 * 1024);
-    ngx_conf_merge_value(conf->json_canonical, prev->json_canonical, 0);
-    ngx_conf_merge_str_value(conf->status_header, prev->status_header, "");
-    ngx_conf_merge_uint_value(conf->credentials, prev->credentials,
-                              NGX_HTTP_DSG_CRED_SEPARATE);
-    ngx_conf_merge_bitmask_value(conf->methods, prev->methods,
-                                 (NGX_CONF_BITMASK_SET|NGX_HTTP_GET
-                                  |NGX_HTTP_HEAD|NGX_HTTP_POST));
-
-    /* NGX_CONF_BITMASK_SET is NGX_HTTP_UNKNOWN's bit: never cache those */
-    conf->methods &= ~NGX_CONF_BITMASK_SET;
-
-    conf->cache = NULL;
-
-    /* a proxy_pass that names an upstream: its handler is proxy's */
-
-    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
-    ucf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_proxy_module);
-
-    if (clcf->handler && ucf->upstream
-        && ngx_http_deepseek_guard_proxy_handler == NULL)
-    {
-        ngx_http_deepseek_guard_proxy_handler = clcf->handler;
-    }
-
-    if (conf->cache_name.data == NULL
-        || ngx_strcmp(conf->cache_name.data, "off") == 0)
-    {
-        return NGX_CONF_OK;
-    }
-
-    mcf = ngx_http_conf_get_module_main_conf(cf,
-                                             ngx_http_deepseek_guard_module);
-    caches = mcf->caches.elts;
-
-    for (i = 0; i < mcf->caches.nelts; i++) {
-        if (caches[i]->name.len == conf->cache_name.len
-            && ngx_strncmp(caches[i]->name.data, conf->cache_name.data,
-                           conf->cache_name.len) == 0)
-        {
-            conf->cache = caches[i];
-            return NGX_CONF_OK;
-        }
-    }
-
-    ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
-                  "deepseek_guard_cache: unknown cache \"%V\" in %s:%ui",
-                  &conf->cache_name, conf->cfile, conf->cline);
-
-    return NGX_CONF_ERROR;
-}
-
-
-/* $deepseek_guard_body_sha256: of the (canonical JSON) request body */
-
-static ngx_int_t
-ngx_http_deepseek_guard_body_sha(ngx_http_request_t *r,
-    ngx_http_deepseek_guard_cache_ctx_t *cctx)
-{
-    int                                  rc;
-    u_char                              *all, *canon, buf[4096];
-    off_t                                off;
-    size_t                               len, total, clen;
-    ssize_t                              n;
-    unsigned int                         dlen;
-    ngx_buf_t                           *b;
-    ngx_chain_t                         *cl;
-    EVP_MD_CTX                          *md;
-    u_char                               digest[32];
-    ngx_http_deepseek_guard_loc_conf_t  *lcf;
-
-    lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
-
-    if (r->request_body == NULL || r->request_body->bufs == NULL) {
-        /* no body: the digest is known, no hashing on the GET path */
-        ngx_memcpy(cctx->body_sha, ngx_http_deepseek_guard_empty_sha, 64);
-        cctx->body_sha_done = 1;
-        return NGX_OK;
-    }
-
-    md = EVP_MD_CTX_new();
-    if (md == NULL) {
-        return NGX_ERROR;
-    }
-
-    if (EVP_DigestInit_ex(md, EVP_sha256(), NULL) != 1) {
-        goto failed;
-    }
-
-    total = 0;
-    all = NULL;
-
-    if (r->request_body && r->request_body->bufs) {
-        for (cl = r->request_body->bufs; cl; cl = cl->next) {
-            b = cl->buf;
-            total += b->in_file ? (size_t) (b->file_last - b->file_pos)
-                                : (size_t) (b->last - b->pos);
-        }
-
-        /*
-         * canonical JSON needs the whole body at once, and jansson's parse
-         * about a hundred bytes of heap per value: bounded by size here,
-         * by values and depth in the prescan
-         */
-        if (lcf->json_canonical && total <= NGX_HTTP_DSG_JSON_MAX) {
-            all = ngx_pnalloc(r->pool, total + 1);
-            if (all == NULL) {
-                goto failed;
-            }
-        }
-
-        len = 0;
-
-        for (cl = r->request_body->bufs; cl; cl = cl->next) {
-            b = cl->buf;
-
-            if (!b->in_file) {
-                if (b->pos == b->last) {
-                    /* the last, empty buffer of a chunked body: no pos */
-                    continue;
-                }
-
-                if (all) {
-                    ngx_memcpy(all + len, b->pos, b->last - b->pos);
-                    len += b->last - b->pos;
-
-                } else if (EVP_DigestUpdate(md, b->pos, b->last - b->pos)
-                           != 1)
-                {
-                    goto failed;
-                }
-
-                continue;
-            }
-
-            /* a body spilled to a temporary file: read it in slices */
-
-            for (off = b->file_pos; off < b->file_last; off += n) {
-                n = ngx_read_file(b->file, all ? all + len : buf,
-                                  all ? (size_t) (b->file_last - off)
-                                      : ngx_min(sizeof(buf),
-                                           (size_t) (b->file_last - off)),
-                                  off);
-                if (n <= 0) {
-                    goto failed;
-                }
-
-                if (all) {
-                    len += n;
-
-                } else if (EVP_DigestUpdate(md, buf, n) != 1) {
-                    goto failed;
-                }
-            }
-        }
-
-        if (all
-            && dsg_json_prescan((char *) all, len, DSG_JSON_MAX_VALUES,
-                                DSG_JSON_MAX_DEPTH)
-               != DSG_JSON_OK)
-        {
-            ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
-                          "deepseek_guard cache: request body has too many "
-                          "JSON values to canonicalize, keyed on its bytes");
-
-            if (EVP_DigestUpdate(md, all, len) != 1) {
-                goto failed;
-            }
-
-            all = NULL;
-        }
-
-        if (all) {
-            canon = ngx_pnalloc(r->pool, len + 64);
-            if (canon == NULL) {
-                goto failed;
-            }
-
-            rc = dsg_json_canonical((char *) all, len, (char *) canon,
-                                    len + 64, &clen);
-
-            if (rc == DSG_JSON_ESPACE) {
-                canon = ngx_pnalloc(r->pool, clen);
-                if (canon == NULL) {
-                    goto failed;
-                }
-
-                rc = dsg_json_canonical((char *) all, len, (char *) canon,
-                                        clen, &clen);
-            }
-
-            if (rc == DSG_JSON_OK) {
-                if (EVP_DigestUpdate(md, canon, clen) != 1) {
-                    goto failed;
-                }
-
-            } else {
-                /* not JSON: key on the raw bytes */
-                ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
-                              "deepseek_guard cache: request body is not "
-                              "canonical JSON (%s), keyed on its bytes",
-                              dsg_json_strerror(rc));
-
-                if (EVP_DigestUpdate(md, all, len) != 1) {
-                    goto failed;
-                }
-            }
-        }
-    }
-
-    if (EVP_DigestFinal_ex(md, digest, &dlen) != 1) {
-        goto failed;
-    }
-
-    EVP_MD_CTX_free(md);
-
-    ngx_hex_dump(cctx->body_sha, digest, 32);
-    cctx->body_sha_done = 1;
-
-    return NGX_OK;
-
-failed:
-
-    EVP_MD_CTX_free(md);
-
-    return NGX_ERROR;
-}
-
-
-static ngx_int_t
-ngx_http_deepseek_guard_body_sha_variable(ngx_http_request_t *r,
-    ngx_http_variable_value_t *v, uintptr_t data)
-{
-    ngx_http_deepseek_guard_ctx_t        *ctx;
-    ngx_http_deepseek_guard_cache_ctx_t  *cctx, tmp;
-
-    ctx = ngx_http_deepseek_guard_get_ctx(r);
-    cctx = (ctx && ctx->cache) ? ctx->cache : NULL;
-
-    /*
-     * never cached by nginx: evaluated before the body is in (a "set" in
-     * the rewrite phase, say), it would freeze the digest of nothing
-     */
-    v->no_cacheable = 1;
-
-    if (r->main->request_body == NULL
-        && (r->main->headers_in.content_length_n > 0
-            || r->main->headers_in.content_length
-            || r->main->headers_in.chunked))
-    {
-        /* the body is not read yet, or was discarded: no digest to give */
-        v->not_found = 1;
-        return NGX_OK;
-    }
-
-    if (cctx == NULL) {
-        ngx_memzero(&tmp, sizeof(tmp));
-        cctx = &tmp;
-    }
-
-    if (!cctx->body_sha_done
-        && ngx_http_deepseek_guard_body_sha(r->main, cctx) != NGX_OK)
-    {
-        return NGX_ERROR;
-    }
-
-    v->data = ngx_pnalloc(r->pool, 64);
-    if (v->data == NULL) {
-        return NGX_ERROR;
-    }
-
-    ngx_memcpy(v->data, cctx->body_sha, 64);
-    v->len = 64;
-    v->valid = 1;
-    v->not_found = 0;
-
-    return NGX_OK;
-}
-
-
-/*
- * $deepseek_guard_auth_sha256: keys the cache per customer, not by secret.
- * The SHA-256 of the empty string for a request without credentials, else
- * of every credential header's "name: value" line, in the order of
- * ngx_http_deepseek_guard_credential_headers.
- */
-
-static ngx_int_t
-ngx_http_deepseek_guard_auth_sha_variable(ngx_http_request_t *r,
-    ngx_http_variable_value_t *v, uintptr_t data)
-{
-    ngx_uint_t        i, ok;
-    ngx_str_t        *name;
-    unsigned int      dlen;
-    EVP_MD_CTX       *md;
-    ngx_list_part_t  *part;
-    ngx_table_elt_t  *h;
-    u_char            digest[32];
-
-    part = &r->headers_in.headers.part;
-    i = 0;
-
-    while ((h = ngx_http_deepseek_guard_header_next(&part, &i)) != NULL) {
-        if (ngx_http_deepseek_guard_header_in(h,
-                                  ngx_http_deepseek_guard_credential_headers))
-        {
-            break;
-        }
-    }
-
-    if (h == NULL) {
-        /* no credentials: the digest of nothing, without hashing */
-        v->data = ngx_http_deepseek_guard_empty_sha;
-        v->len = 64;
-        v->valid = 1;
-        v->no_cacheable = 0;
-        v->not_found = 0;
-        return NGX_OK;
-    }
-
-    md = EVP_MD_CTX_new();
-    if (md == NULL) {
-        return NGX_ERROR;
-    }
-
-    ok = (EVP_DigestInit_ex(md, EVP_sha256(), NULL) == 1);
-
-    for (name = ngx_http_deepseek_guard_credential_headers;
-         ok && name->len;
-         name++)
-    {
-        part = &r->headers_in.headers.part;
-        i = 0;
-
-        while (ok && (h = ngx_http_deepseek_guard_header_next(&part, &i))
-                  != NULL)
-        {
-            if (h->key.len == name->len
-                && ngx_strncasecmp(h->key.data, name->data, name->len) == 0)
-            {
-                ok = (EVP_DigestUpdate(md, name->data, name->len) == 1
-                      && EVP_DigestUpdate(md, ": ", 2) == 1
-                      && EVP_DigestUpdate(md, h->value.data,
-                                          h->value.len) == 1
-                      && EVP_DigestUpdate(md, "\n", 1) == 1);
-            }
-        }
-    }
-
-    ok = ok && (EVP_DigestFinal_ex(md, digest, &dlen) == 1);
-
-    EVP_MD_CTX_free(md);
-
-    if (!ok) {
-        return NGX_ERROR;
-    }
-
-    v->data = ngx_pnalloc(r->pool, 64);
-    if (v->data == NULL) {
-        return NGX_ERROR;
-    }
-
-    ngx_hex_dump(v->data, digest, 32);
-    v->len = 64;
-    v->valid = 1;
-    v->no_cacheable = 0;
-    v->not_found = 0;
-
-    return NGX_OK;
-}
-
-
-static ngx_int_t
-ngx_http_deepseek_guard_cache_status_variable(ngx_http_request_t *r,
-    ngx_http_variable_value_t *v, uintptr_t data)
-{
-    ngx_str_t                      *s;
-    ngx_http_deepseek_guard_ctx_t  *ctx;
-
-    ctx = ngx_http_deepseek_guard_get_ctx(r);
-
-    if (ctx == NULL || ctx->cache == NULL || ctx->cache->status == 0) {
-        v->not_found = 1;
-        return NGX_OK;
-    }
-
-    s = &ngx_http_deepseek_guard_cache_status_names[ctx->cache->status];
-
-    v->data = s->data;
-    v->len = s->len;
-    v->valid = 1;
-    v->no_cacheable = 1;
-    v->not_found = 0;
-
-    return NGX_OK;
-}
-
-
-static ngx_http_variable_t  ngx_http_deepseek_guard_cache_vars[] = {
-
-    { ngx_string("deepseek_guard_cache_status"), NULL,
-      ngx_http_deepseek_guard_cache_status_variable, 0,
-      NGX_HTTP_VAR_NOCACHEABLE, 0 },
-
-    { ngx_string("deepseek_guard_body_sha256"), NULL,
-      ngx_http_deepseek_guard_body_sha_variable, 0,
-      NGX_HTTP_VAR_NOCACHEABLE, 0 },
-
-    { ngx_string("deepseek_guard_auth_sha256"), NULL,
-      ngx_http_deepseek_guard_auth_sha_variable, 0, 0, 0 },
-
-      ngx_http_null_variable
-};
-
-
-ngx_int_t
-ngx_http_deepseek_guard_cache_add_variables(ngx_conf_t *cf)
-{
-    return ngx_http_deepseek_guard_register_variables(cf,
-                                           ngx_http_deepseek_guard_cache_vars);
-}
-
-
-ngx_int_t
-ngx_http_deepseek_guard_cache_init(ngx_conf_t *cf)
-{
-    ngx_http_handler_pt        *h;
-    ngx_http_core_main_conf_t  *cmcf;
-
-    cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
-
-    h = ngx_array_push(&cmcf->phases[NGX_HTTP_PRECONTENT_PHASE].handlers);
-    if (h == NULL) {
-        return NGX_ERROR;
-    }
-
-    *h = ngx_http_deepseek_guard_precontent_handler;
-
-    ngx_http_next_header_filter = ngx_http_top_header_filter;
-    ngx_http_top_header_filter = ngx_http_deepseek_guard_header_filter;
-
-    ngx_http_next_body_filter = ngx_http_top_body_filter;
-    ngx_http_top_body_filter = ngx_http_deepseek_guard_body_filter;
-
-    return NGX_OK;
 }

@@ -1,22 +1,13 @@
 /*
  * Copyright (C) ngx_deepseek_guard_module authors
  *
- * Variables for access logs, the per-zone response counter (log phase) and
- * the metrics endpoint.
+ * The metrics endpoint: every zone's and cache's counters in the
+ * Prometheus text format or as JSON.  What each one means, and alert
+ * rules: docs/metrics.md.
  */
 
 
 #include "ngx_http_deepseek_guard_module.h"
-
-
-static ngx_int_t ngx_http_deepseek_guard_status_variable(
-    ngx_http_request_t *r, ngx_http_variable_value_t *v, uintptr_t data);
-static ngx_int_t ngx_http_deepseek_guard_class_variable(
-    ngx_http_request_t *r, ngx_http_variable_value_t *v, uintptr_t data);
-static ngx_int_t ngx_http_deepseek_guard_num_variable(
-    ngx_http_request_t *r, ngx_http_variable_value_t *v, uintptr_t data);
-static ngx_int_t ngx_http_deepseek_guard_zone_variable(
-    ngx_http_request_t *r, ngx_http_variable_value_t *v, uintptr_t data);
 
 
 /*
@@ -153,7 +144,6 @@ typedef struct {
 } ngx_http_deepseek_guard_field_t;
 
 
-static ngx_int_t ngx_http_deepseek_guard_log_handler(ngx_http_request_t *r);
 static ngx_uint_t ngx_http_deepseek_guard_metrics_json(ngx_http_request_t *r);
 static void ngx_http_deepseek_guard_text(ngx_http_deepseek_guard_out_t *o,
     ngx_http_deepseek_guard_main_conf_t *mcf);
@@ -175,203 +165,6 @@ static void ngx_http_deepseek_guard_family(ngx_http_deepseek_guard_out_t *o,
 static void ngx_http_deepseek_guard_series(ngx_http_deepseek_guard_out_t *o,
     char *name, char *key, ngx_str_t *val, ngx_str_t *cls, char *lname,
     ngx_str_t *lval);
-
-
-#define NGX_HTTP_DSG_VAR_WAIT    0
-#define NGX_HTTP_DSG_VAR_RETRY   1
-
-
-static ngx_http_variable_t  ngx_http_deepseek_guard_vars[] = {
-
-    { ngx_string("deepseek_guard_status"), NULL,
-      ngx_http_deepseek_guard_status_variable, 0,
-      NGX_HTTP_VAR_NOCACHEABLE, 0 },
-
-    { ngx_string("deepseek_guard_class"), NULL,
-      ngx_http_deepseek_guard_class_variable, 0,
-      NGX_HTTP_VAR_NOCACHEABLE, 0 },
-
-    { ngx_string("deepseek_guard_wait_ms"), NULL,
-      ngx_http_deepseek_guard_num_variable, NGX_HTTP_DSG_VAR_WAIT,
-      NGX_HTTP_VAR_NOCACHEABLE, 0 },
-
-    { ngx_string("deepseek_guard_retry_after_ms"), NULL,
-      ngx_http_deepseek_guard_num_variable, NGX_HTTP_DSG_VAR_RETRY,
-      NGX_HTTP_VAR_NOCACHEABLE, 0 },
-
-    { ngx_string("deepseek_guard_zone"), NULL,
-      ngx_http_deepseek_guard_zone_variable, 0,
-      NGX_HTTP_VAR_NOCACHEABLE, 0 },
-
-      ngx_http_null_variable
-};
-
-
-static ngx_str_t  ngx_http_deepseek_guard_status_names[] = {
-    ngx_null_string,
-    ngx_string("ADMITTED"),
-    ngx_string("QUEUED"),
-    ngx_string("REJECTED"),
-    ngx_string("DRY_RUN"),
-    ngx_string("CACHED"),
-    ngx_string("STALE")
-};
-
-
-ngx_int_t
-ngx_http_deepseek_guard_add_variables(ngx_conf_t *cf)
-{
-    return ngx_http_deepseek_guard_register_variables(cf,
-                                                 ngx_http_deepseek_guard_vars);
-}
-
-
-/* adds a null-terminated table of variables; the cache has its own table */
-
-ngx_int_t
-ngx_http_deepseek_guard_register_variables(ngx_conf_t *cf,
-    ngx_http_variable_t *vars)
-{
-    ngx_http_variable_t  *var, *v;
-
-    for (v = vars; v->name.len; v++) {
-        var = ngx_http_add_variable(cf, &v->name, v->flags);
-        if (var == NULL) {
-            return NGX_ERROR;
-        }
-
-        var->get_handler = v->get_handler;
-        var->data = v->data;
-    }
-
-    return NGX_OK;
-}
-
-
-static ngx_int_t
-ngx_http_deepseek_guard_status_variable(ngx_http_request_t *r,
-    ngx_http_variable_value_t *v, uintptr_t data)
-{
-    ngx_str_t                      *s;
-    ngx_http_deepseek_guard_ctx_t  *ctx;
-
-    ctx = ngx_http_deepseek_guard_get_ctx(r);
-
-    if (ctx == NULL || ctx->status == 0
-        || ctx->status > NGX_HTTP_DSG_STALE)
-    {
-        v->not_found = 1;
-        return NGX_OK;
-    }
-
-    s = &ngx_http_deepseek_guard_status_names[ctx->status];
-
-    /* admitted after a wait in the queue */
-    if (ctx->status == NGX_HTTP_DSG_ADMITTED && ctx->wait_ms) {
-        s = &ngx_http_deepseek_guard_status_names[NGX_HTTP_DSG_QUEUED];
-    }
-
-    v->len = s->len;
-    v->valid = 1;
-    v->no_cacheable = 1;
-    v->not_found = 0;
-    v->data = s->data;
-
-    return NGX_OK;
-}
-
-
-static ngx_int_t
-ngx_http_deepseek_guard_class_variable(ngx_http_request_t *r,
-    ngx_http_variable_value_t *v, uintptr_t data)
-{
-    ngx_http_deepseek_guard_ctx_t        *ctx;
-    ngx_http_deepseek_guard_class_t      *c;
-    ngx_http_deepseek_guard_main_conf_t  *mcf;
-
-    ctx = ngx_http_deepseek_guard_get_ctx(r);
-
-    if (ctx == NULL || ctx->holds == NULL) {
-        v->not_found = 1;
-        return NGX_OK;
-    }
-
-    mcf = ngx_http_get_module_main_conf(r, ngx_http_deepseek_guard_module);
-    c = &((ngx_http_deepseek_guard_class_t *) mcf->classes.elts)[ctx->cls];
-
-    v->len = c->name.len;
-    v->valid = 1;
-    v->no_cacheable = 1;
-    v->not_found = 0;
-    v->data = c->name.data;
-
-    return NGX_OK;
-}
-
-
-static ngx_int_t
-ngx_http_deepseek_guard_num_variable(ngx_http_request_t *r,
-    ngx_http_variable_value_t *v, uintptr_t data)
-{
-    u_char                         *p;
-    uint64_t                        n;
-    ngx_http_deepseek_guard_ctx_t  *ctx;
-
-    ctx = ngx_http_deepseek_guard_get_ctx(r);
-
-    if (ctx == NULL || ctx->status == 0) {
-        v->not_found = 1;
-        return NGX_OK;
-    }
-
-    if (data == NGX_HTTP_DSG_VAR_WAIT) {
-        n = ctx->slot >= 0 ? ngx_current_msec - ctx->enqueued : ctx->wait_ms;
-
-    } else {
-        if (ctx->status != NGX_HTTP_DSG_REJECTED) {
-            v->not_found = 1;
-            return NGX_OK;
-        }
-
-        n = ctx->retry_ms;
-    }
-
-    p = ngx_pnalloc(r->pool, NGX_INT64_LEN);
-    if (p == NULL) {
-        return NGX_ERROR;
-    }
-
-    v->len = ngx_sprintf(p, "%uL", n) - p;
-    v->valid = 1;
-    v->no_cacheable = 1;
-    v->not_found = 0;
-    v->data = p;
-
-    return NGX_OK;
-}
-
-
-static ngx_int_t
-ngx_http_deepseek_guard_zone_variable(ngx_http_request_t *r,
-    ngx_http_variable_value_t *v, uintptr_t data)
-{
-    ngx_http_deepseek_guard_ctx_t  *ctx;
-
-    ctx = ngx_http_deepseek_guard_get_ctx(r);
-
-    if (ctx == NULL || ctx->reject_zone == NULL) {
-        v->not_found = 1;
-        return NGX_OK;
-    }
-
-    v->len = ctx->reject_zone->shm_zone->shm.name.len;
-    v->valid = 1;
-    v->no_cacheable = 1;
-    v->not_found = 0;
-    v->data = ctx->reject_zone->shm_zone->shm.name.data;
-
-    return NGX_OK;
-}
 
 
 #define ngx_http_deepseek_guard_read(base, off)                              \
@@ -518,85 +311,6 @@ ngx_http_deepseek_guard_metrics(ngx_conf_t *cf, ngx_command_t *cmd,
     clcf->handler = ngx_http_deepseek_guard_metrics_handler;
 
     return NGX_CONF_OK;
-}
-
-
-/* postconfiguration: the log phase handler of the response counters */
-
-ngx_int_t
-ngx_http_deepseek_guard_metrics_init(ngx_conf_t *cf)
-{
-    ngx_http_handler_pt        *h;
-    ngx_http_core_main_conf_t  *cmcf;
-
-    cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
-
-    h = ngx_array_push(&cmcf->phases[NGX_HTTP_LOG_PHASE].handlers);
-    if (h == NULL) {
-        return NGX_ERROR;
-    }
-
-    *h = ngx_http_deepseek_guard_log_handler;
-
-    return NGX_OK;
-}
-
-
-/* counts the response in every zone of the location: as $status is logged */
-
-static ngx_int_t
-ngx_http_deepseek_guard_log_handler(ngx_http_request_t *r)
-{
-    ngx_uint_t                           i, status;
-    ngx_shm_zone_t                     **zones;
-    ngx_http_deepseek_guard_ctx_t       *ctx;
-    ngx_http_deepseek_guard_zone_t      *z;
-    ngx_http_deepseek_guard_loc_conf_t  *lcf;
-    ngx_http_deepseek_guard_counters_t  *cnt;
-
-    if (r != r->main) {
-        return NGX_OK;
-    }
-
-    lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
-
-    if (lcf->zones == NULL || lcf->zones->nelts == 0) {
-        return NGX_OK;
-    }
-
-    /* the wait announced to a rejected client (not one answered stale) */
-
-    ctx = ngx_http_deepseek_guard_get_ctx(r);
-
-    if (ctx != NULL && ctx->status == NGX_HTTP_DSG_REJECTED
-        && ctx->reject_zone != NULL && ctx->reject_zone->sh != NULL)
-    {
-        cnt = &ctx->reject_zone->sh->counters[ctx->cls];
-
-        (void) ngx_atomic_fetch_add(&cnt->retry_count, 1);
-        (void) ngx_atomic_fetch_add(&cnt->retry_sum_ms,
-                                    (ngx_atomic_int_t) ctx->retry_ms);
-        cnt->retry_last_ms = (ngx_atomic_uint_t) ctx->retry_ms;
-    }
-
-    status = r->err_status ? r->err_status : r->headers_out.status;
-
-    if (status < 100 || status > 599) {
-        return NGX_OK;
-    }
-
-    zones = lcf->zones->elts;
-
-    for (i = 0; i < lcf->zones->nelts; i++) {
-        z = zones[i]->data;
-
-        if (z != NULL && z->sh != NULL) {
-            (void) ngx_atomic_fetch_add(&z->sh->responses[status / 100 - 1],
-                                        1);
-        }
-    }
-
-    return NGX_OK;
 }
 
 

@@ -5,6 +5,9 @@
 
 #include "ngx_http_deepseek_guard_module.h"
 
+
+#define NGX_HTTP_DSG_REAP_MS  1000
+
 #if (NGX_HAVE_MALLOC_TRIM)
 #include <malloc.h>
 #endif
@@ -277,17 +280,93 @@ ngx_http_deepseek_guard_trim_handler(ngx_event_t *ev)
 #endif
 
 
+/*
+ * The one reaper: once a second, every worker looks for pids that hold
+ * in-flight leases, queue places or fill locks, in every zone and cache,
+ * and releases what the dead ones (kill -9, a crash) held.  Any number of
+ * pids: old and new workers during a reload, worker_processes auto.
+ */
+
+static ngx_event_t  ngx_http_deepseek_guard_reap_ev;
+
+
+static void
+ngx_http_deepseek_guard_reap_handler(ngx_event_t *ev)
+{
+    ngx_uint_t                            i;
+    ngx_pool_t                           *pool;
+    ngx_array_t                          *pids;
+    ngx_shm_zone_t                      **zones;
+    ngx_http_deepseek_guard_cache_t     **caches;
+    ngx_http_deepseek_guard_main_conf_t  *mcf = ev->data;
+
+    pool = ngx_create_pool(NGX_DEFAULT_POOL_SIZE, ev->log);
+    if (pool == NULL) {
+        goto next;
+    }
+
+    pids = ngx_array_create(pool, 64, sizeof(ngx_pid_t));
+    if (pids == NULL) {
+        goto done;
+    }
+
+    zones = mcf->zones.elts;
+    caches = mcf->caches.elts;
+
+    for (i = 0; i < mcf->zones.nelts; i++) {
+        ngx_http_deepseek_guard_zone_pids(zones[i]->data, pids);
+    }
+
+    for (i = 0; i < mcf->caches.nelts; i++) {
+        ngx_http_deepseek_guard_cache_pids(caches[i], pids);
+    }
+
+    ngx_http_deepseek_guard_pids_dead(pids);
+
+    if (pids->nelts == 0) {
+        goto done;
+    }
+
+    for (i = 0; i < mcf->zones.nelts; i++) {
+        ngx_http_deepseek_guard_zone_reap(zones[i]->data, pids, ev->log);
+    }
+
+    for (i = 0; i < mcf->caches.nelts; i++) {
+        ngx_http_deepseek_guard_cache_reap(caches[i], pids, ev->log);
+    }
+
+    /* capacity freed: this worker's parked requests may go on */
+    ngx_http_deepseek_guard_wake(0);
+
+done:
+
+    ngx_destroy_pool(pool);
+
+next:
+
+    ngx_add_timer(ev, NGX_HTTP_DSG_REAP_MS);
+}
+
+
 static ngx_int_t
 ngx_http_deepseek_guard_init_process(ngx_cycle_t *cycle)
 {
     ngx_http_deepseek_guard_main_conf_t  *mcf;
 
-    if (ngx_http_deepseek_guard_limit_init_process(cycle) != NGX_OK) {
-        return NGX_ERROR;
-    }
-
     mcf = ngx_http_cycle_get_module_main_conf(cycle,
                                               ngx_http_deepseek_guard_module);
+
+    ngx_http_deepseek_guard_park_init(cycle);
+
+    if (mcf != NULL && (mcf->zones.nelts || mcf->caches.nelts)) {
+        ngx_http_deepseek_guard_reap_ev.handler =
+                                        ngx_http_deepseek_guard_reap_handler;
+        ngx_http_deepseek_guard_reap_ev.log = cycle->log;
+        ngx_http_deepseek_guard_reap_ev.data = mcf;
+        ngx_http_deepseek_guard_reap_ev.cancelable = 1;
+
+        ngx_add_timer(&ngx_http_deepseek_guard_reap_ev, NGX_HTTP_DSG_REAP_MS);
+    }
 
 #if (NGX_HAVE_MALLOC_TRIM)
     if (mcf != NULL && mcf->malloc_trim > 0) {
@@ -529,42 +608,6 @@ ngx_http_deepseek_guard_merge_loc_conf(ngx_conf_t *cf, void *parent,
 
 
 /*
- * Zone, class and cache names go into JSON bodies, RateLimit headers and
- * Prometheus labels as they are: restricted to characters none of these
- * has to escape.
- */
-
-ngx_int_t
-ngx_http_deepseek_guard_check_name(ngx_conf_t *cf, ngx_str_t *name,
-    const char *what)
-{
-    u_char      c;
-    ngx_uint_t  i;
-
-    for (i = 0; i < name->len; i++) {
-        c = name->data[i];
-
-        if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')
-            || (c >= '0' && c <= '9') || c == '_' || c == '-' || c == '.')
-        {
-            continue;
-        }
-
-        break;
-    }
-
-    if (name->len == 0 || name->len > 64 || i < name->len) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "invalid %s name \"%V\": 1 to 64 letters, "
-                           "digits, \"_\", \"-\" or \".\"", what, name);
-        return NGX_ERROR;
-    }
-
-    return NGX_OK;
-}
-
-
-/*
  * deepseek_guard_class <name> [reserve=<N>%] [queue=<N>] [queue_timeout=<t>];
  * classes are ordered by declaration, the first one is the highest
  */
@@ -739,11 +782,7 @@ ngx_http_deepseek_guard_classify(ngx_conf_t *cf, ngx_command_t *cmd,
 static ngx_int_t
 ngx_http_deepseek_guard_preconf(ngx_conf_t *cf)
 {
-    if (ngx_http_deepseek_guard_add_variables(cf) != NGX_OK) {
-        return NGX_ERROR;
-    }
-
-    return ngx_http_deepseek_guard_cache_add_variables(cf);
+    return ngx_http_deepseek_guard_add_variables(cf);
 }
 
 
@@ -762,9 +801,20 @@ ngx_http_deepseek_guard_init(ngx_conf_t *cf)
 
     *h = ngx_http_deepseek_guard_access_handler;
 
-    if (ngx_http_deepseek_guard_metrics_init(cf) != NGX_OK) {
+    h = ngx_array_push(&cmcf->phases[NGX_HTTP_PRECONTENT_PHASE].handlers);
+    if (h == NULL) {
         return NGX_ERROR;
     }
 
+    *h = ngx_http_deepseek_guard_precontent_handler;
+
+    h = ngx_array_push(&cmcf->phases[NGX_HTTP_LOG_PHASE].handlers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    *h = ngx_http_deepseek_guard_log_handler;
+
+    /* the cache's capture filters */
     return ngx_http_deepseek_guard_cache_init(cf);
 }

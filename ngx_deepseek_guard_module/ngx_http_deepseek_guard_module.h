@@ -62,6 +62,25 @@ typedef struct {
 
 
 typedef struct {
+    ngx_rbtree_node_t            node;       /* node.key: digest[0..7] */
+    ngx_queue_t                  lru;
+    u_char                       digest[6];  /* digest[8..13] */
+    uint16_t                     holders;    /* leases on this key */
+    dsg_limit_state_t            state;
+} ngx_http_deepseek_guard_node_t;
+
+
+/* one admitted request in one zone; survives its worker in shared memory */
+typedef struct {
+    ngx_queue_t                  queue;
+    ngx_http_deepseek_guard_node_t  *node;
+    ngx_pid_t                    pid;
+    uint32_t                     cls;
+    ngx_msec_t                   start;
+} ngx_http_deepseek_guard_lease_t;
+
+
+typedef struct {
     ngx_rbtree_t                 rbtree;
     ngx_rbtree_node_t            sentinel;
     ngx_queue_t                  lru;
@@ -146,6 +165,8 @@ typedef struct {
     ngx_msec_t                   inactive;  /* expired entries kept so long */
     void                        *store;     /* dsg_store_t, per worker */
     uint64_t                     put_evicted;   /* this worker's, seen */
+    u_char                      *touched;   /* this worker's hits, digests */
+    ngx_uint_t                   ntouched;
     u_char                      *file;
     ngx_uint_t                   line;
 } ngx_http_deepseek_guard_cache_t;
@@ -203,6 +224,22 @@ typedef struct {
 } ngx_http_deepseek_guard_hold_t;
 
 
+/*
+ * A request parked until something in shared memory changes: a place in
+ * the admission queue, or the fill lock of the entry it wants.  The
+ * worker's one park timer calls resume: NGX_AGAIN, keep waiting; NGX_OK,
+ * run the phases again; NGX_DONE, resume finalized the request.
+ */
+typedef ngx_int_t (*ngx_http_deepseek_guard_resume_pt)(ngx_http_request_t *r);
+
+typedef struct {
+    ngx_queue_t                  link;
+    ngx_http_request_t          *request;
+    ngx_http_deepseek_guard_resume_pt  resume;
+    ngx_uint_t                   parked;
+} ngx_http_deepseek_guard_park_t;
+
+
 typedef struct ngx_http_deepseek_guard_ctx_s  ngx_http_deepseek_guard_ctx_t;
 
 struct ngx_http_deepseek_guard_ctx_s {
@@ -213,8 +250,8 @@ struct ngx_http_deepseek_guard_ctx_s {
     ngx_uint_t                   nholds;
     ngx_http_deepseek_guard_hold_t  *holds;
 
-    /* queue */
-    ngx_queue_t                  wait_link;   /* in the worker's wait list */
+    /* queue places and fill-lock waits */
+    ngx_http_deepseek_guard_park_t  park;
     ngx_int_t                    slot;        /* -1: not queued */
     ngx_uint_t                   slot_zone;   /* index into holds */
     ngx_msec_t                   enqueued;
@@ -233,40 +270,75 @@ extern ngx_module_t  ngx_http_deepseek_guard_module;
 extern ngx_module_t  ngx_http_proxy_module;
 
 
-/* ngx_http_deepseek_guard_module.c */
-ngx_int_t ngx_http_deepseek_guard_check_name(ngx_conf_t *cf, ngx_str_t *name,
-    const char *what);
+/*
+ * Calls run one way: module -> request -> {limit -> zone,
+ * cache_filter -> cache, metrics} -> common -> dsg_* (docs/design.md;
+ * t/91-layers.t checks it on the object files).
+ */
 
+/* ngx_http_deepseek_guard_request.c */
+ngx_int_t ngx_http_deepseek_guard_access_handler(ngx_http_request_t *r);
+ngx_int_t ngx_http_deepseek_guard_precontent_handler(ngx_http_request_t *r);
+ngx_int_t ngx_http_deepseek_guard_log_handler(ngx_http_request_t *r);
+ngx_int_t ngx_http_deepseek_guard_add_variables(ngx_conf_t *cf);
 
 /* ngx_http_deepseek_guard_limit.c */
+ngx_int_t ngx_http_deepseek_guard_limit_init_main(ngx_conf_t *cf,
+    ngx_http_deepseek_guard_main_conf_t *mcf);
+ngx_int_t ngx_http_deepseek_guard_admit(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_ctx_t *ctx, ngx_uint_t *blocked,
+    uint64_t *retry_ms);
+ngx_int_t ngx_http_deepseek_guard_recheck(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_ctx_t *ctx, ngx_uint_t *blocked,
+    uint64_t *retry_ms);
+ngx_uint_t ngx_http_deepseek_guard_release(ngx_http_deepseek_guard_ctx_t *ctx);
+void ngx_http_deepseek_guard_refused(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_ctx_t *ctx, ngx_uint_t blocked,
+    uint64_t retry_ms);
+ngx_int_t ngx_http_deepseek_guard_reject(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_ctx_t *ctx, ngx_uint_t blocked);
+
+/* ngx_http_deepseek_guard_zone.c */
 char *ngx_http_deepseek_guard_zone(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 char *ngx_http_deepseek_guard(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
-ngx_int_t ngx_http_deepseek_guard_limit_init_main(ngx_conf_t *cf,
-    ngx_http_deepseek_guard_main_conf_t *mcf);
-ngx_int_t ngx_http_deepseek_guard_access_handler(ngx_http_request_t *r);
-ngx_int_t ngx_http_deepseek_guard_decide(ngx_http_request_t *r);
-ngx_int_t ngx_http_deepseek_guard_limit_init_process(ngx_cycle_t *cycle);
-ngx_http_deepseek_guard_ctx_t *ngx_http_deepseek_guard_get_ctx(
-    ngx_http_request_t *r);
+ngx_http_deepseek_guard_node_t *ngx_http_deepseek_guard_lookup(
+    ngx_http_deepseek_guard_zone_t *z, u_char *digest, ngx_uint_t *nomem);
+ngx_http_deepseek_guard_lease_t *ngx_http_deepseek_guard_lease_alloc(
+    ngx_http_deepseek_guard_zone_t *z, ngx_http_deepseek_guard_node_t *node,
+    ngx_uint_t cls);
+void ngx_http_deepseek_guard_lease_free(ngx_http_deepseek_guard_zone_t *z,
+    ngx_http_deepseek_guard_lease_t *lease);
+void ngx_http_deepseek_guard_zone_pids(ngx_http_deepseek_guard_zone_t *z,
+    ngx_array_t *pids);
+void ngx_http_deepseek_guard_zone_reap(ngx_http_deepseek_guard_zone_t *z,
+    ngx_array_t *dead, ngx_log_t *log);
 
-extern ngx_msec_t  ngx_http_deepseek_guard_wait_bounds[];
-
-/* ngx_http_deepseek_guard_cache.c */
-ngx_int_t ngx_http_deepseek_guard_cache_overload(ngx_http_request_t *r);
+/* ngx_http_deepseek_guard_cache_filter.c */
+ngx_uint_t ngx_http_deepseek_guard_cache_active(ngx_http_request_t *r);
 ngx_int_t ngx_http_deepseek_guard_cache_access(ngx_http_request_t *r,
     ngx_http_deepseek_guard_ctx_t *ctx);
 void ngx_http_deepseek_guard_cache_drop(ngx_http_deepseek_guard_ctx_t *ctx);
-ngx_uint_t ngx_http_deepseek_guard_cache_active(ngx_http_request_t *r);
+ngx_int_t ngx_http_deepseek_guard_cache_overload(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_ctx_t *ctx);
+ngx_int_t ngx_http_deepseek_guard_cache_serve(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_ctx_t *ctx);
 ngx_int_t ngx_http_deepseek_guard_cache_init(ngx_conf_t *cf);
-ngx_int_t ngx_http_deepseek_guard_cache_init_module(ngx_cycle_t *cycle);
-ngx_int_t ngx_http_deepseek_guard_cache_init_process(ngx_cycle_t *cycle);
-void ngx_http_deepseek_guard_cache_exit_process(ngx_cycle_t *cycle);
 char *ngx_http_deepseek_guard_cache_merge(ngx_conf_t *cf,
     ngx_http_deepseek_guard_loc_conf_t *prev,
     ngx_http_deepseek_guard_loc_conf_t *conf);
-ngx_int_t ngx_http_deepseek_guard_cache_add_variables(ngx_conf_t *cf);
+ngx_int_t ngx_http_deepseek_guard_body_sha_variable(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_ctx_t *ctx, ngx_http_variable_value_t *v);
+ngx_int_t ngx_http_deepseek_guard_auth_sha_variable(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data);
+ngx_int_t ngx_http_deepseek_guard_cache_status_variable(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_ctx_t *ctx, ngx_http_variable_value_t *v);
+
+/* ngx_http_deepseek_guard_cache.c */
+ngx_int_t ngx_http_deepseek_guard_cache_init_module(ngx_cycle_t *cycle);
+ngx_int_t ngx_http_deepseek_guard_cache_init_process(ngx_cycle_t *cycle);
+void ngx_http_deepseek_guard_cache_exit_process(ngx_cycle_t *cycle);
 char *ngx_http_deepseek_guard_cache_path(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 char *ngx_http_deepseek_guard_cache(ngx_conf_t *cf, ngx_command_t *cmd,
@@ -275,22 +347,41 @@ char *ngx_http_deepseek_guard_cache_valid(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 char *ngx_http_deepseek_guard_cache_key_slot(ngx_conf_t *cf,
     ngx_command_t *cmd, void *conf);
+void ngx_http_deepseek_guard_cache_pids(ngx_http_deepseek_guard_cache_t *cache,
+    ngx_array_t *pids);
+void ngx_http_deepseek_guard_cache_reap(ngx_http_deepseek_guard_cache_t *cache,
+    ngx_array_t *dead, ngx_log_t *log);
 extern ngx_conf_bitmask_t  ngx_http_deepseek_guard_use_stale_masks[];
 extern ngx_conf_bitmask_t  ngx_http_deepseek_guard_methods_masks[];
 extern ngx_conf_enum_t     ngx_http_deepseek_guard_credentials_enum[];
 
 /* ngx_http_deepseek_guard_metrics.c */
-ngx_int_t ngx_http_deepseek_guard_add_variables(ngx_conf_t *cf);
-ngx_int_t ngx_http_deepseek_guard_register_variables(ngx_conf_t *cf,
-    ngx_http_variable_t *vars);
 char *ngx_http_deepseek_guard_metrics(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
-ngx_int_t ngx_http_deepseek_guard_metrics_init(ngx_conf_t *cf);
 ngx_int_t ngx_http_deepseek_guard_metrics_handler(ngx_http_request_t *r);
 
 /* ngx_http_deepseek_guard_status.c */
 char *ngx_http_deepseek_guard_status_page(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+
+/* ngx_http_deepseek_guard_common.c */
+ngx_int_t ngx_http_deepseek_guard_check_name(ngx_conf_t *cf, ngx_str_t *name,
+    const char *what);
+char *ngx_http_deepseek_guard_parse_zone(ngx_conf_t *cf, ngx_str_t *value,
+    size_t skip, const char *what, ngx_str_t *name, ssize_t *size);
+uint64_t ngx_http_deepseek_guard_now_ms(void);
+ngx_table_elt_t *ngx_http_deepseek_guard_header_next(ngx_list_part_t **part,
+    ngx_uint_t *i);
+void ngx_http_deepseek_guard_park(ngx_http_deepseek_guard_park_t *p,
+    ngx_http_request_t *r, ngx_http_deepseek_guard_resume_pt resume);
+void ngx_http_deepseek_guard_unpark(ngx_http_deepseek_guard_park_t *p);
+void ngx_http_deepseek_guard_wake(ngx_msec_t delay);
+void ngx_http_deepseek_guard_park_init(ngx_cycle_t *cycle);
+ngx_int_t ngx_http_deepseek_guard_pid_add(ngx_array_t *pids, ngx_pid_t pid);
+void ngx_http_deepseek_guard_pids_dead(ngx_array_t *pids);
+ngx_uint_t ngx_http_deepseek_guard_pid_in(ngx_array_t *pids, ngx_pid_t pid);
+
+extern ngx_msec_t  ngx_http_deepseek_guard_wait_bounds[];
 
 
 #endif /* NGX_HTTP_DEEPSEEK_GUARD_MODULE_H */

@@ -646,6 +646,48 @@ END_TEST
 
 
 /*
+ * touch_many: the glue's once-a-second batch of hits; a key no longer
+ * stored is passed over, the others survive as with dsg_store_touch
+ */
+
+START_TEST(test_store_touch_many)
+{
+    int           rc;
+    size_t        len;
+    uint8_t       keys[2 * DSG_STORE_KEY_SIZE];
+    unsigned      i;
+    const char   *dir;
+    dsg_store_t  *st;
+
+    dir = t_mkdir();
+    st = t_open(dir, T_MB);
+
+    len = 20 * 1024;
+    t_key(keys, 0);
+    t_key(keys + DSG_STORE_KEY_SIZE, 100000);   /* never stored */
+
+    ck_assert_int_eq(dsg_store_touch_many(st, keys, 0, 1), DSG_STORE_OK);
+    ck_assert_int_eq(dsg_store_touch_many(st, NULL, 1, 1),
+                     DSG_STORE_EINVAL);
+
+    for (i = 0; i < 200; i++) {
+        rc = t_put(st, i, len, T_FAR, 1000 + 2 * i);
+        ck_assert(rc == DSG_STORE_OK || rc == DSG_STORE_EFULL);
+
+        rc = dsg_store_touch_many(st, keys, 2, 1001 + 2 * i);
+        ck_assert_int_eq(rc, DSG_STORE_OK);
+    }
+
+    ck_assert_int_eq(t_get(st, 0, len), DSG_STORE_OK);
+    ck_assert_int_eq(t_get(st, 1, len), DSG_STORE_NOTFOUND);
+    ck_assert_int_eq(t_get(st, 199, len), DSG_STORE_OK);
+
+    dsg_store_close(st);
+}
+END_TEST
+
+
+/*
  * The sweep evicts, least recently used first, once the live data passes
  * 90% of the map, without waiting for a put to find the map full.
  */
@@ -1569,6 +1611,7 @@ dsg_store_suite(void)
     tcase_add_test(tc, test_store_sweep_stale_grace);
     tcase_add_test(tc, test_store_map_full_eviction);
     tcase_add_test(tc, test_store_touch);
+    tcase_add_test(tc, test_store_touch_many);
     tcase_add_test(tc, test_store_sweep_high_water);
     tcase_add_test(tc, test_store_too_big);
     tcase_add_test(tc, test_store_corrupt_recreate);

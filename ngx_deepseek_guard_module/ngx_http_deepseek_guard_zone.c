@@ -1,0 +1,651 @@
+/*
+ * Copyright (C) ngx_deepseek_guard_module authors
+ *
+ * A guard zone's shared state, the limit_req analogue: the zone directive
+ * and init_zone, the keys' rbtree and LRU list, in-flight leases and the
+ * release of what dead workers held.
+ *
+ * Locking: every shared structure of a zone is guarded by the zone's slab
+ * mutex only (nginx force-unlocks it when a worker dies).  Nothing logs,
+ * allocates from the request pool or makes a system call while holding it.
+ */
+
+
+#include "ngx_http_deepseek_guard_module.h"
+
+#define NGX_HTTP_DSG_EVICT_TRIES  16
+
+
+static void ngx_http_deepseek_guard_evict(ngx_http_deepseek_guard_zone_t *z,
+    ngx_http_deepseek_guard_node_t *keep);
+
+
+static ngx_int_t ngx_http_deepseek_guard_init_zone(ngx_shm_zone_t *shm_zone,
+    void *data);
+
+
+
+ngx_http_deepseek_guard_node_t *
+ngx_http_deepseek_guard_lookup(ngx_http_deepseek_guard_zone_t *z,
+    u_char *digest, ngx_uint_t *nomem)
+{
+    size_t                           size;
+    ngx_rbtree_key_t                 hash;
+    ngx_rbtree_node_t               *node, *sentinel;
+    ngx_http_deepseek_guard_node_t  *n;
+
+    ngx_memcpy(&hash, digest, sizeof(ngx_rbtree_key_t));
+
+    node = z->sh->rbtree.root;
+    sentinel = z->sh->rbtree.sentinel;
+
+    while (node != sentinel) {
+
+        if (hash < node->key) {
+            node = node->left;
+            continue;
+        }
+
+        if (hash > node->key) {
+            node = node->right;
+            continue;
+        }
+
+        n = (ngx_http_deepseek_guard_node_t *) node;
+
+        if (ngx_memcmp(n->digest, digest + 8, 6) == 0) {
+            ngx_queue_remove(&n->lru);
+            ngx_queue_insert_head(&z->sh->lru, &n->lru);
+            return n;
+        }
+
+        node = (ngx_memcmp(digest + 8, n->digest, 6) < 0)
+               ? node->left : node->right;
+    }
+
+    size = sizeof(ngx_http_deepseek_guard_node_t);
+
+    n = ngx_slab_alloc_locked(z->shpool, size);
+
+    if (n == NULL) {
+        ngx_http_deepseek_guard_evict(z, NULL);
+
+        n = ngx_slab_alloc_locked(z->shpool, size);
+        if (n == NULL) {
+            *nomem = 1;
+            return NULL;
+        }
+    }
+
+    ngx_memzero(n, size);
+    n->node.key = hash;
+    ngx_memcpy(n->digest, digest + 8, 6);
+    dsg_limit_state_init(&z->limit, &n->state, ngx_current_msec);
+
+    ngx_rbtree_insert(&z->sh->rbtree, &n->node);
+    ngx_queue_insert_head(&z->sh->lru, &n->lru);
+    z->sh->nodes++;
+
+    return n;
+}
+
+
+/*
+ * Frees the least recently used key that is idle (nothing in flight,
+ * queued or leased) and full again, except "keep": under the zone's mutex.  Leases are allocated
+ * with the size of a key node, so the chunk freed here serves either.
+ */
+
+static void
+ngx_http_deepseek_guard_evict(ngx_http_deepseek_guard_zone_t *z,
+    ngx_http_deepseek_guard_node_t *keep)
+{
+    ngx_uint_t                       tries;
+    ngx_queue_t                     *q, *prev;
+    ngx_http_deepseek_guard_node_t  *n;
+
+    tries = 0;
+    q = ngx_queue_last(&z->sh->lru);
+
+    while (q != ngx_queue_sentinel(&z->sh->lru)
+           && tries++ < NGX_HTTP_DSG_EVICT_TRIES)
+    {
+        prev = ngx_queue_prev(q);
+        n = ngx_queue_data(q, ngx_http_deepseek_guard_node_t, lru);
+
+        /*
+         * only a key whose buckets have filled up again: evicting one that
+         * spent its quota would hand the client a fresh one
+         */
+
+        if (n != keep && n->holders == 0
+            && dsg_limit_full(&z->limit, &n->state, ngx_current_msec))
+        {
+            ngx_queue_remove(&n->lru);
+            ngx_rbtree_delete(&z->sh->rbtree, &n->node);
+            ngx_slab_free_locked(z->shpool, n);
+            z->sh->nodes--;
+            z->sh->evicted++;
+            return;
+        }
+
+        q = prev;
+    }
+}
+
+
+static void
+ngx_http_deepseek_guard_rbtree_insert_value(ngx_rbtree_node_t *temp,
+    ngx_rbtree_node_t *node, ngx_rbtree_node_t *sentinel)
+{
+    ngx_rbtree_node_t               **p;
+    ngx_http_deepseek_guard_node_t   *n, *t;
+
+    for ( ;; ) {
+
+        if (node->key < temp->key) {
+            p = &temp->left;
+
+        } else if (node->key > temp->key) {
+            p = &temp->right;
+
+        } else {
+            n = (ngx_http_deepseek_guard_node_t *) node;
+            t = (ngx_http_deepseek_guard_node_t *) temp;
+
+            p = (ngx_memcmp(n->digest, t->digest, 6) < 0)
+                ? &temp->left : &temp->right;
+        }
+
+        if (*p == sentinel) {
+            break;
+        }
+
+        temp = *p;
+    }
+
+    *p = node;
+    node->parent = temp;
+    node->left = sentinel;
+    node->right = sentinel;
+    ngx_rbt_red(node);
+}
+
+
+/*
+ * A lease for an admitted request, under the zone's mutex.  It takes a
+ * chunk of a key node's size: in a zone full of keys, evicting one makes
+ * room for it.  NULL: no memory.
+ */
+
+ngx_http_deepseek_guard_lease_t *
+ngx_http_deepseek_guard_lease_alloc(ngx_http_deepseek_guard_zone_t *z,
+    ngx_http_deepseek_guard_node_t *node, ngx_uint_t cls)
+{
+    ngx_http_deepseek_guard_lease_t  *lease;
+
+    lease = ngx_slab_alloc_locked(z->shpool,
+                                  sizeof(ngx_http_deepseek_guard_node_t));
+    if (lease == NULL) {
+        ngx_http_deepseek_guard_evict(z, node);
+
+        lease = ngx_slab_alloc_locked(z->shpool,
+                                      sizeof(ngx_http_deepseek_guard_node_t));
+        if (lease == NULL) {
+            return NULL;
+        }
+    }
+
+    lease->node = node;
+    lease->pid = ngx_pid;
+    lease->cls = (uint32_t) cls;
+    lease->start = ngx_current_msec;
+    ngx_queue_insert_tail(&z->sh->leases, &lease->queue);
+
+    node->holders++;
+    z->sh->counters[cls].inflight++;
+
+    return lease;
+}
+
+
+/*
+ * Frees a lease and gives back what it charged, under the zone's mutex: on
+ * the request's own end, or for a worker that died holding it
+ */
+
+void
+ngx_http_deepseek_guard_lease_free(ngx_http_deepseek_guard_zone_t *z,
+    ngx_http_deepseek_guard_lease_t *lease)
+{
+    dsg_limit_release(&z->limit, &lease->node->state, lease->cls);
+    lease->node->holders--;
+
+    if (z->sh->counters[lease->cls].inflight) {
+        z->sh->counters[lease->cls].inflight--;
+    }
+
+    ngx_queue_remove(&lease->queue);
+    ngx_slab_free_locked(z->shpool, lease);
+}
+
+
+/* the reaper: the pids that hold leases or queue places in the zone */
+
+void
+ngx_http_deepseek_guard_zone_pids(ngx_http_deepseek_guard_zone_t *z,
+    ngx_array_t *pids)
+{
+    ngx_uint_t                        i;
+    ngx_queue_t                      *q;
+    ngx_http_deepseek_guard_lease_t  *lease;
+
+    ngx_shmtx_lock(&z->shpool->mutex);
+
+    for (q = ngx_queue_head(&z->sh->leases);
+         q != ngx_queue_sentinel(&z->sh->leases);
+         q = ngx_queue_next(q))
+    {
+        lease = ngx_queue_data(q, ngx_http_deepseek_guard_lease_t, queue);
+        (void) ngx_http_deepseek_guard_pid_add(pids, lease->pid);
+    }
+
+    for (i = 0; i < z->layout.total; i++) {
+        if (z->slots[i].state != DSG_SLOT_FREE) {
+            (void) ngx_http_deepseek_guard_pid_add(pids,
+                                               (ngx_pid_t) z->slots[i].pid);
+        }
+    }
+
+    ngx_shmtx_unlock(&z->shpool->mutex);
+}
+
+
+/* the reaper: frees the leases and queue places of dead pids */
+
+void
+ngx_http_deepseek_guard_zone_reap(ngx_http_deepseek_guard_zone_t *z,
+    ngx_array_t *dead, ngx_log_t *log)
+{
+    uint64_t                          which;
+    ngx_uint_t                        i, k, reaped, workers;
+    ngx_queue_t                      *q, *next;
+    ngx_http_deepseek_guard_lease_t  *lease;
+
+    reaped = 0;
+    which = 0;
+
+    ngx_shmtx_lock(&z->shpool->mutex);
+
+    for (q = ngx_queue_head(&z->sh->leases);
+         q != ngx_queue_sentinel(&z->sh->leases);
+         q = next)
+    {
+        next = ngx_queue_next(q);
+        lease = ngx_queue_data(q, ngx_http_deepseek_guard_lease_t, queue);
+
+        k = ngx_http_deepseek_guard_pid_in(dead, lease->pid);
+
+        if (k) {
+            ngx_http_deepseek_guard_lease_free(z, lease);
+            which |= (uint64_t) 1 << ((k - 1) % 64);
+            reaped++;
+        }
+    }
+
+    for (i = 0; i < z->layout.total; i++) {
+        if (z->slots[i].state == DSG_SLOT_FREE) {
+            continue;
+        }
+
+        k = ngx_http_deepseek_guard_pid_in(dead, (ngx_pid_t) z->slots[i].pid);
+        if (k == 0) {
+            continue;
+        }
+
+        which |= (uint64_t) 1 << ((k - 1) % 64);
+
+        if (z->sh->counters[z->slots[i].cls].depth) {
+            z->sh->counters[z->slots[i].cls].depth--;
+        }
+
+        ((ngx_http_deepseek_guard_node_t *) (uintptr_t)
+             z->slots[i].key)->state.queued--;
+        dsg_queue_free(z->slots, i);
+        reaped++;
+    }
+
+    z->sh->reaped += reaped;
+
+    ngx_shmtx_unlock(&z->shpool->mutex);
+
+    if (reaped == 0) {
+        return;
+    }
+
+    for (workers = 0; which; which &= which - 1) {
+        workers++;
+    }
+
+    ngx_log_error(NGX_LOG_NOTICE, log, 0,
+                  "deepseek_guard: zone \"%V\": released the in-flight "
+                  "slots and queue places of %ui dead worker(s)",
+                  &z->shm_zone->shm.name, workers);
+}
+
+
+static ngx_int_t
+ngx_http_deepseek_guard_init_zone(ngx_shm_zone_t *shm_zone, void *data)
+{
+    ngx_http_deepseek_guard_zone_t  *oz = data;
+
+    size_t                           len;
+    ngx_http_deepseek_guard_zone_t  *z;
+
+    z = shm_zone->data;
+
+    if (oz) {
+        if (z->key.value.len != oz->key.value.len
+            || ngx_strncmp(z->key.value.data, oz->key.value.data,
+                           z->key.value.len)
+               != 0)
+        {
+            ngx_log_error(NGX_LOG_EMERG, shm_zone->shm.log, 0,
+                          "deepseek_guard_zone \"%V\" uses the \"%V\" key "
+                          "while previously it used the \"%V\" key",
+                          &shm_zone->shm.name, &z->key.value,
+                          &oz->key.value);
+            return NGX_ERROR;
+        }
+
+        z->sh = oz->sh;
+        z->shpool = oz->shpool;
+
+        goto slots;
+    }
+
+    z->shpool = (ngx_slab_pool_t *) shm_zone->shm.addr;
+
+    if (shm_zone->shm.exists) {
+        z->sh = z->shpool->data;
+        goto slots;
+    }
+
+    z->sh = ngx_slab_calloc(z->shpool, sizeof(ngx_http_deepseek_guard_shctx_t));
+    if (z->sh == NULL) {
+        return NGX_ERROR;
+    }
+
+    z->shpool->data = z->sh;
+
+    ngx_rbtree_init(&z->sh->rbtree, &z->sh->sentinel,
+                    ngx_http_deepseek_guard_rbtree_insert_value);
+    ngx_queue_init(&z->sh->lru);
+    ngx_queue_init(&z->sh->leases);
+
+    len = sizeof(" in deepseek_guard_zone \"\"") + shm_zone->shm.name.len;
+
+    z->shpool->log_ctx = ngx_slab_alloc(z->shpool, len);
+    if (z->shpool->log_ctx == NULL) {
+        return NGX_ERROR;
+    }
+
+    ngx_sprintf(z->shpool->log_ctx, " in deepseek_guard_zone \"%V\"%Z",
+                &shm_zone->shm.name);
+
+    z->shpool->log_nomem = 0;
+
+slots:
+
+    /*
+     * the waiter slots: kept across a reload when the queue layout did not
+     * change; otherwise a new array (the old one stays allocated for the
+     * old workers still finishing their requests)
+     */
+
+    ngx_shmtx_lock(&z->shpool->mutex);
+
+    if (z->sh->slots == NULL || z->sh->nslots != z->layout.total) {
+        z->sh->slots = ngx_slab_calloc_locked(z->shpool,
+                                   (z->layout.total + 1) * sizeof(dsg_slot_t));
+        z->sh->nslots = z->layout.total;
+    }
+
+    z->slots = z->sh->slots;
+
+    ngx_shmtx_unlock(&z->shpool->mutex);
+
+    if (z->slots == NULL) {
+        ngx_log_error(NGX_LOG_EMERG, shm_zone->shm.log, 0,
+                      "deepseek_guard_zone \"%V\" is too small for its "
+                      "queue slots", &shm_zone->shm.name);
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * deepseek_guard_zone <name>:<size> key=<value> [rate=<N>r/s|r/m]
+ *     [burst=<N>] [inflight=<N>] [status=<code>];
+ */
+
+char *
+ngx_http_deepseek_guard_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    u_char                               *p;
+    ssize_t                               size;
+    ngx_int_t                             n;
+    ngx_str_t                            *value, name, s;
+    ngx_uint_t                            i;
+    ngx_shm_zone_t                       *shm_zone, **pz;
+    ngx_http_deepseek_guard_zone_t       *z;
+    ngx_http_deepseek_guard_main_conf_t  *mcf;
+    ngx_http_compile_complex_value_t      ccv;
+
+    value = cf->args->elts;
+
+    z = ngx_pcalloc(cf->pool, sizeof(ngx_http_deepseek_guard_zone_t));
+    if (z == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    z->status = NGX_HTTP_SERVICE_UNAVAILABLE;
+    z->period = 1000;
+    z->file = cf->conf_file->file.name.data;
+    z->line = cf->conf_file->line;
+
+    name.len = 0;
+    size = 0;
+
+    for (i = 1; i < cf->args->nelts; i++) {
+
+        if (i == 1) {
+            if (ngx_http_deepseek_guard_parse_zone(cf, &value[i], 0, "zone",
+                                                   &name, &size)
+                != NGX_CONF_OK)
+            {
+                return NGX_CONF_ERROR;
+            }
+
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "key=", 4) == 0) {
+            s.data = value[i].data + 4;
+            s.len = value[i].len - 4;
+
+            ngx_memzero(&ccv, sizeof(ngx_http_compile_complex_value_t));
+            ccv.cf = cf;
+            ccv.value = &s;
+            ccv.complex_value = &z->key;
+
+            if (ngx_http_compile_complex_value(&ccv) != NGX_OK) {
+                return NGX_CONF_ERROR;
+            }
+
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "rate=", 5) == 0) {
+            s.data = value[i].data + 5;
+            s.len = value[i].len - 5;
+
+            if (s.len > 4
+                && ngx_strncmp(s.data + s.len - 4, "r/s", 3) == 0)
+            {
+                /* "r/s" must be the suffix: handled below */
+            }
+
+            p = s.data + s.len;
+
+            if (s.len > 3 && ngx_strncmp(p - 3, "r/s", 3) == 0) {
+                z->period = 1000;
+                s.len -= 3;
+
+            } else if (s.len > 3 && ngx_strncmp(p - 3, "r/m", 3) == 0) {
+                z->period = 60000;
+                s.len -= 3;
+
+            } else {
+                s.len = 0;
+            }
+
+            n = s.len ? ngx_atoi(s.data, s.len) : NGX_ERROR;
+            if (n <= 0) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid rate \"%V\"", &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            z->rate = (uint64_t) n;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "burst=", 6) == 0) {
+            n = ngx_atoi(value[i].data + 6, value[i].len - 6);
+            if (n == NGX_ERROR) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid burst value \"%V\"", &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            z->burst = (uint64_t) n;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "inflight=", 9) == 0) {
+            n = ngx_atoi(value[i].data + 9, value[i].len - 9);
+            if (n <= 0 || n > DSG_MAX_INFLIGHT) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid inflight value \"%V\"",
+                                   &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            z->inflight = (uint32_t) n;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "status=", 7) == 0) {
+            n = ngx_atoi(value[i].data + 7, value[i].len - 7);
+            if (n < 400 || n > 599) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid status \"%V\", must be between "
+                                   "400 and 599", &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            z->status = (ngx_uint_t) n;
+            continue;
+        }
+
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid parameter \"%V\"", &value[i]);
+        return NGX_CONF_ERROR;
+    }
+
+    if (z->key.value.len == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"%V\" must have \"key\" parameter",
+                           &cmd->name);
+        return NGX_CONF_ERROR;
+    }
+
+    shm_zone = ngx_shared_memory_add(cf, &name, size,
+                                     &ngx_http_deepseek_guard_module);
+    if (shm_zone == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    if (shm_zone->data) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "duplicate zone \"%V\"", &name);
+        return NGX_CONF_ERROR;
+    }
+
+    z->shm_zone = shm_zone;
+    shm_zone->init = ngx_http_deepseek_guard_init_zone;
+    shm_zone->data = z;
+
+    mcf = ngx_http_conf_get_module_main_conf(cf,
+                                             ngx_http_deepseek_guard_module);
+
+    pz = ngx_array_push(&mcf->zones);
+    if (pz == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    *pz = shm_zone;
+
+    return NGX_CONF_OK;
+}
+
+
+/* deepseek_guard <zone>; (several allowed, all are checked) */
+
+char *
+ngx_http_deepseek_guard(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_deepseek_guard_loc_conf_t *lcf = conf;
+
+    ngx_str_t        *value;
+    ngx_uint_t        i;
+    ngx_shm_zone_t   *shm_zone, **pz;
+
+    value = cf->args->elts;
+
+    shm_zone = ngx_shared_memory_add(cf, &value[1], 0,
+                                     &ngx_http_deepseek_guard_module);
+    if (shm_zone == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    if (lcf->zones == NULL) {
+        lcf->zones = ngx_array_create(cf->pool, 2, sizeof(ngx_shm_zone_t *));
+        if (lcf->zones == NULL) {
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    pz = lcf->zones->elts;
+
+    for (i = 0; i < lcf->zones->nelts; i++) {
+        if (pz[i] == shm_zone) {
+            return "is duplicate";
+        }
+    }
+
+    pz = ngx_array_push(lcf->zones);
+    if (pz == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    *pz = shm_zone;
+
+    lcf->zfile = cf->conf_file->file.name.data;
+    lcf->zline = cf->conf_file->line;
+
+    return NGX_CONF_OK;
+}
