@@ -286,7 +286,14 @@ ngx_http_deepseek_guard_precontent_handler(ngx_http_request_t *r)
         return NGX_DECLINED;
     }
 
-    ngx_http_finalize_request(r, ngx_http_deepseek_guard_cache_serve(r, ctx));
+    rc = ngx_http_deepseek_guard_cache_serve(r, ctx);
+
+    if (rc == NGX_DECLINED) {
+        /* a miss: the content handler (proxy_pass) runs */
+        return NGX_DECLINED;
+    }
+
+    ngx_http_finalize_request(r, rc);
 
     return NGX_DONE;
 }

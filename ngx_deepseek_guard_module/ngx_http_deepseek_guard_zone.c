@@ -91,9 +91,14 @@ ngx_http_deepseek_guard_lookup(ngx_http_deepseek_guard_zone_t *z,
 
 
 /*
- * Frees the least recently used key that is idle (nothing in flight,
- * queued or leased) and full again, except "keep": under the zone's mutex.  Leases are allocated
- * with the size of a key node, so the chunk freed here serves either.
+ * Frees an idle key (nothing in flight, queued or leased), except "keep",
+ * under the zone's mutex.  Among the least recently used ones it prefers
+ * a key whose buckets have filled up again: evicting it loses nothing (a
+ * new key starts full), while evicting one that spent its quota hands its
+ * client a fresh one.  Only when none of them is full does the least
+ * recently used idle key go, as limit_req's forced expiry does.  Leases are
+ * allocated with the size of a key node, so the chunk freed here serves
+ * either.
  */
 
 static void
@@ -101,36 +106,44 @@ ngx_http_deepseek_guard_evict(ngx_http_deepseek_guard_zone_t *z,
     ngx_http_deepseek_guard_node_t *keep)
 {
     ngx_uint_t                       tries;
-    ngx_queue_t                     *q, *prev;
-    ngx_http_deepseek_guard_node_t  *n;
+    ngx_queue_t                     *q;
+    ngx_http_deepseek_guard_node_t  *n, *idle;
 
     tries = 0;
-    q = ngx_queue_last(&z->sh->lru);
+    idle = NULL;
 
-    while (q != ngx_queue_sentinel(&z->sh->lru)
-           && tries++ < NGX_HTTP_DSG_EVICT_TRIES)
+    for (q = ngx_queue_last(&z->sh->lru);
+         q != ngx_queue_sentinel(&z->sh->lru)
+         && tries++ < NGX_HTTP_DSG_EVICT_TRIES;
+         q = ngx_queue_prev(q))
     {
-        prev = ngx_queue_prev(q);
         n = ngx_queue_data(q, ngx_http_deepseek_guard_node_t, lru);
 
-        /*
-         * only a key whose buckets have filled up again: evicting one that
-         * spent its quota would hand the client a fresh one
-         */
-
-        if (n != keep && n->holders == 0
-            && dsg_limit_full(&z->limit, &n->state, ngx_current_msec))
+        if (n == keep || n->holders != 0
+            || !dsg_limit_idle(&z->limit, &n->state))
         {
-            ngx_queue_remove(&n->lru);
-            ngx_rbtree_delete(&z->sh->rbtree, &n->node);
-            ngx_slab_free_locked(z->shpool, n);
-            z->sh->nodes--;
-            z->sh->evicted++;
-            return;
+            continue;
         }
 
-        q = prev;
+        if (dsg_limit_full(&z->limit, &n->state, ngx_current_msec)) {
+            idle = n;
+            break;
+        }
+
+        if (idle == NULL) {
+            idle = n;
+        }
     }
+
+    if (idle == NULL) {
+        return;
+    }
+
+    ngx_queue_remove(&idle->lru);
+    ngx_rbtree_delete(&z->sh->rbtree, &idle->node);
+    ngx_slab_free_locked(z->shpool, idle);
+    z->sh->nodes--;
+    z->sh->evicted++;
 }
 
 
