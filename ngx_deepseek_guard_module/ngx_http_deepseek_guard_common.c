@@ -340,3 +340,28 @@ ngx_http_deepseek_guard_pids_dead(ngx_array_t *pids)
 
     pids->nelts = n;
 }
+
+
+/* a response header whose name and value outlive the request's headers */
+
+ngx_int_t
+ngx_http_deepseek_guard_add_header(ngx_http_request_t *r, ngx_str_t *name,
+    u_char *value, size_t len)
+{
+    ngx_table_elt_t  *h;
+
+    h = ngx_list_push(&r->headers_out.headers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    h->hash = 1;
+    h->key = *name;
+    h->value.data = value;
+    h->value.len = len;
+#if (nginx_version >= 1023000)
+    h->next = NULL;
+#endif
+
+    return NGX_OK;
+}

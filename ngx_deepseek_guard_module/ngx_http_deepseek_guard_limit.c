@@ -693,33 +693,9 @@ ngx_http_deepseek_guard_count_admitted(ngx_http_deepseek_guard_ctx_t *ctx)
 }
 
 
-static ngx_int_t
-ngx_http_deepseek_guard_add_header(ngx_http_request_t *r, ngx_str_t *name,
-    u_char *value, size_t len)
-{
-    ngx_table_elt_t  *h;
-
-    h = ngx_list_push(&r->headers_out.headers);
-    if (h == NULL) {
-        return NGX_ERROR;
-    }
-
-    h->hash = 1;
-    h->key = *name;
-    h->value.data = value;
-    h->value.len = len;
-
-    return NGX_OK;
-}
-
-
 /*
- * Rejects with the blocking zone's status, Retry-After (delta-seconds, at
- * least 1), retry-after-ms, x-should-retry when the honest wait is beyond
- * what the OpenAI SDKs accept, optionally RateLimit headers, and a JSON
- * body in the OpenAI error shape.  Everything but the numbers was rendered
- * per zone at configuration time (ngx_http_deepseek_guard_render): here
- * the numbers go between the pieces, into one allocation.
+ * A refusal by holds[blocked]: counted in the zone and logged, whether a
+ * stale entry or the rejection answers it
  */
 
 void
@@ -767,7 +743,14 @@ ngx_http_deepseek_guard_refused(ngx_http_request_t *r,
 }
 
 
-/* the rejection itself, for a request refused() counted */
+/*
+ * Rejects with the blocking zone's status, Retry-After (delta-seconds, at
+ * least 1), retry-after-ms, x-should-retry when the honest wait is beyond
+ * what the OpenAI SDKs accept, optionally RateLimit headers, and a JSON
+ * body in the OpenAI error shape.  Everything but the numbers was rendered
+ * per zone at configuration time (ngx_http_deepseek_guard_render): here
+ * the numbers go between the pieces, into one allocation.
+ */
 
 ngx_int_t
 ngx_http_deepseek_guard_reject(ngx_http_request_t *r,

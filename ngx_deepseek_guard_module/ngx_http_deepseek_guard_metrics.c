@@ -15,117 +15,14 @@
  * handler, as stub_status, that serves the counters of every zone and cache
  * of the http block in the Prometheus text exposition format 0.0.4, or the
  * same numbers as JSON with "?format=json" or "Accept: application/json"
- * ("?format=prometheus" forces the text format).
+ * ("?format=prometheus" forces the text format).  Every metric, its labels
+ * and the alert rules: docs/metrics.md (t/90-docs.t checks it against a
+ * live exposition).
  *
  * Every number lives in shared memory: the counters add up all workers and
- * survive "nginx -s reload" with their zone (nginx keeps a zone's memory
- * when its name and size are unchanged).  They are read without the zone's
- * lock, one atomic word at a time, so a scrape is not a snapshot of a
- * single instant, but every counter is monotonic from scrape to scrape.
- *
- * Per zone and class ("class" is the position of a deepseek_guard_class;
- * a reload that reorders or renames classes relabels their counters):
- *
- *   deepseek_guard_requests_total{zone,class,decision}          counter
- *       admitted        admitted, at once or after a wait in the queue;
- *                       counted in every zone the request holds
- *       queued          took a place in this zone's queue (it leaves the
- *                       queue admitted, rejected_* (and queue_timeout if
- *                       its wait ran out), or with its client)
- *       rejected_429    rejected by this zone with 429, 503 or another
- *       rejected_503    status= of the zone; counted only in the zone that
- *       rejected_other  refused, not in the zones checked before it
- *       dry_run         would have been rejected by this zone, let through
- *                       (deepseek_guard_dry_run)
- *       queue_timeout   waited queue_timeout= in vain (a subset of the
- *                       rejections)
- *     A fresh cache hit is answered before admission: it is in no zone's
- *     requests_total (it is in responses_total).  A rejection answered
- *     with a stale entry (use_stale overload) is counted as a rejection.
- *
- *   deepseek_guard_inflight{zone,class}                          gauge
- *       admitted requests not finished yet (SSE streams included)
- *   deepseek_guard_queue_depth{zone,class}                       gauge
- *       requests waiting in the zone's queue now
- *   deepseek_guard_queue_capacity{zone,class}                    gauge
- *       the class's waiter places in the zone: its queue=, 0 in a
- *       status=429 zone (a quota never queues)
- *   deepseek_guard_queue_wait_seconds{zone,class}                histogram
- *       the time spent in the queue by requests that left it, admitted or
- *       rejected (a client that goes away while queued is not counted);
- *       le = 0.005 0.01 0.025 0.05 0.1 0.25 0.5 1 5 10 +Inf seconds,
- *       cumulative; _count is the +Inf bucket of the same scrape; _sum has
- *       millisecond precision
- *   deepseek_guard_retry_after_seconds{zone,class}               summary
- *       the waits announced to the clients this zone rejected (Retry-After
- *       rounds them up to whole seconds, retry-after-ms has them exactly):
- *       _count and _sum (millisecond precision), counted in the log phase;
- *       a rejection answered with a stale entry announces nothing
- *   deepseek_guard_retry_after_last_seconds{zone,class}          gauge
- *       the wait announced in the latest of them (0: none yet)
- *
- * Per zone:
- *
- *   deepseek_guard_zone_keys{zone}                               gauge
- *       keys tracked in the zone's shared memory
- *   deepseek_guard_zone_evictions_total{zone}                    counter
- *       idle keys evicted, least recently used first, for new keys
- *   deepseek_guard_zone_reaped_total{zone}                       counter
- *       in-flight slots and queue places freed after a worker died
- *   deepseek_guard_zone_inflight_limit{zone}                     gauge
- *       the zone's inflight= (0: no in-flight cap)
- *   deepseek_guard_responses_total{zone,code}                    counter
- *       responses by status class, code = "1xx" .. "5xx", of the requests
- *       whose location applies the zone, whatever answered them: the
- *       upstream, a rejection, the cache; counted in the log phase, so a
- *       request is counted once it has finished (a long stream, when it
- *       ends).  The denominator and numerator of the gateway's error
- *       ratio.  The status is the one $status logs (499: the client
- *       closed the connection); a request without one is not counted.
- *
- * Per cache (deepseek_guard_cache_path keys_zone=<cache>):
- *
- *   deepseek_guard_cache_requests_total{cache,status}            counter
- *       lookups by outcome, as $deepseek_guard_cache_status: hit, miss,
- *       expired (an entry past its TTL, fetched again), stale (an expired
- *       entry served: use_stale), coalesced (served from the entry another
- *       request was filling), bypass (deepseek_guard_cache_bypass)
- *   deepseek_guard_cache_stores_total{cache}                     counter
- *       responses stored
- *   deepseek_guard_cache_store_failures_total{cache}             counter
- *       stores that failed (map full after eviction, LMDB errors)
- *   deepseek_guard_cache_not_cacheable_total{cache}              counter
- *       responses of misses not stored: status without a cache_valid,
- *       Cache-Control, Set-Cookie, over max_entry_size, a stream without
- *       "data: [DONE]"
- *   deepseek_guard_cache_evictions_total{cache}                  counter
- *       entries removed to make room (max_size)
- *   deepseek_guard_cache_expirations_total{cache}                counter
- *       expired entries removed after inactive=
- *   deepseek_guard_cache_recreated_total{cache}                  counter
- *       data files found corrupt or incompatible and recreated
- *   deepseek_guard_cache_entries{cache}                          gauge
- *   deepseek_guard_cache_bytes{cache}                            gauge
- *       bytes of the live entries
- *   deepseek_guard_cache_file_bytes{cache}                       gauge
- *       the used extent of data.mdb
- *   deepseek_guard_cache_capacity_bytes{cache}                   gauge
- *       the map size: max_size=
- *     These four gauges are refreshed by the once-a-second sweep: they lag
- *     by up to a second and are 0 before the first sweep.
- *
- * JSON has the same numbers under the same names:
- *
- *   {"zones":[{"zone":"backend","keys":1,"evictions":0,"reaped":0,
- *     "inflight_limit":32,"responses":{"1xx":0,"2xx":9,..,"5xx":1},
- *     "classes":[{"class":"critical","requests":{"admitted":3,..},
- *       "inflight":0,"queue_depth":0,"queue_capacity":16,
- *       "queue_wait":{"buckets":{"0.005":0,"0.01":0,"0.025":1,..,
- *         "+Inf":1},"count":1,"sum_seconds":0.012},
- *       "retry_after":{"count":2,"sum_seconds":1.5,
- *         "last_seconds":0.75}},..]},..],
- *    "caches":[{"cache":"llm","requests":{"hit":2,"miss":3,..},
- *      "stores":3,..,"capacity_bytes":268435456}]}
+ * survive "nginx -s reload" with their zone.  They are read without the
+ * zone's lock, one atomic word at a time, so a scrape is not a snapshot of
+ * a single instant, but every counter is monotonic from scrape to scrape.
  */
 
 

@@ -243,7 +243,7 @@ ngx_module_t  ngx_http_deepseek_guard_module = {
  * malloc_trim(0) releases free pages anywhere in the heap (madvise);
  * nothing live moves.  It walks the free lists of the worker's one arena
  * and madvise()s each run of free pages: the worker is busy for well under
- * a millisecond per few megabytes of heap (README, "Worker memory").
+ * a millisecond per few megabytes of heap (docs/operations.md).
  */
 
 static ngx_event_t  ngx_http_deepseek_guard_trim_ev;

@@ -370,6 +370,8 @@ ngx_int_t ngx_http_deepseek_guard_check_name(ngx_conf_t *cf, ngx_str_t *name,
 char *ngx_http_deepseek_guard_parse_zone(ngx_conf_t *cf, ngx_str_t *value,
     size_t skip, const char *what, ngx_str_t *name, ssize_t *size);
 uint64_t ngx_http_deepseek_guard_now_ms(void);
+ngx_int_t ngx_http_deepseek_guard_add_header(ngx_http_request_t *r,
+    ngx_str_t *name, u_char *value, size_t len);
 ngx_table_elt_t *ngx_http_deepseek_guard_header_next(ngx_list_part_t **part,
     ngx_uint_t *i);
 void ngx_http_deepseek_guard_park(ngx_http_deepseek_guard_park_t *p,

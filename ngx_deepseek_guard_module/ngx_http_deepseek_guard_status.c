@@ -31,8 +31,6 @@
 
 static ngx_int_t ngx_http_deepseek_guard_status_handler(
     ngx_http_request_t *r);
-static ngx_int_t ngx_http_deepseek_guard_status_header(ngx_http_request_t *r,
-    ngx_str_t *key, ngx_str_t *value);
 
 
 static ngx_str_t  ngx_http_deepseek_guard_status_type =
@@ -104,13 +102,15 @@ ngx_http_deepseek_guard_status_handler(ngx_http_request_t *r)
     r->headers_out.content_length_n =
                              sizeof(ngx_http_deepseek_guard_status_html) - 1;
 
-    if (ngx_http_deepseek_guard_status_header(r,
-                                          &ngx_http_deepseek_guard_csp_key,
-                                          &ngx_http_deepseek_guard_csp)
+    if (ngx_http_deepseek_guard_add_header(r,
+                                    &ngx_http_deepseek_guard_csp_key,
+                                    ngx_http_deepseek_guard_csp.data,
+                                    ngx_http_deepseek_guard_csp.len)
         != NGX_OK
-        || ngx_http_deepseek_guard_status_header(r,
+        || ngx_http_deepseek_guard_add_header(r,
                                 &ngx_http_deepseek_guard_cache_control_key,
-                                &ngx_http_deepseek_guard_no_cache)
+                                ngx_http_deepseek_guard_no_cache.data,
+                                ngx_http_deepseek_guard_no_cache.len)
            != NGX_OK)
     {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
@@ -139,26 +139,4 @@ ngx_http_deepseek_guard_status_handler(ngx_http_request_t *r)
     out.next = NULL;
 
     return ngx_http_output_filter(r, &out);
-}
-
-
-static ngx_int_t
-ngx_http_deepseek_guard_status_header(ngx_http_request_t *r, ngx_str_t *key,
-    ngx_str_t *value)
-{
-    ngx_table_elt_t  *h;
-
-    h = ngx_list_push(&r->headers_out.headers);
-    if (h == NULL) {
-        return NGX_ERROR;
-    }
-
-    h->hash = 1;
-    h->key = *key;
-    h->value = *value;
-#if (nginx_version >= 1023000)
-    h->next = NULL;
-#endif
-
-    return NGX_OK;
 }
