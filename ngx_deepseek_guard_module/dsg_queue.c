@@ -250,26 +250,6 @@ dsg_queue_next_of_pid(const dsg_queue_layout_t *l,
 }
 
 
-uint32_t
-dsg_queue_reap(const dsg_queue_layout_t *l, dsg_slot_t *slots, uint32_t pid)
-{
-    int       i;
-    uint32_t  n;
-
-    n = 0;
-
-    for (i = dsg_queue_next_of_pid(l, slots, pid, 0);
-         i != -1;
-         i = dsg_queue_next_of_pid(l, slots, pid, i + 1))
-    {
-        dsg_queue_free(slots, i);
-        n++;
-    }
-
-    return n;
-}
-
-
 uint64_t
 dsg_expected_wait_ms(uint32_t ahead, uint64_t mean_service_ms,
     uint32_t capacity)

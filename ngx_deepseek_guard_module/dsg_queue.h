@@ -102,9 +102,6 @@ uint32_t dsg_queue_depth(const dsg_queue_layout_t *l, const dsg_slot_t *slots,
 int dsg_queue_next_of_pid(const dsg_queue_layout_t *l,
     const dsg_slot_t *slots, uint32_t pid, int from);
 
-/* frees every waiting slot of pid (a dead worker), returns how many */
-uint32_t dsg_queue_reap(const dsg_queue_layout_t *l, dsg_slot_t *slots,
-    uint32_t pid);
 
 /*
  * ceil((ahead + 1) * mean_service_ms / max(capacity, 1)), saturating.

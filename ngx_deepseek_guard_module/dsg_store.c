@@ -199,7 +199,7 @@ typedef struct {
 typedef struct {
     const uint8_t      *key;
     uint64_t            now_ms;
-    unsigned            n;          /* keys at key, for touch_many */
+    unsigned            n;          /* keys at key */
 } dsg_store_touch_t;
 
 
@@ -1865,7 +1865,7 @@ dsg_store_touch_many_op(dsg_store_t *st, MDB_txn *txn, void *data)
 
 
 int
-dsg_store_touch_many(dsg_store_t *st, const uint8_t *keys, unsigned n,
+dsg_store_touch(dsg_store_t *st, const uint8_t *keys, unsigned n,
     uint64_t now_ms)
 {
     dsg_store_touch_t  t;
@@ -1885,23 +1885,6 @@ dsg_store_touch_many(dsg_store_t *st, const uint8_t *keys, unsigned n,
     return dsg_store_write_full(st, dsg_store_touch_many_op, &t, NULL);
 }
 
-
-int
-dsg_store_touch(dsg_store_t *st, const uint8_t key[DSG_STORE_KEY_SIZE],
-    uint64_t now_ms)
-{
-    dsg_store_touch_t  t;
-
-    if (st == NULL || key == NULL) {
-        return dsg_store_rc(st, EINVAL);
-    }
-
-    t.key = key;
-    t.n = 1;
-    t.now_ms = now_ms;
-
-    return dsg_store_write_full(st, dsg_store_touch_op, &t, NULL);
-}
 
 
 int

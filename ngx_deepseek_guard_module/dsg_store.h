@@ -164,21 +164,13 @@ int dsg_store_put(dsg_store_t *st, const uint8_t key[DSG_STORE_KEY_SIZE],
 int dsg_store_del(dsg_store_t *st, const uint8_t key[DSG_STORE_KEY_SIZE]);
 
 /*
- * Marks key as used at now_ms (moves it to the young end of the eviction
- * order).  A write transaction: call it rarely (e.g. on a hit when the
- * last touch is older than a few minutes).
- * DSG_STORE_OK, DSG_STORE_NOTFOUND or an error.
- */
-int dsg_store_touch(dsg_store_t *st, const uint8_t key[DSG_STORE_KEY_SIZE],
-    uint64_t now_ms);
-
-/*
- * dsg_store_touch for n keys (n * DSG_STORE_KEY_SIZE bytes) in one write
+ * Marks n keys (n * DSG_STORE_KEY_SIZE bytes at keys) as used at now_ms:
+ * moves them to the young end of the eviction order, in one write
  * transaction; keys no longer stored are passed over.  The glue gathers a
  * worker's hits and touches them once a second.
  * DSG_STORE_OK or an error.
  */
-int dsg_store_touch_many(dsg_store_t *st, const uint8_t *keys, unsigned n,
+int dsg_store_touch(dsg_store_t *st, const uint8_t *keys, unsigned n,
     uint64_t now_ms);
 
 /*

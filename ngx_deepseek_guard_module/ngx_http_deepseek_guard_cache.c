@@ -490,7 +490,7 @@ ngx_http_deepseek_guard_cache_sweep(ngx_event_t *ev)
         /* this worker's hits of the last second: the eviction order */
 
         if (cache->ntouched) {
-            rc = dsg_store_touch_many(cache->store, cache->touched,
+            rc = dsg_store_touch(cache->store, cache->touched,
                                       (unsigned) cache->ntouched, now);
             cache->ntouched = 0;
 

@@ -396,7 +396,7 @@ START_TEST(test_store_missing)
 
     t_key(key, 7);
     ck_assert_int_eq(dsg_store_del(st, key), DSG_STORE_NOTFOUND);
-    ck_assert_int_eq(dsg_store_touch(st, key, 5), DSG_STORE_NOTFOUND);
+    ck_assert_int_eq(dsg_store_touch(st, key, 1, 5), DSG_STORE_OK);
 
     /* del removes; a second del finds nothing */
     t_key(key, 1);
@@ -629,7 +629,7 @@ START_TEST(test_store_touch)
         ck_assert(rc == DSG_STORE_OK || rc == DSG_STORE_EFULL);
 
         /* the glue touches entry 0 on its hits */
-        rc = dsg_store_touch(st, key, 1001 + 2 * i);
+        rc = dsg_store_touch(st, key, 1, 1001 + 2 * i);
         ck_assert_int_eq(rc, DSG_STORE_OK);
     }
 
@@ -638,7 +638,7 @@ START_TEST(test_store_touch)
     ck_assert_int_eq(t_get(st, 199, len), DSG_STORE_OK);
 
     /* touching to the same time is a no-op */
-    ck_assert_int_eq(dsg_store_touch(st, key, 1001 + 2 * 199), DSG_STORE_OK);
+    ck_assert_int_eq(dsg_store_touch(st, key, 1, 1001 + 2 * 199), DSG_STORE_OK);
 
     dsg_store_close(st);
 }
@@ -646,8 +646,8 @@ END_TEST
 
 
 /*
- * touch_many: the glue's once-a-second batch of hits; a key no longer
- * stored is passed over, the others survive as with dsg_store_touch
+ * two keys at once, as the glue touches a second of hits; a key no longer
+ * stored is passed over, the other survives as entry 0 does above
  */
 
 START_TEST(test_store_touch_many)
@@ -666,15 +666,15 @@ START_TEST(test_store_touch_many)
     t_key(keys, 0);
     t_key(keys + DSG_STORE_KEY_SIZE, 100000);   /* never stored */
 
-    ck_assert_int_eq(dsg_store_touch_many(st, keys, 0, 1), DSG_STORE_OK);
-    ck_assert_int_eq(dsg_store_touch_many(st, NULL, 1, 1),
+    ck_assert_int_eq(dsg_store_touch(st, keys, 0, 1), DSG_STORE_OK);
+    ck_assert_int_eq(dsg_store_touch(st, NULL, 1, 1),
                      DSG_STORE_EINVAL);
 
     for (i = 0; i < 200; i++) {
         rc = t_put(st, i, len, T_FAR, 1000 + 2 * i);
         ck_assert(rc == DSG_STORE_OK || rc == DSG_STORE_EFULL);
 
-        rc = dsg_store_touch_many(st, keys, 2, 1001 + 2 * i);
+        rc = dsg_store_touch(st, keys, 2, 1001 + 2 * i);
         ck_assert_int_eq(rc, DSG_STORE_OK);
     }
 
@@ -1209,7 +1209,7 @@ START_TEST(test_store_args)
     ck_assert_int_eq(dsg_store_put(st, key, 1, 1, 10, NULL, NULL),
                      DSG_STORE_EINVAL);
     ck_assert_int_eq(dsg_store_del(st, NULL), DSG_STORE_EINVAL);
-    ck_assert_int_eq(dsg_store_touch(st, NULL, 1), DSG_STORE_EINVAL);
+    ck_assert_int_eq(dsg_store_touch(st, NULL, 1, 1), DSG_STORE_EINVAL);
     ck_assert_int_eq(dsg_store_stat(st, NULL), DSG_STORE_EINVAL);
     ck_assert_int_eq(dsg_store_last_error(st), EINVAL);
 
@@ -1316,7 +1316,7 @@ START_TEST(test_store_mixed_stress)
 
         if (i % 5 == 1) {
             t_key(key, i / 2);
-            rc = dsg_store_touch(st, key, now);
+            rc = dsg_store_touch(st, key, 1, now);
             ck_assert(rc == DSG_STORE_OK || rc == DSG_STORE_NOTFOUND);
         }
 
