@@ -1,5 +1,10 @@
 /*
  * Copyright (C) ngx_deepseek_guard_module authors
+ *
+ * Wiring: the module and its directives, the configuration's create and
+ * merge, the phase handlers and filters, the worker's timers (malloc_trim
+ * and the one reaper of dead workers' leases, queue places and fill
+ * locks).  The layers below: docs/design.md.
  */
 
 
