@@ -480,7 +480,10 @@ sub slow_clients {
            '... at least 2N of them after waiting in the queue');
     my @pr = @res[3 * $N .. $#res];
     is(scalar(grep { $_->{status} == 200 } @pr), 12, '... pings answered meanwhile');
-    cmp_ok(max(map { $_->{ms} } @pr), '<', 500, '... none delayed');
+    # a ping stuck behind the slow clients or the queue would wait for a
+    # holder's 1.5 s; the bound leaves room for a loaded machine's
+    # scheduling (CI saw one ping at 762 ms once)
+    cmp_ok(max(map { $_->{ms} } @pr), '<', 1200, '... none delayed');
 
     is($slow->{n}, 32, 'the 32 slow clients connected');
     my @h = map { $slow->{closed}{$_} } 0 .. 19;
