@@ -323,19 +323,30 @@ dsg_limit_refund(const dsg_limit_conf_t *c, dsg_limit_state_t *s,
 }
 
 
-void
-dsg_limit_release(const dsg_limit_conf_t *c, dsg_limit_state_t *s,
-    uint32_t cls)
+uint32_t
+dsg_limit_record(const dsg_limit_conf_t *c, uint32_t cls)
 {
-    uint32_t  t, tier;
+    if (cls >= c->nclasses) {
+        return 0;
+    }
 
-    if (cls >= c->nclasses || c->inflight == 0) {
+    return (c->class_tier[cls] + 1u)
+           | (c->inflight > 0 ? DSG_RECORD_INFLIGHT : 0);
+}
+
+
+void
+dsg_limit_release(dsg_limit_state_t *s, uint32_t record)
+{
+    uint32_t  t, ntiers;
+
+    ntiers = record & 0xff;
+
+    if (!(record & DSG_RECORD_INFLIGHT) || ntiers > DSG_MAX_TIERS) {
         return;
     }
 
-    tier = c->class_tier[cls];
-
-    for (t = 0; t <= tier; t++) {
+    for (t = 0; t < ntiers; t++) {
         if (s->inflight[t] > 0) {
             s->inflight[t]--;
         }

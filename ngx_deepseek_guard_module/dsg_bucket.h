@@ -161,9 +161,23 @@ void dsg_limit_charge(const dsg_limit_conf_t *c, dsg_limit_state_t *s,
 void dsg_limit_refund(const dsg_limit_conf_t *c, dsg_limit_state_t *s,
     uint32_t cls);
 
-/* the request finished: its in-flight slots go back, never below 0 */
-void dsg_limit_release(const dsg_limit_conf_t *c, dsg_limit_state_t *s,
-    uint32_t cls);
+/*
+ * What dsg_limit_charge() takes for class cls, as a record the caller
+ * keeps with the request: the number of tiers charged (bits 0..7) and
+ * whether their in-flight counts were raised (DSG_RECORD_INFLIGHT).  0:
+ * nothing (cls >= nclasses).  The record, not the configuration, says what
+ * to give back: a reload may change the classes, reserves or in-flight cap
+ * while the request runs, and the release must undo exactly what was done.
+ */
+#define DSG_RECORD_INFLIGHT  0x100
+
+uint32_t dsg_limit_record(const dsg_limit_conf_t *c, uint32_t cls);
+
+/*
+ * The request finished: the in-flight slots its record says were taken go
+ * back, never below 0, whatever the configuration is now
+ */
+void dsg_limit_release(dsg_limit_state_t *s, uint32_t record);
 
 /* nothing in flight and nothing queued: the key may be evicted */
 int dsg_limit_idle(const dsg_limit_conf_t *c, const dsg_limit_state_t *s);

@@ -4,11 +4,12 @@
 
 
 #include <stddef.h>
+#include <string.h>
 
 #include "dsg_queue.h"
 
 
-static int dsg_slot_before(const dsg_slot_t *a, const dsg_slot_t *b);
+static void dsg_ready_unlink(dsg_pool_t *p, dsg_waiter_t *w);
 
 
 int
@@ -34,14 +35,13 @@ dsg_queue_layout_init(dsg_queue_layout_t *l, const uint32_t *qlen,
         return DSG_EINVAL;
     }
 
-    *l = (dsg_queue_layout_t) { 0 };
+    memset(l, 0, sizeof(dsg_queue_layout_t));
 
     l->nclasses = nclasses;
+    l->total = (uint32_t) total;
 
     for (k = 0; k < nclasses; k++) {
-        l->first[k] = l->total;
         l->len[k] = (qlen != NULL) ? qlen[k] : 0;
-        l->total += l->len[k];
     }
 
     return DSG_OK;
@@ -49,204 +49,220 @@ dsg_queue_layout_init(dsg_queue_layout_t *l, const uint32_t *qlen,
 
 
 void
-dsg_queue_init(const dsg_queue_layout_t *l, dsg_slot_t *slots)
+dsg_pool_add(dsg_pool_t *p, dsg_waiter_t *w, uint32_t n)
 {
     uint32_t  i;
 
-    for (i = 0; i < l->total; i++) {
-        slots[i] = (dsg_slot_t) { 0 };
-        slots[i].state = DSG_SLOT_FREE;
+    for (i = 0; i < n; i++) {
+        memset(&w[i], 0, sizeof(dsg_waiter_t));
+        w[i].state = DSG_WAITER_FREE;
+        w[i].next = p->free;
+        p->free = &w[i];
     }
+
+    p->nfree += n;
+    p->size += n;
+}
+
+
+dsg_waiter_t *
+dsg_queue_push(dsg_pool_t *p, dsg_waitq_t *q, uint32_t cls, uint64_t ticket,
+    uint32_t pid, uint64_t owner, void *key, void *data)
+{
+    dsg_waiter_t  *w;
+
+    if (cls >= DSG_MAX_CLASSES || p->free == NULL) {
+        return NULL;
+    }
+
+    w = p->free;
+    p->free = w->next;
+    p->nfree--;
+
+    memset(w, 0, sizeof(dsg_waiter_t));
+    w->key = key;
+    w->data = data;
+    w->owner = owner;
+    w->ticket = ticket;
+    w->pid = pid;
+    w->cls = cls;
+
+    w->prev = q->tail[cls];
+
+    if (q->tail[cls] != NULL) {
+        q->tail[cls]->next = w;
+
+    } else {
+        q->head[cls] = w;
+    }
+
+    q->tail[cls] = w;
+    q->count[cls]++;
+    q->total++;
+
+    w->state = (dsg_queue_head(q) == w) ? DSG_WAITER_ACTIVE
+                                        : DSG_WAITER_DORMANT;
+
+    return w;
+}
+
+
+dsg_waiter_t *
+dsg_queue_remove(dsg_pool_t *p, dsg_waitq_t *q, dsg_waiter_t *w)
+{
+    uint32_t       cls;
+    dsg_waiter_t  *h;
+
+    if (w == NULL || w->state == DSG_WAITER_FREE) {
+        return NULL;
+    }
+
+    cls = w->cls;
+
+    if (w->state == DSG_WAITER_READY) {
+        dsg_ready_unlink(p, w);
+    }
+
+    if (w->prev != NULL) {
+        w->prev->next = w->next;
+
+    } else {
+        q->head[cls] = w->next;
+    }
+
+    if (w->next != NULL) {
+        w->next->prev = w->prev;
+
+    } else {
+        q->tail[cls] = w->prev;
+    }
+
+    q->count[cls]--;
+    q->total--;
+
+    memset(w, 0, sizeof(dsg_waiter_t));
+    w->state = DSG_WAITER_FREE;
+    w->next = p->free;
+    p->free = w;
+    p->nfree++;
+
+    h = dsg_queue_head(q);
+
+    if (h == NULL || h->state != DSG_WAITER_DORMANT) {
+        return NULL;
+    }
+
+    h->state = DSG_WAITER_READY;
+    h->rprev = NULL;
+    h->rnext = p->ready;
+
+    if (p->ready != NULL) {
+        p->ready->rprev = h;
+    }
+
+    p->ready = h;
+    p->nready++;
+
+    return h;
+}
+
+
+dsg_waiter_t *
+dsg_queue_head(const dsg_waitq_t *q)
+{
+    uint32_t  k;
+
+    if (q->total == 0) {
+        return NULL;
+    }
+
+    for (k = 0; k < DSG_MAX_CLASSES; k++) {
+        if (q->head[k] != NULL) {
+            return q->head[k];
+        }
+    }
+
+    return NULL;
 }
 
 
 int
-dsg_queue_take(const dsg_queue_layout_t *l, dsg_slot_t *slots,
-    uint32_t cls, uint32_t pid, uint64_t ticket, uint64_t deadline_ms,
-    uint64_t key)
+dsg_queue_sleep(dsg_waitq_t *q, dsg_waiter_t *w)
 {
-    uint32_t     i, end;
-    dsg_slot_t  *s;
-
-    if (cls >= l->nclasses) {
-        return -1;
+    if (w->state != DSG_WAITER_ACTIVE || dsg_queue_head(q) == w) {
+        return 0;
     }
 
-    end = l->first[cls] + l->len[cls];
+    w->state = DSG_WAITER_DORMANT;
 
-    for (i = l->first[cls]; i < end; i++) {
-        s = &slots[i];
-
-        if (s->state != DSG_SLOT_FREE) {
-            continue;
-        }
-
-        s->pid = pid;
-        s->state = DSG_SLOT_WAITING;
-        s->cls = cls;
-        s->pad = 0;
-        s->ticket = ticket;
-        s->deadline_ms = deadline_ms;
-        s->key = key;
-
-        return (int) i;
-    }
-
-    return -1;
+    return 1;
 }
 
 
 void
-dsg_queue_free(dsg_slot_t *slots, int idx)
+dsg_queue_activate(dsg_pool_t *p, dsg_waiter_t *w)
 {
-    if (idx < 0) {
-        return;
+    if (w->state == DSG_WAITER_READY) {
+        dsg_ready_unlink(p, w);
+        w->state = DSG_WAITER_ACTIVE;
     }
-
-    slots[idx].state = DSG_SLOT_FREE;
-    slots[idx].pid = 0;
-}
-
-
-/* a goes before b: higher class, then smaller ticket */
-
-static int
-dsg_slot_before(const dsg_slot_t *a, const dsg_slot_t *b)
-{
-    if (a->cls != b->cls) {
-        return a->cls < b->cls;
-    }
-
-    return a->ticket < b->ticket;
 }
 
 
 uint32_t
-dsg_queue_ahead(const dsg_queue_layout_t *l, const dsg_slot_t *slots,
-    int idx)
+dsg_queue_pickup(dsg_pool_t *p, uint64_t owner, dsg_waiter_t **out,
+    uint32_t n)
 {
-    uint32_t           i, end, n;
-    const dsg_slot_t  *me, *s;
+    uint32_t       got;
+    dsg_waiter_t  *w, *next;
 
-    if (idx < 0 || (uint32_t) idx >= l->total) {
-        return 0;
+    got = 0;
+
+    for (w = p->ready; w != NULL && got < n; w = next) {
+        next = w->rnext;
+
+        if (w->owner == owner) {
+            dsg_queue_activate(p, w);
+            out[got++] = w;
+        }
     }
 
-    me = &slots[idx];
+    return got;
+}
 
-    if (me->state != DSG_SLOT_WAITING || me->cls >= l->nclasses) {
-        return 0;
-    }
 
-    /* only classes up to ours can be ahead */
+uint32_t
+dsg_queue_ahead_of_new(const dsg_waitq_t *q, uint32_t cls)
+{
+    uint32_t  k, n;
 
-    end = l->first[me->cls] + l->len[me->cls];
     n = 0;
 
-    for (i = 0; i < end; i++) {
-        s = &slots[i];
-
-        if (i != (uint32_t) idx
-            && s->state == DSG_SLOT_WAITING
-            && s->key == me->key
-            && dsg_slot_before(s, me))
-        {
-            n++;
-        }
+    for (k = 0; k <= cls && k < DSG_MAX_CLASSES; k++) {
+        n += q->count[k];
     }
 
     return n;
 }
 
 
-uint32_t
-dsg_queue_ahead_of_new(const dsg_queue_layout_t *l,
-    const dsg_slot_t *slots, uint32_t cls, uint64_t key)
+static void
+dsg_ready_unlink(dsg_pool_t *p, dsg_waiter_t *w)
 {
-    uint32_t           i, end, n;
-    const dsg_slot_t  *s;
+    if (w->rprev != NULL) {
+        w->rprev->rnext = w->rnext;
 
-    if (cls >= l->nclasses) {
-        cls = l->nclasses - 1;
+    } else {
+        p->ready = w->rnext;
     }
 
-    end = l->first[cls] + l->len[cls];
-    n = 0;
-
-    for (i = 0; i < end; i++) {
-        s = &slots[i];
-
-        if (s->state == DSG_SLOT_WAITING && s->key == key && s->cls <= cls) {
-            n++;
-        }
+    if (w->rnext != NULL) {
+        w->rnext->rprev = w->rprev;
     }
 
-    return n;
-}
-
-
-int
-dsg_queue_head(const dsg_queue_layout_t *l, const dsg_slot_t *slots,
-    uint64_t key)
-{
-    int                head;
-    uint32_t           i;
-    const dsg_slot_t  *s;
-
-    head = -1;
-
-    for (i = 0; i < l->total; i++) {
-        s = &slots[i];
-
-        if (s->state != DSG_SLOT_WAITING || s->key != key) {
-            continue;
-        }
-
-        if (head == -1 || dsg_slot_before(s, &slots[head])) {
-            head = (int) i;
-        }
-    }
-
-    return head;
-}
-
-
-uint32_t
-dsg_queue_depth(const dsg_queue_layout_t *l, const dsg_slot_t *slots,
-    uint32_t cls)
-{
-    uint32_t  i, end, n;
-
-    if (cls >= l->nclasses) {
-        return 0;
-    }
-
-    end = l->first[cls] + l->len[cls];
-    n = 0;
-
-    for (i = l->first[cls]; i < end; i++) {
-        if (slots[i].state == DSG_SLOT_WAITING) {
-            n++;
-        }
-    }
-
-    return n;
-}
-
-
-int
-dsg_queue_next_of_pid(const dsg_queue_layout_t *l,
-    const dsg_slot_t *slots, uint32_t pid, int from)
-{
-    uint32_t  i;
-
-    for (i = (from > 0) ? (uint32_t) from : 0; i < l->total; i++) {
-        if (slots[i].state == DSG_SLOT_WAITING && slots[i].pid == pid) {
-            return (int) i;
-        }
-    }
-
-    return -1;
+    w->rnext = NULL;
+    w->rprev = NULL;
+    p->nready--;
 }
 
 

@@ -1,19 +1,31 @@
 /*
  * Copyright (C) ngx_deepseek_guard_module authors
  *
- * Ordering decisions for a cross-worker priority queue.
+ * A cross-worker priority queue: who waits for a key, in which order, and
+ * which waiter may try next.
  *
  * Pure C: no nginx headers, no global state, no clock, no allocation, no
- * logging.  The slots are a plain array in shared memory (all zero: all
- * free); the caller serializes access to it (the zone's mutex).
+ * logging.  Every structure lives in shared memory, mapped at the same
+ * address in every worker (nginx's shared zones are), so the links are
+ * plain pointers; the caller serializes access (the zone's mutex) and
+ * provides the memory: the waiter records, added to a pool once, and a
+ * dsg_waitq_t per key that has waiters.
  *
- * A zone's slots are grouped by class: class k owns the contiguous range
- * [first[k], first[k] + len[k]) (len 0: the class never queues), classes in
- * index order, so a lower slot range means a higher priority.  A waiter
- * waits for one key (slot.key, e.g. the key node's offset in shared memory):
- * ordering only applies among waiters of the same key.  Among them, a higher
- * class (lower index) goes first, then the smaller ticket (FIFO); tickets
- * come from a per-zone monotonic 64-bit counter kept by the caller.
+ * Order.  Waiters of one key are ordered by class (0 first), then by
+ * ticket (FIFO; tickets come from a per-zone monotonic 64-bit counter kept
+ * by the caller).  Only the head of a key's queue may be admitted, so only
+ * the head needs to try: every other waiter is DORMANT and costs nothing
+ * until it becomes the head.  A waiter is
+ *
+ *   ACTIVE   its owner tries it on every tick (the head, as its owner
+ *            knows it, or the head it was when it was queued);
+ *   DORMANT  not the head: its owner leaves it alone;
+ *   READY    became the head while DORMANT: it sits on the pool's ready
+ *            list until its owner picks it up and makes it ACTIVE.
+ *
+ * An ACTIVE waiter that finds it is no longer the head (a higher class
+ * arrived) goes back to DORMANT (dsg_queue_sleep).  Every operation is
+ * O(1) or O(DSG_MAX_CLASSES); picking up is O(waiters on the ready list).
  */
 
 
@@ -26,81 +38,107 @@
 #include "dsg_bucket.h"
 
 
-#define DSG_QUEUE_MAX_SLOTS  65535       /* per zone; fits a uint16_t count */
+#define DSG_QUEUE_MAX_SLOTS  65535       /* per zone and configuration */
 
-#define DSG_SLOT_FREE        0
-#define DSG_SLOT_WAITING     1
+#define DSG_WAITER_FREE      0
+#define DSG_WAITER_DORMANT   1
+#define DSG_WAITER_READY     2
+#define DSG_WAITER_ACTIVE    3
 
 
+typedef struct dsg_waiter_s  dsg_waiter_t;
+
+struct dsg_waiter_s {
+    dsg_waiter_t  *next;                 /* in its class, or the free list */
+    dsg_waiter_t  *prev;
+    dsg_waiter_t  *rnext;                /* in the ready list */
+    dsg_waiter_t  *rprev;
+    void          *key;                  /* caller's: what it waits for */
+    void          *data;                 /* caller's: only the owner reads */
+    uint64_t       owner;                /* caller's: which worker */
+    uint64_t       ticket;
+    uint32_t       pid;
+    uint32_t       cls;
+    uint32_t       state;                /* DSG_WAITER_* */
+    uint32_t       pad;
+};
+
+
+/* one key's waiters, by class */
 typedef struct {
-    uint32_t  pid;                       /* worker that owns the waiter */
-    uint32_t  state;                     /* DSG_SLOT_FREE / DSG_SLOT_WAITING */
-    uint32_t  cls;
-    uint32_t  pad;
-    uint64_t  ticket;
-    uint64_t  deadline_ms;
-    uint64_t  key;
-} dsg_slot_t;
+    dsg_waiter_t  *head[DSG_MAX_CLASSES];
+    dsg_waiter_t  *tail[DSG_MAX_CLASSES];
+    uint32_t       count[DSG_MAX_CLASSES];
+    uint32_t       total;
+} dsg_waitq_t;
 
 
+/* a zone's waiter records: the free ones and the READY ones */
+typedef struct {
+    dsg_waiter_t  *free;
+    dsg_waiter_t  *ready;
+    uint32_t       nfree;
+    uint32_t       nready;
+    uint32_t       size;                 /* records ever added */
+} dsg_pool_t;
+
+
+/* the queue lengths of a configuration's classes */
 typedef struct {
     uint32_t  nclasses;
-    uint32_t  first[DSG_MAX_CLASSES];
     uint32_t  len[DSG_MAX_CLASSES];
-    uint32_t  total;                     /* slots in the array */
+    uint32_t  total;
 } dsg_queue_layout_t;
 
 
 /*
- * qlen[k]: slots of class k.  DSG_OK, or DSG_EINVAL if nclasses is not in
+ * qlen[k]: places of class k.  DSG_OK, or DSG_EINVAL if nclasses is not in
  * 1..DSG_MAX_CLASSES or the total exceeds DSG_QUEUE_MAX_SLOTS.
  */
 int dsg_queue_layout_init(dsg_queue_layout_t *l, const uint32_t *qlen,
     uint32_t nclasses);
 
-/* marks every slot free: for a new zone (zeroed memory is free as well) */
-void dsg_queue_init(const dsg_queue_layout_t *l, dsg_slot_t *slots);
+/* adds n zeroed records to the pool's free list */
+void dsg_pool_add(dsg_pool_t *p, dsg_waiter_t *w, uint32_t n);
 
 /*
- * Takes a free slot in class cls's range and fills it; returns its index,
- * or -1 if the range is full (or empty, or cls >= nclasses).
+ * Queues a waiter of class cls at the tail of its class in q: a free
+ * record, filled in.  It is ACTIVE if it is the head of q (its owner, the
+ * caller, tries it at once), DORMANT otherwise.  NULL: no free record, or
+ * cls >= DSG_MAX_CLASSES.
  */
-int dsg_queue_take(const dsg_queue_layout_t *l, dsg_slot_t *slots,
-    uint32_t cls, uint32_t pid, uint64_t ticket, uint64_t deadline_ms,
-    uint64_t key);
-
-/* frees slot idx; idempotent, ignores idx < 0 */
-void dsg_queue_free(dsg_slot_t *slots, int idx);
+dsg_waiter_t *dsg_queue_push(dsg_pool_t *p, dsg_waitq_t *q, uint32_t cls,
+    uint64_t ticket, uint32_t pid, uint64_t owner, void *key, void *data);
 
 /*
- * Waiting slots of the same key ahead of waiting slot idx: a higher class,
- * or the same class and a smaller ticket.  0: idx is at the head.
+ * Takes w out of q (admitted, gone or dead) and frees its record.  If that
+ * made another waiter the head and it was DORMANT, it becomes READY and is
+ * returned (its owner is to pick it up), else NULL.
  */
-uint32_t dsg_queue_ahead(const dsg_queue_layout_t *l, const dsg_slot_t *slots,
-    int idx);
+dsg_waiter_t *dsg_queue_remove(dsg_pool_t *p, dsg_waitq_t *q,
+    dsg_waiter_t *w);
+
+/* q's head, or NULL */
+dsg_waiter_t *dsg_queue_head(const dsg_waitq_t *q);
 
 /*
- * For a request not queued yet: waiting slots of the same key with a class
- * <= cls (all of them would be ahead of it).
+ * An ACTIVE waiter that is not the head any more becomes DORMANT: returns
+ * 1.  The head stays ACTIVE: 0.
  */
-uint32_t dsg_queue_ahead_of_new(const dsg_queue_layout_t *l,
-    const dsg_slot_t *slots, uint32_t cls, uint64_t key);
+int dsg_queue_sleep(dsg_waitq_t *q, dsg_waiter_t *w);
 
-/* the head of key's queue (what dsg_queue_ahead() says is 0), or -1 */
-int dsg_queue_head(const dsg_queue_layout_t *l, const dsg_slot_t *slots,
-    uint64_t key);
-
-/* waiting slots of class cls */
-uint32_t dsg_queue_depth(const dsg_queue_layout_t *l, const dsg_slot_t *slots,
-    uint32_t cls);
+/* a READY waiter becomes ACTIVE (its owner has it now) */
+void dsg_queue_activate(dsg_pool_t *p, dsg_waiter_t *w);
 
 /*
- * The first waiting slot of pid at index >= from, or -1: lets the caller
- * visit a dead worker's waiters (e.g. to fix per-key counts) before
- * freeing them.
+ * Picks up to n READY waiters of owner off the ready list, makes them
+ * ACTIVE and stores them in out[]; returns how many.
  */
-int dsg_queue_next_of_pid(const dsg_queue_layout_t *l,
-    const dsg_slot_t *slots, uint32_t pid, int from);
+uint32_t dsg_queue_pickup(dsg_pool_t *p, uint64_t owner, dsg_waiter_t **out,
+    uint32_t n);
+
+/* waiters of q a new class cls waiter would queue behind */
+uint32_t dsg_queue_ahead_of_new(const dsg_waitq_t *q, uint32_t cls);
 
 
 /*

@@ -14,11 +14,19 @@
 
 
 static void ngx_http_deepseek_guard_park_handler(ngx_event_t *ev);
+static void ngx_http_deepseek_guard_deadline_handler(ngx_event_t *ev);
 
 
+/* parked requests the timer asks, and sleeping ones it does not */
 static ngx_queue_t  ngx_http_deepseek_guard_parked;
+static ngx_queue_t  ngx_http_deepseek_guard_sleeping;
 static ngx_uint_t   ngx_http_deepseek_guard_nparked;
+static ngx_uint_t   ngx_http_deepseek_guard_nsleeping;
 static ngx_event_t  ngx_http_deepseek_guard_park_ev;
+static ngx_http_deepseek_guard_pickup_pt  ngx_http_deepseek_guard_pickup_h;
+
+/* this worker, as queue records name their owner: pid and start time */
+uint64_t    ngx_http_deepseek_guard_owner;
 
 /* queue wait histogram upper bounds, in ms (metrics) */
 
@@ -149,13 +157,25 @@ ngx_http_deepseek_guard_parse_zone(ngx_conf_t *cf, ngx_str_t *value,
  * request waits: the park timer asks each one's resume handler whether it
  * can go on.  Capacity freed or a fill lock released in this worker wakes
  * the timer at once; what other workers free is seen at the next tick.
+ *
+ * A queue waiter that is not the head of its key's queue sleeps: the
+ * timer does not ask it (asking every waiter on every tick costs
+ * O(waiters) per tick, for nothing but one answer).  It is roused by the
+ * pickup, which the timer runs while some sleep and which finds the
+ * waiters that became heads in shared memory, or by its deadline.
  */
 
 void
-ngx_http_deepseek_guard_park_init(ngx_cycle_t *cycle)
+ngx_http_deepseek_guard_park_init(ngx_cycle_t *cycle,
+    ngx_http_deepseek_guard_pickup_pt pickup)
 {
     ngx_queue_init(&ngx_http_deepseek_guard_parked);
+    ngx_queue_init(&ngx_http_deepseek_guard_sleeping);
     ngx_http_deepseek_guard_nparked = 0;
+    ngx_http_deepseek_guard_nsleeping = 0;
+    ngx_http_deepseek_guard_pickup_h = pickup;
+    ngx_http_deepseek_guard_owner = ((uint64_t) ngx_pid << 32)
+                                    | (uint32_t) ngx_current_msec;
 
     ngx_http_deepseek_guard_park_ev.handler =
                                        ngx_http_deepseek_guard_park_handler;
@@ -164,10 +184,9 @@ ngx_http_deepseek_guard_park_init(ngx_cycle_t *cycle)
 
     /*
      * not cancelable: a worker shutting down gracefully (reload) exits as
-     * soon as only cancelable timers are left, and a parked request has no
-     * timer of its own; the worker must stay until its parked requests go
-     * on or time out.  The timer is armed only while some are parked, so
-     * an idle worker still exits at once.
+     * soon as only cancelable timers are left; the worker must stay until
+     * its parked requests go on or time out.  The timer is armed only
+     * while some are parked, so an idle worker still exits at once.
      */
 
     ngx_http_deepseek_guard_park_ev.cancelable = 0;
@@ -183,6 +202,7 @@ ngx_http_deepseek_guard_park(ngx_http_deepseek_guard_park_t *p,
 
     if (!p->parked) {
         p->parked = 1;
+        p->sleeping = 0;
         ngx_queue_insert_tail(&ngx_http_deepseek_guard_parked, &p->link);
         ngx_http_deepseek_guard_nparked++;
     }
@@ -196,11 +216,73 @@ ngx_http_deepseek_guard_park(ngx_http_deepseek_guard_park_t *p,
 }
 
 
+/* the timer stops asking p until it is roused */
+
+void
+ngx_http_deepseek_guard_park_sleep(ngx_http_deepseek_guard_park_t *p)
+{
+    if (!p->parked || p->sleeping) {
+        return;
+    }
+
+    p->sleeping = 1;
+    ngx_queue_remove(&p->link);
+    ngx_queue_insert_tail(&ngx_http_deepseek_guard_sleeping, &p->link);
+    ngx_http_deepseek_guard_nsleeping++;
+}
+
+
+void
+ngx_http_deepseek_guard_park_rouse(ngx_http_deepseek_guard_park_t *p)
+{
+    if (!p->parked || !p->sleeping) {
+        return;
+    }
+
+    p->sleeping = 0;
+    ngx_queue_remove(&p->link);
+    ngx_queue_insert_tail(&ngx_http_deepseek_guard_parked, &p->link);
+    ngx_http_deepseek_guard_nsleeping--;
+
+    ngx_http_deepseek_guard_wake(0);
+}
+
+
+/* rouses p after ms, asleep or not, so that its resume sees its deadline */
+
+void
+ngx_http_deepseek_guard_park_deadline(ngx_http_deepseek_guard_park_t *p,
+    ngx_msec_t ms)
+{
+    p->deadline.handler = ngx_http_deepseek_guard_deadline_handler;
+    p->deadline.data = p;
+    p->deadline.log = p->request->connection->log;
+
+    ngx_add_timer(&p->deadline, ms);
+}
+
+
+static void
+ngx_http_deepseek_guard_deadline_handler(ngx_event_t *ev)
+{
+    ngx_http_deepseek_guard_park_rouse(ev->data);
+}
+
+
 void
 ngx_http_deepseek_guard_unpark(ngx_http_deepseek_guard_park_t *p)
 {
+    if (p->deadline.timer_set) {
+        ngx_del_timer(&p->deadline);
+    }
+
     if (!p->parked) {
         return;
+    }
+
+    if (p->sleeping) {
+        p->sleeping = 0;
+        ngx_http_deepseek_guard_nsleeping--;
     }
 
     p->parked = 0;
@@ -242,6 +324,10 @@ ngx_http_deepseek_guard_park_handler(ngx_event_t *ev)
     ngx_connection_t                *c;
     ngx_http_request_t              *r;
     ngx_http_deepseek_guard_park_t  *p;
+
+    if (ngx_http_deepseek_guard_nsleeping && ngx_http_deepseek_guard_pickup_h) {
+        ngx_http_deepseek_guard_pickup_h((ngx_cycle_t *) ngx_cycle);
+    }
 
     for (q = ngx_queue_head(&ngx_http_deepseek_guard_parked);
          q != ngx_queue_sentinel(&ngx_http_deepseek_guard_parked);

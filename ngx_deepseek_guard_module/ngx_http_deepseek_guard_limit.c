@@ -27,6 +27,8 @@ static ngx_int_t ngx_http_deepseek_guard_enqueue(ngx_http_request_t *r,
     ngx_uint_t rc_kind, uint64_t wait_ms, uint64_t *retry_ms);
 static void ngx_http_deepseek_guard_dequeue(
     ngx_http_deepseek_guard_ctx_t *ctx);
+static void ngx_http_deepseek_guard_nomem(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_zone_t *z);
 static void ngx_http_deepseek_guard_record_wait(
     ngx_http_deepseek_guard_ctx_t *ctx);
 static void ngx_http_deepseek_guard_count_admitted(
@@ -96,8 +98,9 @@ ngx_http_deepseek_guard_admit(ngx_http_request_t *r,
     ngx_int_t                            rc;
     ngx_str_t                            key;
     ngx_md5_t                            md5;
-    ngx_uint_t                           i, kind;
+    ngx_uint_t                           i, kind, nomem;
     ngx_shm_zone_t                     **zones;
+    ngx_rbtree_node_t                   *node;
     ngx_http_deepseek_guard_hold_t      *h;
     ngx_http_deepseek_guard_zone_t      *z;
     ngx_http_deepseek_guard_loc_conf_t  *lcf;
@@ -175,11 +178,17 @@ ngx_http_deepseek_guard_admit(ngx_http_request_t *r,
 
     if (z->status == NGX_HTTP_TOO_MANY_REQUESTS) {
         if (kind == DSG_INFLIGHT) {
-            /* a quota on concurrency: when will one of its slots free */
+            /*
+             * a quota on concurrency: when will one of its slots free; the
+             * key is looked up again, it may have gone since try()
+             */
             ngx_shmtx_lock(&z->shpool->mutex);
-            *retry_ms = ngx_http_deepseek_guard_estimate(z, ctx->cls,
-                                          ctx->holds[*blocked].node, kind, 0,
-                                          NULL);
+            node = (ngx_rbtree_node_t *) ngx_http_deepseek_guard_lookup(z,
+                                          ctx->holds[*blocked].digest, &nomem);
+            if (node) {
+                *retry_ms = ngx_http_deepseek_guard_estimate(z, ctx->cls,
+                                                     node, kind, 0, NULL);
+            }
             ngx_shmtx_unlock(&z->shpool->mutex);
         }
 
@@ -232,7 +241,9 @@ ngx_http_deepseek_guard_recheck(ngx_http_request_t *r,
 
     late = ((ngx_msec_int_t) (ctx->deadline - ngx_current_msec) <= 0);
 
-    if (!late
+    /* NGX_BUSY: a key of another zone could not be allocated: refused now */
+
+    if (!late && rc != NGX_BUSY
         && !(rc == NGX_DECLINED
              && ctx->holds[*blocked].zone->status
                 == NGX_HTTP_TOO_MANY_REQUESTS))
@@ -279,7 +290,7 @@ ngx_http_deepseek_guard_release(ngx_http_deepseek_guard_ctx_t *ctx)
     ngx_http_deepseek_guard_zone_t   *z;
     ngx_http_deepseek_guard_lease_t  *lease;
 
-    if (ctx->slot >= 0) {
+    if (ctx->waiter) {
         /* the client went away while queued: no capacity consumed */
         ngx_http_deepseek_guard_dequeue(ctx);
     }
@@ -335,7 +346,8 @@ ngx_http_deepseek_guard_try(ngx_http_request_t *r,
 {
     int                                  rc;
     uint64_t                             now;
-    ngx_uint_t                           i, nomem, ahead;
+    ngx_uint_t                           i, nomem, ahead, sleep;
+    dsg_waitq_t                         *q;
     ngx_http_deepseek_guard_hold_t      *h;
     ngx_http_deepseek_guard_zone_t      *z;
     ngx_http_deepseek_guard_lease_t     *lease;
@@ -344,6 +356,36 @@ ngx_http_deepseek_guard_try(ngx_http_request_t *r,
 
     *wait_ms = 0;
     *kind = DSG_OK;
+
+    if (ctx->waiter) {
+        /*
+         * only the head of its key's queue may go: any other waiter goes
+         * to sleep until it is the head (O(1), whatever the depth)
+         */
+
+        z = ctx->holds[ctx->slot_zone].zone;
+        sleep = 0;
+
+        ngx_shmtx_lock(&z->shpool->mutex);
+
+        q = ((ngx_http_deepseek_guard_node_t *) ctx->waiter->key)->waiters;
+
+        if (dsg_queue_head(q) != ctx->waiter) {
+            sleep = dsg_queue_sleep(q, ctx->waiter) + 1;
+        }
+
+        ngx_shmtx_unlock(&z->shpool->mutex);
+
+        if (sleep) {
+            if (sleep == 2) {
+                ngx_http_deepseek_guard_park_sleep(&ctx->park);
+            }
+
+            *blocked = ctx->slot_zone;
+            *kind = DSG_INFLIGHT;
+            return NGX_DECLINED;
+        }
+    }
 
     for (i = 0; i < ctx->nholds; i++) {
         h = &ctx->holds[i];
@@ -376,19 +418,13 @@ ngx_http_deepseek_guard_try(ngx_http_request_t *r,
                              ctx->cls, now, wait_ms);
 
         if (rc == DSG_OK && z->status != NGX_HTTP_TOO_MANY_REQUESTS
-            && ctx->slot == -1)
+            && ctx->waiter == NULL)
         {
             /* a newcomer never overtakes waiters of its class or above */
             ahead = ngx_http_deepseek_guard_ahead(z, ctx->cls, h->node);
             if (ahead) {
                 rc = DSG_INFLIGHT;
             }
-        }
-
-        if (rc == DSG_OK && ctx->slot >= 0 && i == ctx->slot_zone
-            && dsg_queue_ahead(&z->layout, z->slots, ctx->slot) > 0)
-        {
-            rc = DSG_INFLIGHT;
         }
 
         if (rc == DSG_OK) {
@@ -425,9 +461,7 @@ ngx_http_deepseek_guard_try(ngx_http_request_t *r,
 
 nomem:
 
-    ngx_log_error(NGX_LOG_ALERT, r->connection->log, 0,
-                  "deepseek_guard: could not allocate a key in zone \"%V\"",
-                  &z->shm_zone->shm.name);
+    ngx_http_deepseek_guard_nomem(r, z);
 
     *blocked = i;
     *kind = DSG_INFLIGHT;
@@ -477,29 +511,19 @@ ngx_http_deepseek_guard_refund(ngx_http_deepseek_guard_ctx_t *ctx,
 
 
 /*
- * Waiters ahead of a new class cls request for this key.  The depth gauges
- * say at once when nobody of cls or above waits, the common case, so the
- * slot array is scanned only when someone does.  Under the zone's mutex.
+ * Waiters ahead of a new class cls request for this key: the counts of
+ * its queue's classes, O(classes).  Under the zone's mutex.
  */
 
 static uint32_t
 ngx_http_deepseek_guard_ahead(ngx_http_deepseek_guard_zone_t *z,
     ngx_uint_t cls, ngx_rbtree_node_t *node)
 {
-    ngx_uint_t  c, waiting;
+    dsg_waitq_t  *q;
 
-    waiting = 0;
+    q = ((ngx_http_deepseek_guard_node_t *) node)->waiters;
 
-    for (c = 0; c <= cls; c++) {
-        waiting += z->sh->counters[c].depth;
-    }
-
-    if (waiting == 0) {
-        return 0;
-    }
-
-    return dsg_queue_ahead_of_new(&z->layout, z->slots, (uint32_t) cls,
-                                  (uint64_t) (uintptr_t) node);
+    return q ? dsg_queue_ahead_of_new(q, (uint32_t) cls) : 0;
 }
 
 
@@ -536,9 +560,12 @@ ngx_http_deepseek_guard_estimate(ngx_http_deepseek_guard_zone_t *z,
 
 
 /*
- * Takes a waiter slot in the blocking zone, unless the class never queues,
- * its queue is full, or the expected wait already exceeds its timeout.
- * NGX_AGAIN: parked; NGX_DECLINED: reject now, *retry_ms says when to retry.
+ * Takes a queue place in the blocking zone, unless the class never queues,
+ * its places are all taken, or the expected wait already exceeds its
+ * timeout.  The key is looked up again under the same lock that queues on
+ * it: between try() and here another worker may have evicted it.  The
+ * place pins the key (state.queued) until it is left.  NGX_AGAIN: parked;
+ * NGX_DECLINED: reject now, *retry_ms says when to retry.
  */
 
 static ngx_int_t
@@ -546,10 +573,12 @@ ngx_http_deepseek_guard_enqueue(ngx_http_request_t *r,
     ngx_http_deepseek_guard_ctx_t *ctx, ngx_uint_t blocked,
     ngx_uint_t kind, uint64_t wait_ms, uint64_t *retry_ms)
 {
-    int                                   slot;
     uint32_t                              ahead;
     uint64_t                              expected;
-    ngx_uint_t                            i;
+    ngx_uint_t                            nomem;
+    dsg_waitq_t                          *q;
+    dsg_waiter_t                         *w;
+    ngx_http_deepseek_guard_node_t       *n;
     ngx_http_deepseek_guard_hold_t       *h;
     ngx_http_deepseek_guard_zone_t       *z;
     ngx_http_deepseek_guard_class_t      *c;
@@ -560,38 +589,72 @@ ngx_http_deepseek_guard_enqueue(ngx_http_request_t *r,
 
     h = &ctx->holds[blocked];
     z = h->zone;
-    slot = -1;
+    w = NULL;
+    ahead = 0;
+    expected = 0;
+    nomem = 0;
 
     ngx_shmtx_lock(&z->shpool->mutex);
+
+    n = ngx_http_deepseek_guard_lookup(z, h->digest, &nomem);
+    h->node = (ngx_rbtree_node_t *) n;
+
+    if (n == NULL) {
+        goto done;
+    }
 
     expected = ngx_http_deepseek_guard_estimate(z, ctx->cls, h->node, kind,
                                                 wait_ms, &ahead);
 
-    if (c->queue > 0 && expected <= c->queue_timeout) {
-        slot = dsg_queue_take(&z->layout, z->slots, ctx->cls, ngx_pid,
-                              ++z->sh->ticket,
-                              ngx_current_msec + c->queue_timeout,
-                              (uint64_t) (uintptr_t) h->node);
+    if (c->queue == 0 || expected > c->queue_timeout
+        || z->sh->counters[ctx->cls].depth >= c->queue)
+    {
+        goto done;
     }
 
-    if (slot >= 0) {
-        /* pin the keys of every zone while waiting: never evicted */
-        for (i = 0; i < ctx->nholds; i++) {
-            if (ctx->holds[i].zone == z && ctx->holds[i].node) {
-                ((ngx_http_deepseek_guard_node_t *) ctx->holds[i].node)
-                    ->state.queued++;
-            }
+    q = n->waiters;
+
+    if (q == NULL) {
+        q = ngx_slab_calloc_locked(z->shpool, sizeof(dsg_waitq_t));
+        if (q == NULL) {
+            nomem = 1;
+            goto done;
         }
 
-        z->sh->counters[ctx->cls].queued++;
-        z->sh->counters[ctx->cls].depth++;
+        n->waiters = q;
     }
+
+    w = dsg_queue_push(&z->sh->pool, q, (uint32_t) ctx->cls,
+                       ++z->sh->ticket, (uint32_t) ngx_pid,
+                       ngx_http_deepseek_guard_owner, n, ctx);
+
+    if (w == NULL) {
+        /* every place of the pool is taken (a reload changed the sizes) */
+        if (q->total == 0) {
+            ngx_slab_free_locked(z->shpool, q);
+            n->waiters = NULL;
+        }
+
+        goto done;
+    }
+
+    n->state.queued++;
+    z->sh->counters[ctx->cls].queued++;
+    z->sh->counters[ctx->cls].depth++;
+
+done:
 
     ngx_shmtx_unlock(&z->shpool->mutex);
 
+    if (nomem) {
+        ngx_http_deepseek_guard_nomem(r, z);
+        *retry_ms = 1000;
+        return NGX_DECLINED;
+    }
+
     *retry_ms = expected ? expected : 1000;
 
-    if (slot < 0) {
+    if (w == NULL) {
         ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
                       "deepseek_guard: zone \"%V\" class \"%V\" not queued: "
                       "%uD ahead, expected wait %uL ms",
@@ -599,56 +662,136 @@ ngx_http_deepseek_guard_enqueue(ngx_http_request_t *r,
         return NGX_DECLINED;
     }
 
-    ctx->slot = slot;
+    ctx->waiter = w;
     ctx->slot_zone = blocked;
     ctx->enqueued = ngx_current_msec;
     ctx->deadline = ngx_current_msec + c->queue_timeout;
     ctx->status = NGX_HTTP_DSG_QUEUED;
 
-    ngx_log_debug4(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
-                   "deepseek_guard: zone \"%V\" class %ui queued in slot %d, "
+    ngx_log_debug3(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                   "deepseek_guard: zone \"%V\" class %ui queued, "
                    "expected %uL ms", &z->shm_zone->shm.name, ctx->cls,
-                   slot, expected);
+                   expected);
 
     return NGX_AGAIN;
 }
 
 
-/* leaves the queue: frees the slot and unpins the keys */
+/* leaves the queue: frees the place, unpins the key, rouses the next */
 
 static void
 ngx_http_deepseek_guard_dequeue(ngx_http_deepseek_guard_ctx_t *ctx)
 {
-    ngx_uint_t                       i;
+    ngx_http_deepseek_guard_ctx_t   *mine;
     ngx_http_deepseek_guard_zone_t  *z;
-    ngx_http_deepseek_guard_node_t  *n;
 
-    if (ctx->slot < 0) {
+    if (ctx->waiter == NULL) {
         return;
     }
 
     z = ctx->holds[ctx->slot_zone].zone;
+    mine = NULL;
 
     ngx_shmtx_lock(&z->shpool->mutex);
 
-    if (z->slots[ctx->slot].pid == (uint32_t) ngx_pid) {
-        dsg_queue_free(z->slots, ctx->slot);
-    }
+    /* not if the reaper took it for a dead worker of the same pid */
 
-    for (i = 0; i < ctx->nholds; i++) {
-        n = (ngx_http_deepseek_guard_node_t *) ctx->holds[i].node;
-        if (ctx->holds[i].zone == z && n && n->state.queued) {
-            n->state.queued--;
-        }
-    }
-
-    if (z->sh->counters[ctx->cls].depth) {
-        z->sh->counters[ctx->cls].depth--;
+    if (ctx->waiter->state != DSG_WAITER_FREE
+        && ctx->waiter->owner == ngx_http_deepseek_guard_owner
+        && ctx->waiter->data == ctx)
+    {
+        ngx_http_deepseek_guard_dequeue_locked(z, ctx->waiter, &mine);
     }
 
     ngx_shmtx_unlock(&z->shpool->mutex);
 
-    ctx->slot = -1;
+    ctx->waiter = NULL;
+
+    if (mine) {
+        ngx_http_deepseek_guard_park_rouse(&mine->park);
+    }
+}
+
+
+/*
+ * The park timer's pickup: the waiters of this worker that became the head
+ * of their key's queue while asleep are roused.  O(waiters on the ready
+ * lists), and nothing at all while no zone has one.
+ */
+
+void
+ngx_http_deepseek_guard_pickup(ngx_cycle_t *cycle)
+{
+    uint32_t                              k, got;
+    ngx_uint_t                            i;
+    dsg_waiter_t                         *w[32];
+    ngx_shm_zone_t                      **zones;
+    ngx_http_deepseek_guard_ctx_t        *ctx[32];
+    ngx_http_deepseek_guard_zone_t       *z;
+    ngx_http_deepseek_guard_main_conf_t  *mcf;
+
+    mcf = ngx_http_cycle_get_module_main_conf(cycle,
+                                              ngx_http_deepseek_guard_module);
+    if (mcf == NULL) {
+        return;
+    }
+
+    zones = mcf->zones.elts;
+
+    for (i = 0; i < mcf->zones.nelts; i++) {
+        z = zones[i]->data;
+
+        while (z->sh->pool.nready) {
+            ngx_shmtx_lock(&z->shpool->mutex);
+
+            got = dsg_queue_pickup(&z->sh->pool,
+                                   ngx_http_deepseek_guard_owner, w, 32);
+
+            for (k = 0; k < got; k++) {
+                ctx[k] = w[k]->data;
+            }
+
+            ngx_shmtx_unlock(&z->shpool->mutex);
+
+            for (k = 0; k < got; k++) {
+                ngx_http_deepseek_guard_park_rouse(&ctx[k]->park);
+            }
+
+            if (got < 32) {
+                break;
+            }
+        }
+    }
+}
+
+
+/*
+ * A key that could not be allocated: the request is refused at once, and
+ * the zone says so at most once a second, with the count since the last
+ * time, not once per request (a queued request would say it every tick).
+ */
+
+static void
+ngx_http_deepseek_guard_nomem(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_zone_t *z)
+{
+    ngx_atomic_uint_t  n, told, sec, now;
+
+    n = ngx_atomic_fetch_add(&z->sh->nomem, 1) + 1;
+    now = (ngx_atomic_uint_t) ngx_time();
+    sec = z->sh->nomem_sec;
+
+    if (sec == now || !ngx_atomic_cmp_set(&z->sh->nomem_sec, sec, now)) {
+        return;
+    }
+
+    told = z->sh->nomem_told;
+    z->sh->nomem_told = n;
+
+    ngx_log_error(NGX_LOG_ALERT, r->connection->log, 0,
+                  "deepseek_guard: could not allocate a key in zone \"%V\", "
+                  "%uA time(s) since the last alert",
+                  &z->shm_zone->shm.name, n - told);
 }
 
 

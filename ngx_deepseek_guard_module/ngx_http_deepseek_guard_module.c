@@ -361,7 +361,8 @@ ngx_http_deepseek_guard_init_process(ngx_cycle_t *cycle)
     mcf = ngx_http_cycle_get_module_main_conf(cycle,
                                               ngx_http_deepseek_guard_module);
 
-    ngx_http_deepseek_guard_park_init(cycle);
+    ngx_http_deepseek_guard_park_init(cycle,
+                                      ngx_http_deepseek_guard_pickup);
 
     if (mcf != NULL && (mcf->zones.nelts || mcf->caches.nelts)) {
         ngx_http_deepseek_guard_reap_ev.handler =

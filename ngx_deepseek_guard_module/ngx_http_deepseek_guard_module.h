@@ -64,9 +64,10 @@ typedef struct {
 typedef struct {
     ngx_rbtree_node_t            node;       /* node.key: digest[0..7] */
     ngx_queue_t                  lru;
-    u_char                       digest[6];  /* digest[8..13] */
-    uint16_t                     holders;    /* leases on this key */
+    u_char                       digest[4];  /* digest[8..11] */
+    uint32_t                     holders;    /* leases on this key */
     dsg_limit_state_t            state;
+    void                        *waiters;    /* its queue, NULL: none */
 } ngx_http_deepseek_guard_node_t;
 
 
@@ -76,8 +77,20 @@ typedef struct {
     ngx_http_deepseek_guard_node_t  *node;
     ngx_pid_t                    pid;
     uint32_t                     cls;
+    uint32_t                     record;     /* dsg_limit_record() */
     ngx_msec_t                   start;
 } ngx_http_deepseek_guard_lease_t;
+
+
+/* a chunk of queue places; chunks are added, never freed (docs/design.md) */
+typedef struct ngx_http_deepseek_guard_places_s
+    ngx_http_deepseek_guard_places_t;
+
+struct ngx_http_deepseek_guard_places_s {
+    ngx_http_deepseek_guard_places_t  *next;
+    ngx_uint_t                   n;
+    dsg_waiter_t                 waiters[1];
+};
 
 
 typedef struct {
@@ -90,8 +103,12 @@ typedef struct {
     ngx_uint_t                   nodes;
     ngx_uint_t                   evicted;
     ngx_uint_t                   reaped;
-    ngx_uint_t                   nslots;
-    dsg_slot_t                  *slots;
+    dsg_pool_t                   pool;         /* queue places */
+    ngx_http_deepseek_guard_places_t  *places;
+    /* keys that could not be allocated, and the alerts that said so */
+    ngx_atomic_t                 nomem;
+    ngx_atomic_t                 nomem_told;
+    ngx_atomic_t                 nomem_sec;
     ngx_http_deepseek_guard_counters_t  counters[DSG_MAX_CLASSES];
     ngx_atomic_t                 responses[5];  /* 1xx .. 5xx, log phase */
 } ngx_http_deepseek_guard_shctx_t;
@@ -109,7 +126,6 @@ typedef struct {
     ngx_uint_t                   status;       /* 429: quota, never queued */
     dsg_limit_conf_t             limit;
     dsg_queue_layout_t           layout;
-    dsg_slot_t                  *slots;        /* this cycle's array */
     u_char                      *file;
     ngx_uint_t                   line;
 
@@ -232,11 +248,16 @@ typedef struct {
  */
 typedef ngx_int_t (*ngx_http_deepseek_guard_resume_pt)(ngx_http_request_t *r);
 
+/* the park timer's call into the queue: rouse the waiters now at a head */
+typedef void (*ngx_http_deepseek_guard_pickup_pt)(ngx_cycle_t *cycle);
+
 typedef struct {
     ngx_queue_t                  link;
     ngx_http_request_t          *request;
     ngx_http_deepseek_guard_resume_pt  resume;
     ngx_uint_t                   parked;
+    ngx_uint_t                   sleeping;
+    ngx_event_t                  deadline;
 } ngx_http_deepseek_guard_park_t;
 
 
@@ -252,7 +273,7 @@ struct ngx_http_deepseek_guard_ctx_s {
 
     /* queue places and fill-lock waits */
     ngx_http_deepseek_guard_park_t  park;
-    ngx_int_t                    slot;        /* -1: not queued */
+    dsg_waiter_t                *waiter;      /* NULL: not queued */
     ngx_uint_t                   slot_zone;   /* index into holds */
     ngx_msec_t                   enqueued;
     ngx_msec_t                   deadline;
@@ -292,6 +313,7 @@ ngx_int_t ngx_http_deepseek_guard_recheck(ngx_http_request_t *r,
     ngx_http_deepseek_guard_ctx_t *ctx, ngx_uint_t *blocked,
     uint64_t *retry_ms);
 ngx_uint_t ngx_http_deepseek_guard_release(ngx_http_deepseek_guard_ctx_t *ctx);
+void ngx_http_deepseek_guard_pickup(ngx_cycle_t *cycle);
 void ngx_http_deepseek_guard_refused(ngx_http_request_t *r,
     ngx_http_deepseek_guard_ctx_t *ctx, ngx_uint_t blocked,
     uint64_t retry_ms);
@@ -314,6 +336,8 @@ void ngx_http_deepseek_guard_zone_pids(ngx_http_deepseek_guard_zone_t *z,
     ngx_array_t *pids);
 void ngx_http_deepseek_guard_zone_reap(ngx_http_deepseek_guard_zone_t *z,
     ngx_array_t *dead, ngx_log_t *log);
+void ngx_http_deepseek_guard_dequeue_locked(ngx_http_deepseek_guard_zone_t *z,
+    dsg_waiter_t *w, ngx_http_deepseek_guard_ctx_t **mine);
 
 /* ngx_http_deepseek_guard_cache_filter.c */
 ngx_uint_t ngx_http_deepseek_guard_cache_active(ngx_http_request_t *r);
@@ -378,12 +402,18 @@ void ngx_http_deepseek_guard_park(ngx_http_deepseek_guard_park_t *p,
     ngx_http_request_t *r, ngx_http_deepseek_guard_resume_pt resume);
 void ngx_http_deepseek_guard_unpark(ngx_http_deepseek_guard_park_t *p);
 void ngx_http_deepseek_guard_wake(ngx_msec_t delay);
-void ngx_http_deepseek_guard_park_init(ngx_cycle_t *cycle);
+void ngx_http_deepseek_guard_park_init(ngx_cycle_t *cycle,
+    ngx_http_deepseek_guard_pickup_pt pickup);
+void ngx_http_deepseek_guard_park_sleep(ngx_http_deepseek_guard_park_t *p);
+void ngx_http_deepseek_guard_park_rouse(ngx_http_deepseek_guard_park_t *p);
+void ngx_http_deepseek_guard_park_deadline(ngx_http_deepseek_guard_park_t *p,
+    ngx_msec_t ms);
 ngx_int_t ngx_http_deepseek_guard_pid_add(ngx_array_t *pids, ngx_pid_t pid);
 void ngx_http_deepseek_guard_pids_dead(ngx_array_t *pids);
 ngx_uint_t ngx_http_deepseek_guard_pid_in(ngx_array_t *pids, ngx_pid_t pid);
 
 extern ngx_msec_t  ngx_http_deepseek_guard_wait_bounds[];
+extern uint64_t    ngx_http_deepseek_guard_owner;
 
 
 #endif /* NGX_HTTP_DEEPSEEK_GUARD_MODULE_H */

@@ -84,7 +84,6 @@ ngx_http_deepseek_guard_create_ctx(ngx_http_request_t *r)
     ctx = cln->data;
     ngx_memzero(ctx, sizeof(ngx_http_deepseek_guard_ctx_t));
     ctx->request = r->main;
-    ctx->slot = -1;
 
     cln->handler = ngx_http_deepseek_guard_cleanup;
 
@@ -186,6 +185,8 @@ ngx_http_deepseek_guard_decide(ngx_http_request_t *r)
         /* 3. a place in the queue: parked until its turn or its deadline */
         ngx_http_deepseek_guard_park(&ctx->park, r,
                                      ngx_http_deepseek_guard_queue_resume);
+        ngx_http_deepseek_guard_park_deadline(&ctx->park,
+                                       ctx->deadline - ngx_current_msec);
         return NGX_AGAIN;
 
     case NGX_DECLINED:
@@ -520,7 +521,7 @@ ngx_http_deepseek_guard_num_variable(ngx_http_request_t *r,
     }
 
     if (data == NGX_HTTP_DSG_VAR_WAIT) {
-        n = ctx->slot >= 0 ? ngx_current_msec - ctx->enqueued : ctx->wait_ms;
+        n = ctx->waiter ? ngx_current_msec - ctx->enqueued : ctx->wait_ms;
 
     } else {
         if (ctx->status != NGX_HTTP_DSG_REJECTED) {

@@ -53,13 +53,13 @@ ngx_http_deepseek_guard_lookup(ngx_http_deepseek_guard_zone_t *z,
 
         n = (ngx_http_deepseek_guard_node_t *) node;
 
-        if (ngx_memcmp(n->digest, digest + 8, 6) == 0) {
+        if (ngx_memcmp(n->digest, digest + 8, 4) == 0) {
             ngx_queue_remove(&n->lru);
             ngx_queue_insert_head(&z->sh->lru, &n->lru);
             return n;
         }
 
-        node = (ngx_memcmp(digest + 8, n->digest, 6) < 0)
+        node = (ngx_memcmp(digest + 8, n->digest, 4) < 0)
                ? node->left : node->right;
     }
 
@@ -79,7 +79,7 @@ ngx_http_deepseek_guard_lookup(ngx_http_deepseek_guard_zone_t *z,
 
     ngx_memzero(n, size);
     n->node.key = hash;
-    ngx_memcpy(n->digest, digest + 8, 6);
+    ngx_memcpy(n->digest, digest + 8, 4);
     dsg_limit_state_init(&z->limit, &n->state, ngx_current_msec);
 
     ngx_rbtree_insert(&z->sh->rbtree, &n->node);
@@ -166,7 +166,7 @@ ngx_http_deepseek_guard_rbtree_insert_value(ngx_rbtree_node_t *temp,
             n = (ngx_http_deepseek_guard_node_t *) node;
             t = (ngx_http_deepseek_guard_node_t *) temp;
 
-            p = (ngx_memcmp(n->digest, t->digest, 6) < 0)
+            p = (ngx_memcmp(n->digest, t->digest, 4) < 0)
                 ? &temp->left : &temp->right;
         }
 
@@ -212,6 +212,7 @@ ngx_http_deepseek_guard_lease_alloc(ngx_http_deepseek_guard_zone_t *z,
     lease->node = node;
     lease->pid = ngx_pid;
     lease->cls = (uint32_t) cls;
+    lease->record = dsg_limit_record(&z->limit, (uint32_t) cls);
     lease->start = ngx_current_msec;
     ngx_queue_insert_tail(&z->sh->leases, &lease->queue);
 
@@ -231,7 +232,7 @@ void
 ngx_http_deepseek_guard_lease_free(ngx_http_deepseek_guard_zone_t *z,
     ngx_http_deepseek_guard_lease_t *lease)
 {
-    dsg_limit_release(&z->limit, &lease->node->state, lease->cls);
+    dsg_limit_release(&lease->node->state, lease->record);
     lease->node->holders--;
 
     if (z->sh->counters[lease->cls].inflight) {
@@ -243,15 +244,56 @@ ngx_http_deepseek_guard_lease_free(ngx_http_deepseek_guard_zone_t *z,
 }
 
 
+/*
+ * Takes waiter w out of its key's queue, under the zone's mutex: admitted,
+ * gone, or its worker dead.  The waiter that becomes the head is READY
+ * for its owner's pickup; if it is this worker's and mine is not NULL, it
+ * is made ACTIVE here and *mine says which request to rouse.
+ */
+
+void
+ngx_http_deepseek_guard_dequeue_locked(ngx_http_deepseek_guard_zone_t *z,
+    dsg_waiter_t *w, ngx_http_deepseek_guard_ctx_t **mine)
+{
+    dsg_waitq_t                     *q;
+    dsg_waiter_t                    *next;
+    ngx_http_deepseek_guard_node_t  *n;
+
+    n = w->key;
+    q = n->waiters;
+
+    if (z->sh->counters[w->cls].depth) {
+        z->sh->counters[w->cls].depth--;
+    }
+
+    if (n->state.queued) {
+        n->state.queued--;
+    }
+
+    next = dsg_queue_remove(&z->sh->pool, q, w);
+
+    if (next && mine && next->owner == ngx_http_deepseek_guard_owner) {
+        dsg_queue_activate(&z->sh->pool, next);
+        *mine = next->data;
+    }
+
+    if (q->total == 0) {
+        ngx_slab_free_locked(z->shpool, q);
+        n->waiters = NULL;
+    }
+}
+
+
 /* the reaper: the pids that hold leases or queue places in the zone */
 
 void
 ngx_http_deepseek_guard_zone_pids(ngx_http_deepseek_guard_zone_t *z,
     ngx_array_t *pids)
 {
-    ngx_uint_t                        i;
-    ngx_queue_t                      *q;
-    ngx_http_deepseek_guard_lease_t  *lease;
+    ngx_uint_t                         i;
+    ngx_queue_t                       *q;
+    ngx_http_deepseek_guard_lease_t   *lease;
+    ngx_http_deepseek_guard_places_t  *pl;
 
     ngx_shmtx_lock(&z->shpool->mutex);
 
@@ -263,10 +305,12 @@ ngx_http_deepseek_guard_zone_pids(ngx_http_deepseek_guard_zone_t *z,
         (void) ngx_http_deepseek_guard_pid_add(pids, lease->pid);
     }
 
-    for (i = 0; i < z->layout.total; i++) {
-        if (z->slots[i].state != DSG_SLOT_FREE) {
-            (void) ngx_http_deepseek_guard_pid_add(pids,
-                                               (ngx_pid_t) z->slots[i].pid);
+    for (pl = z->sh->places; pl; pl = pl->next) {
+        for (i = 0; i < pl->n; i++) {
+            if (pl->waiters[i].state != DSG_WAITER_FREE) {
+                (void) ngx_http_deepseek_guard_pid_add(pids,
+                                          (ngx_pid_t) pl->waiters[i].pid);
+            }
         }
     }
 
@@ -280,10 +324,12 @@ void
 ngx_http_deepseek_guard_zone_reap(ngx_http_deepseek_guard_zone_t *z,
     ngx_array_t *dead, ngx_log_t *log)
 {
-    uint64_t                          which;
-    ngx_uint_t                        i, k, reaped, workers;
-    ngx_queue_t                      *q, *next;
-    ngx_http_deepseek_guard_lease_t  *lease;
+    uint64_t                           which;
+    ngx_uint_t                         i, k, reaped, workers;
+    ngx_queue_t                       *q, *next;
+    dsg_waiter_t                      *w;
+    ngx_http_deepseek_guard_lease_t   *lease;
+    ngx_http_deepseek_guard_places_t  *pl;
 
     reaped = 0;
     which = 0;
@@ -306,26 +352,25 @@ ngx_http_deepseek_guard_zone_reap(ngx_http_deepseek_guard_zone_t *z,
         }
     }
 
-    for (i = 0; i < z->layout.total; i++) {
-        if (z->slots[i].state == DSG_SLOT_FREE) {
-            continue;
+    for (pl = z->sh->places; pl; pl = pl->next) {
+        for (i = 0; i < pl->n; i++) {
+            w = &pl->waiters[i];
+
+            if (w->state == DSG_WAITER_FREE) {
+                continue;
+            }
+
+            k = ngx_http_deepseek_guard_pid_in(dead, (ngx_pid_t) w->pid);
+            if (k == 0) {
+                continue;
+            }
+
+            which |= (uint64_t) 1 << ((k - 1) % 64);
+
+            /* the next head, if this worker's, is picked up next tick */
+            ngx_http_deepseek_guard_dequeue_locked(z, w, NULL);
+            reaped++;
         }
-
-        k = ngx_http_deepseek_guard_pid_in(dead, (ngx_pid_t) z->slots[i].pid);
-        if (k == 0) {
-            continue;
-        }
-
-        which |= (uint64_t) 1 << ((k - 1) % 64);
-
-        if (z->sh->counters[z->slots[i].cls].depth) {
-            z->sh->counters[z->slots[i].cls].depth--;
-        }
-
-        ((ngx_http_deepseek_guard_node_t *) (uintptr_t)
-             z->slots[i].key)->state.queued--;
-        dsg_queue_free(z->slots, i);
-        reaped++;
     }
 
     z->sh->reaped += reaped;
@@ -352,8 +397,11 @@ ngx_http_deepseek_guard_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 {
     ngx_http_deepseek_guard_zone_t  *oz = data;
 
-    size_t                           len;
-    ngx_http_deepseek_guard_zone_t  *z;
+    size_t                             len;
+    ngx_int_t                          rc;
+    ngx_uint_t                         n;
+    ngx_http_deepseek_guard_zone_t    *z;
+    ngx_http_deepseek_guard_places_t  *pl;
 
     z = shm_zone->data;
 
@@ -374,14 +422,14 @@ ngx_http_deepseek_guard_init_zone(ngx_shm_zone_t *shm_zone, void *data)
         z->sh = oz->sh;
         z->shpool = oz->shpool;
 
-        goto slots;
+        goto places;
     }
 
     z->shpool = (ngx_slab_pool_t *) shm_zone->shm.addr;
 
     if (shm_zone->shm.exists) {
         z->sh = z->shpool->data;
-        goto slots;
+        goto places;
     }
 
     z->sh = ngx_slab_calloc(z->shpool, sizeof(ngx_http_deepseek_guard_shctx_t));
@@ -408,30 +456,46 @@ ngx_http_deepseek_guard_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 
     z->shpool->log_nomem = 0;
 
-slots:
+places:
 
     /*
-     * the waiter slots: kept across a reload when the queue layout did not
-     * change; otherwise a new array (the old one stays allocated for the
-     * old workers still finishing their requests)
+     * The queue places: one pool per zone, shared by every generation of
+     * workers.  A configuration with more places than the pool has adds a
+     * chunk; a smaller one leaves the pool as it is (the class lengths
+     * are counted against the depth gauges, by the configuration of the
+     * worker that queues).  So waiters of old and new workers stay in one
+     * order, the reaper sees them all, and reloads that go back and forth
+     * between sizes do not take more memory than the largest one.
      */
 
     ngx_shmtx_lock(&z->shpool->mutex);
 
-    if (z->sh->slots == NULL || z->sh->nslots != z->layout.total) {
-        z->sh->slots = ngx_slab_calloc_locked(z->shpool,
-                                   (z->layout.total + 1) * sizeof(dsg_slot_t));
-        z->sh->nslots = z->layout.total;
-    }
+    rc = NGX_OK;
 
-    z->slots = z->sh->slots;
+    if (z->sh->pool.size < z->layout.total) {
+        n = z->layout.total - z->sh->pool.size;
+
+        pl = ngx_slab_alloc_locked(z->shpool,
+                                   sizeof(ngx_http_deepseek_guard_places_t)
+                                   + (n - 1) * sizeof(dsg_waiter_t));
+        if (pl == NULL) {
+            rc = NGX_ERROR;
+
+        } else {
+            pl->n = n;
+            pl->next = z->sh->places;
+            z->sh->places = pl;
+            dsg_pool_add(&z->sh->pool, pl->waiters, (uint32_t) n);
+        }
+    }
 
     ngx_shmtx_unlock(&z->shpool->mutex);
 
-    if (z->slots == NULL) {
+    if (rc != NGX_OK) {
         ngx_log_error(NGX_LOG_EMERG, shm_zone->shm.log, 0,
                       "deepseek_guard_zone \"%V\" is too small for its "
-                      "queue slots", &shm_zone->shm.name);
+                      "%uD queue places", &shm_zone->shm.name,
+                      z->layout.total);
         return NGX_ERROR;
     }
 

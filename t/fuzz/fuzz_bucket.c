@@ -554,7 +554,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 m.admitted[cls]--;
             }
 
-            dsg_limit_release(&c, &s, cls);
+            dsg_limit_release(&s, dsg_limit_record(&c, cls));
             model_release(&c, &m, cls);
             check_state(&c, &m, &s);
             break;

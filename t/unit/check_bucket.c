@@ -583,10 +583,10 @@ START_TEST(test_inflight_reserve)
     ck_assert_uint_eq(s.inflight[1], 8);
 
     /* a normal one ends: one more normal, still no critical */
-    dsg_limit_release(&c, &s, NORM);
+    dsg_limit_release(&s, dsg_limit_record(&c, NORM));
     ck_assert_int_eq(try(&c, &s, CRIT, 0), DSG_OK);
     ck_assert_int_eq(try(&c, &s, NORM, 0), DSG_INFLIGHT);
-    dsg_limit_release(&c, &s, CRIT);
+    dsg_limit_release(&s, dsg_limit_record(&c, CRIT));
     ck_assert_int_eq(try(&c, &s, NORM, 0), DSG_OK);
     ck_assert_int_eq(try(&c, &s, CRIT, 0), DSG_INFLIGHT);
 
@@ -594,10 +594,10 @@ START_TEST(test_inflight_reserve)
 
     /* everything ends */
     for (i = 0; i < 8; i++) {
-        dsg_limit_release(&c, &s, NORM);
+        dsg_limit_release(&s, dsg_limit_record(&c, NORM));
     }
     for (i = 0; i < 2; i++) {
-        dsg_limit_release(&c, &s, CRIT);
+        dsg_limit_release(&s, dsg_limit_record(&c, CRIT));
     }
 
     ck_assert_uint_eq(s.inflight[0], 0);
@@ -613,7 +613,7 @@ START_TEST(test_inflight_reserve)
     ck_assert_int_eq(try(&c, &s, NORM, 0), DSG_INFLIGHT);
     ck_assert_uint_eq(s.inflight[1], 0);
 
-    dsg_limit_release(&c, &s, CRIT);
+    dsg_limit_release(&s, dsg_limit_record(&c, CRIT));
     ck_assert_int_eq(try(&c, &s, NORM, 0), DSG_OK);
 }
 END_TEST
@@ -744,7 +744,7 @@ START_TEST(test_rate_before_inflight)
     ck_assert_int_eq(dsg_limit_check(&c, &s, 0, 1000, &w), DSG_INFLIGHT);
     ck_assert_uint_eq(w, 0);
 
-    dsg_limit_release(&c, &s, 0);
+    dsg_limit_release(&s, dsg_limit_record(&c, 0));
     ck_assert_int_eq(dsg_limit_check(&c, &s, 0, 1000, &w), DSG_OK);
 }
 END_TEST
@@ -785,9 +785,80 @@ START_TEST(test_refund)
     /* invalid class: nothing happens */
     dsg_limit_charge(&c, &s, 3);
     dsg_limit_refund(&c, &s, 99);
-    dsg_limit_release(&c, &s, 99);
+    dsg_limit_release(&s, dsg_limit_record(&c, 99));
     ck_assert_mem_eq(&s, &before, sizeof(s));
     ck_assert_int_eq(dsg_limit_check(&c, &s, 3, 0, NULL), DSG_EINVAL);
+}
+END_TEST
+
+
+/*
+ * A reload changes the configuration under requests still in flight: the
+ * release goes by the record taken at the charge, so what was counted is
+ * given back exactly, whatever the new configuration says.  The old
+ * release by class gave back nothing for a class the new configuration
+ * no longer has, and the wrong tiers when the reserves changed.
+ */
+START_TEST(test_release_by_record)
+{
+    uint32_t          r_low, r_norm, r_crit;
+    dsg_limit_conf_t  a, b, none;
+    dsg_limit_state_t s;
+    uint32_t          res_a[3] = { 20, 10, 0 };
+    uint32_t          res_b[2] = { 0, 0 };
+
+    /* before: three classes, two reserves, three tiers, inflight=10 */
+    ck_assert_int_eq(dsg_limit_conf_init(&a, 0, 0, 0, 10, res_a, 3), DSG_OK);
+    ck_assert_uint_eq(a.ntiers, 3);
+    dsg_limit_state_init(&a, &s, 0);
+
+    ck_assert_int_eq(try(&a, &s, 2, 0), DSG_OK);
+    r_low = dsg_limit_record(&a, 2);
+    ck_assert_int_eq(try(&a, &s, 1, 0), DSG_OK);
+    r_norm = dsg_limit_record(&a, 1);
+    ck_assert_int_eq(try(&a, &s, 0, 0), DSG_OK);
+    r_crit = dsg_limit_record(&a, 0);
+
+    ck_assert_uint_eq(r_low, 3 | DSG_RECORD_INFLIGHT);
+    ck_assert_uint_eq(r_norm, 2 | DSG_RECORD_INFLIGHT);
+    ck_assert_uint_eq(r_crit, 1 | DSG_RECORD_INFLIGHT);
+    ck_assert_uint_eq(s.inflight[0], 3);
+    ck_assert_uint_eq(s.inflight[1], 2);
+    ck_assert_uint_eq(s.inflight[2], 1);
+
+    /* after: two classes, no reserves, one tier, inflight=2 */
+    ck_assert_int_eq(dsg_limit_conf_init(&b, 0, 0, 0, 2, res_b, 2), DSG_OK);
+    ck_assert_uint_eq(b.ntiers, 1);
+    ck_assert_uint_eq(dsg_limit_record(&b, 2), 0);
+
+    /* the class-2 request ends: its three tiers go back */
+    dsg_limit_release(&s, r_low);
+    ck_assert_uint_eq(s.inflight[0], 2);
+    ck_assert_uint_eq(s.inflight[1], 1);
+    ck_assert_uint_eq(s.inflight[2], 0);
+
+    dsg_limit_release(&s, r_norm);
+    dsg_limit_release(&s, r_crit);
+    ck_assert_uint_eq(s.inflight[0], 0);
+    ck_assert_uint_eq(s.inflight[1], 0);
+    ck_assert(dsg_limit_idle(&b, &s));
+
+    /* the new cap is whole: 2 at once, not 2 minus a leak */
+    ck_assert_int_eq(try(&b, &s, 1, 0), DSG_OK);
+    ck_assert_int_eq(try(&b, &s, 1, 0), DSG_OK);
+    ck_assert_int_eq(try(&b, &s, 0, 0), DSG_INFLIGHT);
+
+    /* a charge made without a cap gives back nothing once one is set */
+    ck_assert_int_eq(dsg_limit_conf_init(&none, 10, 1000, 0, 0, NULL, 2),
+                     DSG_OK);
+    ck_assert_uint_eq(dsg_limit_record(&none, 1), 1);
+    dsg_limit_release(&s, dsg_limit_record(&none, 1));
+    ck_assert_uint_eq(s.inflight[0], 2);
+
+    /* nonsense records change nothing */
+    dsg_limit_release(&s, 0);
+    dsg_limit_release(&s, 200 | DSG_RECORD_INFLIGHT);
+    ck_assert_uint_eq(s.inflight[0], 2);
 }
 END_TEST
 
@@ -802,7 +873,7 @@ START_TEST(test_release)
     conf_ok(&c, 0, 0, 0, 10, r, 2);
     dsg_limit_state_init(&c, &s, 0);
 
-    dsg_limit_release(&c, &s, 1);
+    dsg_limit_release(&s, dsg_limit_record(&c, 1));
     ck_assert_uint_eq(s.inflight[0], 0);
     ck_assert_uint_eq(s.inflight[1], 0);
 
@@ -811,7 +882,7 @@ START_TEST(test_release)
     }
 
     for (i = 0; i < 5; i++) {
-        dsg_limit_release(&c, &s, 1);
+        dsg_limit_release(&s, dsg_limit_record(&c, 1));
     }
 
     ck_assert_uint_eq(s.inflight[0], 0);
@@ -822,7 +893,7 @@ START_TEST(test_release)
     dsg_limit_state_init(&c, &s, 0);
     ck_assert_int_eq(try(&c, &s, 0, 0), DSG_OK);
     ck_assert_uint_eq(s.inflight[0], 0);
-    dsg_limit_release(&c, &s, 0);
+    dsg_limit_release(&s, dsg_limit_record(&c, 0));
     ck_assert_uint_eq(s.inflight[0], 0);
 }
 END_TEST
@@ -912,7 +983,7 @@ START_TEST(test_idle_full)
     ck_assert(!dsg_limit_idle(&c, &s));
     ck_assert(!dsg_limit_full(&c, &s, 1000000));
 
-    dsg_limit_release(&c, &s, 0);
+    dsg_limit_release(&s, dsg_limit_record(&c, 0));
     ck_assert(dsg_limit_idle(&c, &s));
 
     /* level 999 of 100999: full after exactly 100 ms */
@@ -1016,6 +1087,7 @@ dsg_bucket_suite(void)
     tc = tcase_create("lifecycle");
     tcase_add_test(tc, test_refund);
     tcase_add_test(tc, test_release);
+    tcase_add_test(tc, test_release_by_record);
     tcase_add_test(tc, test_idle_full);
     tcase_add_test(tc, test_no_limit);
     tcase_add_test(tc, test_retry_after);
