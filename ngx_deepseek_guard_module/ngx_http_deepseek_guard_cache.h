@@ -68,6 +68,7 @@ typedef struct ngx_http_deepseek_guard_cache_ctx_s {
     ngx_uint_t                   looked_up;
     ngx_uint_t                   waited;
     ngx_uint_t                   lock_timed_out;
+    ngx_uint_t                   fill;      /* 1: fill once admitted; 2: no lock */
     ngx_uint_t                   bypass;
     ngx_uint_t                   dropped;      /* internal redirect */
 

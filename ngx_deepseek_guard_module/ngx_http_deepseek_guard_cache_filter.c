@@ -17,6 +17,9 @@
 #include "dsg_json.h"
 #include "dsg_store.h"
 
+static void ngx_http_deepseek_guard_cache_missed(
+    ngx_http_deepseek_guard_cache_ctx_t *cctx,
+    ngx_http_deepseek_guard_loc_conf_t *lcf, ngx_int_t n);
 static ngx_int_t ngx_http_deepseek_guard_cache_mark(ngx_http_request_t *r,
     ngx_http_deepseek_guard_cache_ctx_t *cctx);
 static ngx_uint_t ngx_http_deepseek_guard_cache_loop(ngx_http_request_t *r,
@@ -290,28 +293,29 @@ ngx_http_deepseek_guard_cache_access(ngx_http_request_t *r,
         return NGX_OK;
     }
 
-    /* a miss: become the filler, or wait for the one filling it */
+    /*
+     * A miss: wait for the request filling it, or fill it, but only once
+     * admitted (ngx_http_deepseek_guard_cache_fill): a filler that waits
+     * in the admission queue holds no lock, so requests for the same entry
+     * are not kept waiting on it; they queue for admission themselves.
+     */
 
-    if (cctx->lock_timed_out) {
-        rc = NGX_OK;
-
-    } else {
-        rc = ngx_http_deepseek_guard_cache_lock(r, cctx);
-    }
-
-    if (rc == NGX_BUSY && ngx_http_deepseek_guard_cache_loop(r, cctx)) {
-        /*
-         * the filler proxied this very request back into this nginx: it
-         * waits for us, we must not wait for it
-         */
-        ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
-                      "deepseek_guard cache \"%V\": the request that fills "
-                      "this entry proxied it here, not waiting",
-                      &lcf->cache->name);
-        rc = NGX_OK;
-    }
-
-    if (rc == NGX_BUSY) {
+    if (!cctx->lock_timed_out
+        && ngx_http_deepseek_guard_cache_locked(cctx->cache, cctx->digest))
+    {
+        if (ngx_http_deepseek_guard_cache_loop(r, cctx)) {
+            /*
+             * the filler proxied this very request back into this nginx:
+             * it waits for us, we must not wait for it
+             */
+            ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                          "deepseek_guard cache \"%V\": the request that "
+                          "fills this entry proxied it here, not waiting",
+                          &lcf->cache->name);
+            cctx->fill = 2;
+            ngx_http_deepseek_guard_cache_missed(cctx, lcf, 1);
+            return NGX_DECLINED;
+        }
 
         if (cctx->have_entry
             && (lcf->use_stale & NGX_HTTP_DSG_STALE_UPDATING))
@@ -337,25 +341,84 @@ ngx_http_deepseek_guard_cache_access(ngx_http_request_t *r,
         return NGX_DONE;
     }
 
+    cctx->fill = 1;
+
+    ngx_http_deepseek_guard_cache_missed(cctx, lcf, 1);
+
+    return NGX_DECLINED;
+}
+
+
+/*
+ * An admitted miss becomes the entry's filler: it takes the fill lock,
+ * bounded by deepseek_guard_cache_lock_timeout, and will store the answer.
+ * NGX_BUSY: another request began to fill the entry while this one was
+ * being admitted; the caller gives the admission back and waits for it.
+ */
+
+ngx_int_t
+ngx_http_deepseek_guard_cache_filler(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_ctx_t *ctx)
+{
+    ngx_int_t                             rc;
+    ngx_http_deepseek_guard_cache_ctx_t  *cctx;
+    ngx_http_deepseek_guard_loc_conf_t   *lcf;
+
+    cctx = ctx->cache;
+
+    if (cctx == NULL || !cctx->fill) {
+        return NGX_OK;
+    }
+
+    lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
+
+    if (cctx->lock_timed_out || cctx->fill == 2) {
+        rc = NGX_OK;
+
+    } else {
+        rc = ngx_http_deepseek_guard_cache_lock(r, cctx);
+    }
+
+    if (rc == NGX_BUSY) {
+        ngx_http_deepseek_guard_cache_missed(cctx, lcf, -1);
+        return NGX_BUSY;
+    }
+
+    cctx->fill = 0;
     cctx->looked_up = 1;
     cctx->store = 1;
 
     if (cctx->lock >= 0 && ngx_http_deepseek_guard_cache_mark(r, cctx)
                            != NGX_OK)
     {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        return NGX_ERROR;
     }
 
-    if (cctx->status == 0) {
-        cctx->status = cctx->have_entry ? NGX_HTTP_DSG_CACHE_EXPIRED
-                                        : NGX_HTTP_DSG_CACHE_MISS;
+    return NGX_OK;
+}
 
-        (void) ngx_atomic_fetch_add(cctx->have_entry
-                                    ? &lcf->cache->sh->expired
-                                    : &lcf->cache->sh->misses, 1);
+
+/*
+ * A miss or an expired entry, counted when the cache is asked (a request
+ * refused afterwards still logs it); n = -1 takes it back, for a request
+ * that will ask again
+ */
+
+static void
+ngx_http_deepseek_guard_cache_missed(ngx_http_deepseek_guard_cache_ctx_t *cctx,
+    ngx_http_deepseek_guard_loc_conf_t *lcf, ngx_int_t n)
+{
+    if (n > 0 && cctx->status != 0) {
+        return;
     }
 
-    return NGX_DECLINED;
+    cctx->status = (n > 0) ? (cctx->have_entry ? NGX_HTTP_DSG_CACHE_EXPIRED
+                                               : NGX_HTTP_DSG_CACHE_MISS)
+                           : 0;
+
+    (void) ngx_atomic_fetch_add(cctx->have_entry ? &lcf->cache->sh->expired
+                                                 : &lcf->cache->sh->misses,
+                                (ngx_atomic_int_t) n);
 }
 
 
@@ -1758,7 +1821,7 @@ ngx_http_deepseek_guard_cache_merge(ngx_conf_t *cf,
 
     conf->use_stale &= ~NGX_CONF_BITMASK_SET;
 
-    ngx_conf_merge_msec_value(conf->lock_timeout, prev->lock_timeout, 60000);
+    ngx_conf_merge_msec_value(conf->lock_timeout, prev->lock_timeout, 5000);
     ngx_conf_merge_size_value(conf->max_entry_size, prev->max_entry_size,
                               1024 * 1024);
     ngx_conf_merge_value(conf->json_canonical, prev->json_canonical, 0);

@@ -332,6 +332,35 @@ ngx_http_deepseek_guard_release(ngx_http_deepseek_guard_ctx_t *ctx)
 
 
 /*
+ * Gives an admission back as if it had not happened (tokens and in-flight
+ * slots): the request will wait for another one that fills its cache
+ * entry instead.  The request may ask for admission again later.
+ */
+
+void
+ngx_http_deepseek_guard_unadmit(ngx_http_deepseek_guard_ctx_t *ctx)
+{
+    ngx_uint_t                       i;
+    ngx_http_deepseek_guard_zone_t  *z;
+
+    for (i = 0; ctx->status == NGX_HTTP_DSG_ADMITTED && i < ctx->nholds; i++)
+    {
+        z = ctx->holds[i].zone;
+
+        if (z != NULL && ctx->holds[i].charged) {
+            (void) ngx_atomic_fetch_add(&z->sh->counters[ctx->cls].admitted,
+                                        (ngx_atomic_int_t) -1);
+        }
+    }
+
+    ngx_http_deepseek_guard_refund(ctx, ctx->nholds);
+
+    ctx->decided = 0;
+    ctx->status = 0;
+}
+
+
+/*
  * Checks every zone, charging as it goes; if one refuses, the zones already
  * charged are refunded: all or nothing.  NGX_OK: admitted in every zone;
  * NGX_DECLINED: refused by holds[*blocked] (*kind is DSG_RATE or

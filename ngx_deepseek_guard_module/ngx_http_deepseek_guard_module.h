@@ -313,6 +313,7 @@ ngx_int_t ngx_http_deepseek_guard_recheck(ngx_http_request_t *r,
     ngx_http_deepseek_guard_ctx_t *ctx, ngx_uint_t *blocked,
     uint64_t *retry_ms);
 ngx_uint_t ngx_http_deepseek_guard_release(ngx_http_deepseek_guard_ctx_t *ctx);
+void ngx_http_deepseek_guard_unadmit(ngx_http_deepseek_guard_ctx_t *ctx);
 void ngx_http_deepseek_guard_pickup(ngx_cycle_t *cycle);
 void ngx_http_deepseek_guard_refused(ngx_http_request_t *r,
     ngx_http_deepseek_guard_ctx_t *ctx, ngx_uint_t blocked,
@@ -344,6 +345,8 @@ ngx_uint_t ngx_http_deepseek_guard_cache_active(ngx_http_request_t *r);
 ngx_int_t ngx_http_deepseek_guard_cache_access(ngx_http_request_t *r,
     ngx_http_deepseek_guard_ctx_t *ctx);
 void ngx_http_deepseek_guard_cache_drop(ngx_http_deepseek_guard_ctx_t *ctx);
+ngx_int_t ngx_http_deepseek_guard_cache_filler(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_ctx_t *ctx);
 ngx_int_t ngx_http_deepseek_guard_cache_overload(ngx_http_request_t *r,
     ngx_http_deepseek_guard_ctx_t *ctx);
 ngx_int_t ngx_http_deepseek_guard_cache_serve(ngx_http_request_t *r,

@@ -19,6 +19,8 @@ static ngx_http_deepseek_guard_ctx_t *ngx_http_deepseek_guard_get_ctx(
     ngx_http_request_t *r);
 static ngx_int_t ngx_http_deepseek_guard_decide(ngx_http_request_t *r);
 static ngx_int_t ngx_http_deepseek_guard_queue_resume(ngx_http_request_t *r);
+static ngx_int_t ngx_http_deepseek_guard_filled(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_ctx_t *ctx);
 static ngx_int_t ngx_http_deepseek_guard_refuse(ngx_http_request_t *r,
     ngx_http_deepseek_guard_ctx_t *ctx, ngx_uint_t blocked,
     uint64_t retry_ms);
@@ -152,6 +154,8 @@ ngx_http_deepseek_guard_decide(ngx_http_request_t *r)
         }
     }
 
+again:
+
     /* 1. the cache: a fresh hit costs no admission capacity */
 
     rc = ngx_http_deepseek_guard_cache_access(r, ctx);
@@ -169,7 +173,7 @@ ngx_http_deepseek_guard_decide(ngx_http_request_t *r)
 
     if (lcf->zones == NULL || lcf->zones->nelts == 0) {
         ctx->decided = 1;
-        return NGX_DECLINED;
+        return ngx_http_deepseek_guard_filled(r, ctx);
     }
 
     /* 2. admission in every zone */
@@ -179,7 +183,13 @@ ngx_http_deepseek_guard_decide(ngx_http_request_t *r)
     switch (rc) {
 
     case NGX_OK:
-        return NGX_DECLINED;
+        /* 5. admitted: a miss becomes the entry's filler */
+        rc = ngx_http_deepseek_guard_filled(r, ctx);
+        if (rc == NGX_AGAIN) {
+            goto again;
+        }
+
+        return rc;
 
     case NGX_AGAIN:
         /* 3. a place in the queue: parked until its turn or its deadline */
@@ -201,6 +211,35 @@ ngx_http_deepseek_guard_decide(ngx_http_request_t *r)
 }
 
 
+/*
+ * An admitted request that missed the cache takes the entry's fill lock.
+ * NGX_DECLINED: go on to the upstream; NGX_AGAIN: another request began
+ * filling it meanwhile, the admission is given back and the cache asked
+ * again (a hit by now, or a wait for that filler).
+ */
+
+static ngx_int_t
+ngx_http_deepseek_guard_filled(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_ctx_t *ctx)
+{
+    ngx_int_t  rc;
+
+    rc = ngx_http_deepseek_guard_cache_filler(r, ctx);
+
+    if (rc == NGX_OK) {
+        return NGX_DECLINED;
+    }
+
+    if (rc == NGX_BUSY) {
+        ngx_http_deepseek_guard_unadmit(ctx);
+        ngx_http_deepseek_guard_wake(0);
+        return NGX_AGAIN;
+    }
+
+    return NGX_HTTP_INTERNAL_SERVER_ERROR;
+}
+
+
 /* the park timer asks a queued request whether its turn came */
 
 static ngx_int_t
@@ -215,8 +254,23 @@ ngx_http_deepseek_guard_queue_resume(ngx_http_request_t *r)
 
     rc = ngx_http_deepseek_guard_recheck(r, ctx, &blocked, &retry_ms);
 
+    if (rc == NGX_OK) {
+        /*
+         * admitted, the phases go on; a miss that must give its admission
+         * back (another request fills the entry) decides again there
+         */
+        rc = ngx_http_deepseek_guard_filled(r, ctx);
+
+        if (rc == NGX_DECLINED || rc == NGX_AGAIN) {
+            return NGX_OK;
+        }
+
+        ngx_http_finalize_request(r, rc);
+        return NGX_DONE;
+    }
+
     if (rc != NGX_DECLINED) {
-        /* NGX_OK: admitted, the phases go on; NGX_AGAIN: still waiting */
+        /* NGX_AGAIN: still waiting */
         return rc;
     }
 
