@@ -1,5 +1,5 @@
 #!/usr/bin/perl
-# kill -9 of one worker of four while it holds, at the same time, every
+# kill -9 of one worker of eight while it holds, at the same time, every
 # kind of shared state a worker can leave behind: in-flight leases (N
 # slow streams admitted to zone llm, inflight=N), queue places (requests
 # parked behind them) and cache fill locks (two misses of a cached,
@@ -47,7 +47,8 @@ my $Q = 2;          # queue places the victim holds
 my $BOUND = 2;      # seconds from the kill to everything released
 my $HOLD = 60000;   # upstream delay of what the victim holds (ms): it dies first
 
-my $t = DSG::Test->new(workers => 4);
+my $W = 8;          # workers: the reaper must cover every one of them
+my $t = DSG::Test->new(workers => $W);
 
 # the kill -9 is the point of this test: the master reports it as an alert
 $t->allow_log(qr/worker process \d+ exited on signal 9/);
@@ -162,7 +163,7 @@ sub place {
 # ------------------------------------------------ the victim's load
 
 my @workers = sort { $a <=> $b } $t->worker_pids;
-is(scalar @workers, 4, '4 workers');
+is(scalar @workers, $W, "$W workers");
 my $wa = $workers[0];
 my $on_a = sub { $_[0] == $wa };
 my $off_a = sub { $_[0] != $wa };
@@ -275,7 +276,7 @@ unlike(substr($t->error_log, $off), qr/lock timeout/,
 
 ok($t->wait_until(sub {
     my @w = $t->worker_pids;
-    @w == 4 && !grep { $_ == $wa } @w;
+    @w == $W && !grep { $_ == $wa } @w;
 }, 10), 'the master respawned the worker');
 
 my %res = map { $_ => $t->bg_wait($bg{$_})->[0] }
