@@ -400,7 +400,8 @@ ngx_http_deepseek_guard_try(ngx_http_request_t *r,
         q = ((ngx_http_deepseek_guard_node_t *) ctx->waiter->key)->waiters;
 
         if (dsg_queue_head(q) != ctx->waiter) {
-            sleep = dsg_queue_sleep(q, ctx->waiter) + 1;
+            (void) dsg_queue_sleep(q, ctx->waiter);
+            sleep = (ctx->waiter->state == DSG_WAITER_DORMANT) ? 2 : 1;
         }
 
         ngx_shmtx_unlock(&z->shpool->mutex);
