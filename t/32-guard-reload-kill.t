@@ -201,8 +201,8 @@ sub capacity_is_free_or_stop {
     my ($wb) = grep { $_ != $wa } $t->worker_pids;
     my @tags = sort keys %$bg;
 
-    my %c = $t->worker_conns($mport);
-    is_deeply([@{ $c{$wa} }, @{ $c{$wb} }], [$N, $N + 2, 0, 2],
+    is_deeply($t->settled_conns($mport, [$N, $N + 2, 0, 2], $wa, $wb),
+              [$N, $N + 2, 0, 2],
               "reload under load: worker A holds the $N slots and has 2 "
               . "queued, worker B has 2 queued and nothing in flight");
     is($t->mock_stats->{inflight}, $N, "... $N in flight at the mock");
@@ -269,8 +269,8 @@ capacity_is_free_or_stop('after the reload');
     my @ta = @{ $roles->{tags}{$wa} };
     my @tb = @{ $roles->{tags}{$wb} };
 
-    my %c = $t->worker_conns($mport);
-    is_deeply([@{ $c{$wa} }, @{ $c{$wb} }], [2, 4, 2, 4],
+    is_deeply($t->settled_conns($mport, [2, 4, 2, 4], $wa, $wb),
+              [2, 4, 2, 4],
               'kill -9 under load: 2 streams in flight and 2 queued on '
               . 'each worker');
 

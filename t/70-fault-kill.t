@@ -147,8 +147,7 @@ $bg{aq2} = place(req('aq2', h => { 'X-Mock-Delay-Ms' => 1000 }), $wa, 0);
 $bg{bq1} = place(req('bq1', h => { 'X-Mock-Delay-Ms' => 5000 }), $wb, 0);
 $bg{bq2} = place(req('bq2', h => { 'X-Mock-Delay-Ms' => 5000 }), $wb, 0);
 
-my %c = $t->worker_conns($mport);
-is_deeply([@{ $c{$wa} }, @{ $c{$wb} }], [3, 5, 1, 3],
+is_deeply($t->settled_conns($mport, [3, 5, 1, 3], $wa, $wb), [3, 5, 1, 3],
           'before the kill: A has 3 in flight (2 streams, 1 being stored) '
           . 'and 2 queued; B has 1 in flight and 2 queued');
 is(inflight_gauge(), $N, "... the in-flight gauge is $N");

@@ -1067,6 +1067,21 @@ sub worker_conns {
            $self->worker_pids;
 }
 
+# The connection counts of worker_conns for @pids, flattened, once they
+# are @$want (or after 5 s): a connection dropped while placing requests
+# may still be closing when the last request is placed, and the workers
+# let go of it a moment later, whatever the scheduler does meanwhile.
+sub settled_conns {
+    my ($self, $mock_port, $want, @pids) = @_;
+    my @got;
+    $self->wait_until(sub {
+        my %c = $self->worker_conns($mock_port);
+        @got = map { @{ $c{$_} || [] } } @pids;
+        return "@got" eq "@$want";
+    }, 5, 0.05);
+    return \@got;
+}
+
 # Sends one request ($req: http() options) from a child process of its
 # own (bg_parallel, timeout => $o{timeout}, default 40) and returns ($bg,
 # pid of the worker that accepted it) once a worker has its connection
