@@ -1,7 +1,9 @@
 /*
  * Copyright (C) ngx_deepseek_guard_module authors
  *
- * Unit tests of dsg_queue: slot layout, ordering, reaping, wait estimates.
+ * Unit tests of dsg_queue: layout limits, the waiter pool, per-key order
+ * (class, then ticket), the ACTIVE / DORMANT / READY state machine, the
+ * ready list, several keys sharing one pool, wait estimates.
  */
 
 
@@ -12,341 +14,1052 @@
 #include "dsg_queue.h"
 
 
+Suite *dsg_queue_suite(void);
+
+
 #define CRIT  0
 #define NORM  1
 #define LOW   2
 
-#define KEY_A  0x1000
-#define KEY_B  0x2000
+
+/*
+ * Check's ck_assert*() report every passed assertion to the runner (a
+ * write), too slow for loops over 65535 waiters: these report only a
+ * failure.
+ */
+
+#define t_assert(cond)                                                       \
+    do {                                                                     \
+        if (!(cond)) {                                                       \
+            ck_abort_msg("Assertion '%s' failed", #cond);                    \
+        }                                                                    \
+    } while (0)
 
 
-static dsg_queue_layout_t *
-layout(dsg_queue_layout_t *l, uint32_t crit, uint32_t norm, uint32_t low)
+/* pushes a waiter of q whose key is q itself, pid owner + 100 */
+
+static dsg_waiter_t *
+t_push(dsg_pool_t *p, dsg_waitq_t *q, uint32_t cls, uint64_t ticket,
+    uint64_t owner)
 {
-    uint32_t  qlen[3];
-
-    qlen[0] = crit;
-    qlen[1] = norm;
-    qlen[2] = low;
-
-    ck_assert_int_eq(dsg_queue_layout_init(l, qlen, 3), DSG_OK);
-
-    return l;
+    return dsg_queue_push(p, q, cls, ticket, (uint32_t) owner + 100, owner,
+                          q, NULL);
 }
 
 
-/* the glue's reaper: frees every waiting slot of a dead pid */
+/*
+ * q's class lists are well linked, in ticket order, counted, every waiter
+ * of q is live and keyed to q; returns the number of waiters
+ */
 
 static uint32_t
-t_reap(const dsg_queue_layout_t *l, dsg_slot_t *slots, uint32_t pid)
+t_check_q(const dsg_waitq_t *q)
 {
-    uint32_t  i, n;
+    uint32_t       k, n, total;
+    dsg_waiter_t  *w, *prev;
+
+    total = 0;
+
+    for (k = 0; k < DSG_MAX_CLASSES; k++) {
+        n = 0;
+        prev = NULL;
+
+        for (w = q->head[k]; w != NULL; w = w->next) {
+            t_assert(w->prev == prev);
+            t_assert(w->cls == k);
+            t_assert(w->key == q);
+            t_assert(w->state == DSG_WAITER_DORMANT
+                     || w->state == DSG_WAITER_READY
+                     || w->state == DSG_WAITER_ACTIVE);
+
+            if (prev != NULL) {
+                t_assert(w->ticket > prev->ticket);
+            }
+
+            prev = w;
+            n++;
+            t_assert(n <= q->total);
+        }
+
+        t_assert(q->tail[k] == prev);
+        t_assert(q->count[k] == n);
+        total += n;
+    }
+
+    t_assert(q->total == total);
+
+    return total;
+}
+
+
+/* the ready list is well linked, all READY, nready long; is w on it */
+
+static int
+t_on_ready(const dsg_pool_t *p, const dsg_waiter_t *w)
+{
+    int            found;
+    uint32_t       n;
+    dsg_waiter_t  *r, *prev;
+
+    found = 0;
+    n = 0;
+    prev = NULL;
+
+    for (r = p->ready; r != NULL; r = r->rnext) {
+        t_assert(r->rprev == prev);
+        t_assert(r->state == DSG_WAITER_READY);
+        found |= (r == w);
+        prev = r;
+        n++;
+        t_assert(n <= p->size);
+    }
+
+    t_assert(p->nready == n);
+
+    return found;
+}
+
+
+/* the free list is nfree long, all FREE */
+
+static void
+t_check_free(const dsg_pool_t *p)
+{
+    uint32_t       n;
+    dsg_waiter_t  *w;
 
     n = 0;
 
-    for (i = 0; i < l->total; i++) {
-        if (slots[i].state != DSG_SLOT_FREE && slots[i].pid == pid) {
-            dsg_queue_free(slots, i);
-            n++;
-        }
+    for (w = p->free; w != NULL; w = w->next) {
+        t_assert(w->state == DSG_WAITER_FREE);
+        n++;
+        t_assert(n <= p->size);
     }
 
-    return n;
+    t_assert(p->nfree == n);
+}
+
+
+/* a small deterministic generator */
+
+static uint32_t
+t_rand(uint32_t *s)
+{
+    *s ^= *s << 13;
+    *s ^= *s >> 17;
+    *s ^= *s << 5;
+
+    return *s;
 }
 
 
 START_TEST(test_layout)
 {
+    uint32_t            k, qlen[DSG_MAX_CLASSES + 1] = { 2, 0, 3 };
     dsg_queue_layout_t  l;
-    uint32_t            qlen[DSG_MAX_CLASSES + 1] = { 2, 0, 3 };
 
-    layout(&l, 2, 0, 3);
-
+    ck_assert_int_eq(dsg_queue_layout_init(&l, qlen, 3), DSG_OK);
     ck_assert_uint_eq(l.nclasses, 3);
-    ck_assert_uint_eq(l.total, 5);
-    ck_assert_uint_eq(l.first[0], 0);
     ck_assert_uint_eq(l.len[0], 2);
-    ck_assert_uint_eq(l.first[1], 2);
     ck_assert_uint_eq(l.len[1], 0);
-    ck_assert_uint_eq(l.first[2], 2);
     ck_assert_uint_eq(l.len[2], 3);
+    ck_assert_uint_eq(l.total, 5);
 
+    /* 1..DSG_MAX_CLASSES classes */
     ck_assert_int_eq(dsg_queue_layout_init(&l, qlen, 0), DSG_EINVAL);
     ck_assert_int_eq(dsg_queue_layout_init(&l, qlen, DSG_MAX_CLASSES + 1),
                      DSG_EINVAL);
+    ck_assert_int_eq(dsg_queue_layout_init(&l, qlen, UINT32_MAX),
+                     DSG_EINVAL);
+    ck_assert_int_eq(dsg_queue_layout_init(&l, qlen, 1), DSG_OK);
+    ck_assert_uint_eq(l.nclasses, 1);
+    ck_assert_uint_eq(l.total, 2);
+    ck_assert_int_eq(dsg_queue_layout_init(&l, qlen, DSG_MAX_CLASSES),
+                     DSG_OK);
+    ck_assert_uint_eq(l.nclasses, DSG_MAX_CLASSES);
+    ck_assert_uint_eq(l.total, 5);
 
-    qlen[0] = DSG_QUEUE_MAX_SLOTS;
+    /* at most DSG_QUEUE_MAX_SLOTS places in all */
+    ck_assert_uint_eq(DSG_QUEUE_MAX_SLOTS, 65535);
+    qlen[0] = DSG_QUEUE_MAX_SLOTS - 2;
     ck_assert_int_eq(dsg_queue_layout_init(&l, qlen, 3), DSG_EINVAL);
     qlen[0] = DSG_QUEUE_MAX_SLOTS - 3;
     ck_assert_int_eq(dsg_queue_layout_init(&l, qlen, 3), DSG_OK);
     ck_assert_uint_eq(l.total, DSG_QUEUE_MAX_SLOTS);
+    ck_assert_uint_eq(l.len[0], DSG_QUEUE_MAX_SLOTS - 3);
+
+    qlen[0] = DSG_QUEUE_MAX_SLOTS;
+    qlen[2] = 0;
+    ck_assert_int_eq(dsg_queue_layout_init(&l, qlen, 3), DSG_OK);
+    ck_assert_uint_eq(l.total, 65535);
+    qlen[0] = DSG_QUEUE_MAX_SLOTS + 1;
+    ck_assert_int_eq(dsg_queue_layout_init(&l, qlen, 1), DSG_EINVAL);
+
+    /* spread over every class */
+    for (k = 0; k < DSG_MAX_CLASSES; k++) {
+        qlen[k] = 8192;
+    }
+
+    ck_assert_int_eq(dsg_queue_layout_init(&l, qlen, DSG_MAX_CLASSES),
+                     DSG_EINVAL);
+    qlen[DSG_MAX_CLASSES - 1] = 8191;
+    ck_assert_int_eq(dsg_queue_layout_init(&l, qlen, DSG_MAX_CLASSES),
+                     DSG_OK);
+    ck_assert_uint_eq(l.total, 65535);
+
+    /* only the first nclasses count */
+    qlen[DSG_MAX_CLASSES] = UINT32_MAX;
+    ck_assert_int_eq(dsg_queue_layout_init(&l, qlen, DSG_MAX_CLASSES),
+                     DSG_OK);
 
     /* no wrap of the total */
     qlen[0] = UINT32_MAX;
     qlen[1] = 2;
-    ck_assert_int_eq(dsg_queue_layout_init(&l, qlen, 3), DSG_EINVAL);
+    ck_assert_int_eq(dsg_queue_layout_init(&l, qlen, 2), DSG_EINVAL);
 
     /* no queues at all */
     ck_assert_int_eq(dsg_queue_layout_init(&l, NULL, 2), DSG_OK);
+    ck_assert_uint_eq(l.nclasses, 2);
+    ck_assert_uint_eq(l.len[0], 0);
+    ck_assert_uint_eq(l.len[1], 0);
     ck_assert_uint_eq(l.total, 0);
+
+    ck_assert_int_eq(dsg_queue_layout_init(NULL, qlen, 2), DSG_EINVAL);
 }
 END_TEST
 
 
-START_TEST(test_take_full)
+START_TEST(test_pool)
 {
-    dsg_queue_layout_t  l;
-    dsg_slot_t          slots[5];
-    int                 i, a, b;
+    int            i, j;
+    dsg_pool_t     p;
+    dsg_waitq_t    q;
+    dsg_waiter_t   w[5], *x[5], *y;
 
-    layout(&l, 2, 0, 3);
-    memset(slots, 0xff, sizeof(slots));
-    dsg_queue_init(&l, slots);
+    memset(&p, 0, sizeof(p));
+    memset(&q, 0, sizeof(q));
+    memset(w, 0xa5, sizeof(w));
+
+    /* two batches; records outside the batches are left alone */
+
+    dsg_pool_add(&p, w, 3);
+    ck_assert_uint_eq(p.nfree, 3);
+    ck_assert_uint_eq(p.size, 3);
+    ck_assert_uint_eq(p.nready, 0);
+    ck_assert_ptr_null(p.ready);
+    ck_assert_uint_eq(w[3].pid, 0xa5a5a5a5);
+    t_check_free(&p);
+
+    dsg_pool_add(&p, &w[3], 2);
+    ck_assert_uint_eq(p.nfree, 5);
+    ck_assert_uint_eq(p.size, 5);
+    t_check_free(&p);
+
+    dsg_pool_add(&p, w, 0);
+    ck_assert_uint_eq(p.nfree, 5);
+    ck_assert_uint_eq(p.size, 5);
+
+    /* an unknown class takes nothing */
+    ck_assert_ptr_null(t_push(&p, &q, DSG_MAX_CLASSES, 1, 1));
+    ck_assert_ptr_null(t_push(&p, &q, UINT32_MAX, 1, 1));
+    ck_assert_uint_eq(p.nfree, 5);
+    ck_assert_uint_eq(q.total, 0);
+
+    /* push until the pool is empty */
 
     for (i = 0; i < 5; i++) {
-        ck_assert_uint_eq(slots[i].state, DSG_SLOT_FREE);
+        x[i] = dsg_queue_push(&p, &q, (uint32_t) i % 3, 10 + i, 200 + i,
+                              7000 + i, &q, &w[i]);
+        ck_assert_ptr_nonnull(x[i]);
+        ck_assert(x[i] >= &w[0] && x[i] <= &w[4]);
+
+        for (j = 0; j < i; j++) {
+            ck_assert_ptr_ne(x[i], x[j]);
+        }
+
+        ck_assert_uint_eq(x[i]->cls, (uint32_t) i % 3);
+        ck_assert_uint_eq(x[i]->ticket, 10 + i);
+        ck_assert_uint_eq(x[i]->pid, 200 + i);
+        ck_assert_uint_eq(x[i]->owner, 7000 + i);
+        ck_assert_ptr_eq(x[i]->key, &q);
+        ck_assert_ptr_eq(x[i]->data, &w[i]);
+        ck_assert_ptr_null(x[i]->rnext);
+        ck_assert_ptr_null(x[i]->rprev);
+        ck_assert_uint_eq(p.nfree, 4 - i);
+        ck_assert_uint_eq(p.size, 5);
+        ck_assert_uint_eq(t_check_q(&q), i + 1);
     }
 
-    a = dsg_queue_take(&l, slots, CRIT, 11, 1, 500, KEY_A);
-    b = dsg_queue_take(&l, slots, CRIT, 12, 2, 600, KEY_B);
-    ck_assert_int_eq(a, 0);
-    ck_assert_int_eq(b, 1);
-    ck_assert_int_eq(dsg_queue_take(&l, slots, CRIT, 13, 3, 700, KEY_A), -1);
+    ck_assert_ptr_null(p.free);
+    ck_assert_ptr_null(t_push(&p, &q, CRIT, 20, 1));
+    ck_assert_ptr_null(t_push(&p, &q, LOW, 20, 1));
+    ck_assert_uint_eq(p.nfree, 0);
+    ck_assert_uint_eq(t_check_q(&q), 5);
 
-    ck_assert_uint_eq(slots[b].pid, 12);
-    ck_assert_uint_eq(slots[b].state, DSG_SLOT_WAITING);
-    ck_assert_uint_eq(slots[b].cls, CRIT);
-    ck_assert_uint_eq(slots[b].ticket, 2);
-    ck_assert_uint_eq(slots[b].deadline_ms, 600);
-    ck_assert_uint_eq(slots[b].key, KEY_B);
+    /* a removed record is free again, and the next one pushed */
 
-    /* a class without slots never queues, neither does an unknown class */
-    ck_assert_int_eq(dsg_queue_take(&l, slots, NORM, 13, 4, 700, KEY_A), -1);
-    ck_assert_int_eq(dsg_queue_take(&l, slots, 3, 13, 4, 700, KEY_A), -1);
+    dsg_queue_remove(&p, &q, x[3]);
+    ck_assert_uint_eq(x[3]->state, DSG_WAITER_FREE);
+    ck_assert_uint_eq(p.nfree, 1);
+    ck_assert_uint_eq(p.size, 5);
+    ck_assert_uint_eq(t_check_q(&q), 4);
+    t_check_free(&p);
 
-    /* a full class does not spill into a lower one's range */
-    for (i = 0; i < 3; i++) {
-        ck_assert_int_eq(dsg_queue_take(&l, slots, LOW, 13, 5 + i, 700,
-                                        KEY_A),
-                         2 + i);
+    y = t_push(&p, &q, LOW, 21, 1);
+    ck_assert_ptr_eq(y, x[3]);
+    ck_assert_uint_eq(y->ticket, 21);
+    ck_assert_uint_eq(y->cls, LOW);
+    ck_assert_ptr_null(t_push(&p, &q, LOW, 22, 1));
+    x[3] = y;
+
+    /* removing everyone frees every record */
+
+    for (i = 0; i < 5; i++) {
+        dsg_queue_remove(&p, &q, x[i]);
+        ck_assert_uint_eq(x[i]->state, DSG_WAITER_FREE);
+        ck_assert_uint_eq(p.nfree, i + 1);
+        ck_assert_uint_eq(t_check_q(&q), 4 - i);
+        t_check_free(&p);
     }
 
-    ck_assert_int_eq(dsg_queue_take(&l, slots, LOW, 13, 9, 700, KEY_A), -1);
+    ck_assert_uint_eq(p.size, 5);
+    ck_assert_uint_eq(p.nready, 0);
+    ck_assert_ptr_null(dsg_queue_head(&q));
 
-    /* a freed slot is taken again */
-    dsg_queue_free(slots, a);
-    dsg_queue_free(slots, a);
-    dsg_queue_free(slots, -1);
-    ck_assert_uint_eq(slots[a].state, DSG_SLOT_FREE);
-    ck_assert_uint_eq(dsg_queue_depth(&l, slots, CRIT), 1);
-    ck_assert_int_eq(dsg_queue_take(&l, slots, CRIT, 14, 10, 800, KEY_A), a);
-    ck_assert_uint_eq(slots[a].pid, 14);
-    ck_assert_uint_eq(slots[a].ticket, 10);
+    /* a record already free, or none: nothing happens */
+    ck_assert_ptr_null(dsg_queue_remove(&p, &q, x[0]));
+    ck_assert_ptr_null(dsg_queue_remove(&p, &q, NULL));
+    ck_assert_uint_eq(p.nfree, 5);
+    t_check_free(&p);
+
+    /* and the pool serves 5 again */
+    for (i = 0; i < 5; i++) {
+        ck_assert_ptr_nonnull(t_push(&p, &q, NORM, 30 + i, 1));
+    }
+
+    ck_assert_ptr_null(t_push(&p, &q, NORM, 40, 1));
+    ck_assert_uint_eq(t_check_q(&q), 5);
 }
 END_TEST
 
 
-START_TEST(test_ordering)
+START_TEST(test_order)
 {
-    dsg_queue_layout_t  l;
-    dsg_slot_t          slots[12];
-    int                 low0, norm1, norm3, crit5, crit6, b_low, b_norm;
+    int            i;
+    dsg_pool_t     p;
+    dsg_waitq_t    q;
+    dsg_waiter_t   w[16], *a, *b, *c, *d, *e, *f, *h, *r, *order[6];
 
-    layout(&l, 4, 4, 4);
-    dsg_queue_init(&l, slots);
+    memset(&p, 0, sizeof(p));
+    memset(&q, 0, sizeof(q));
+    dsg_pool_add(&p, w, 16);
 
-    /* arrival order (tickets) differs from priority order */
-    low0 = dsg_queue_take(&l, slots, LOW, 1, 0, 0, KEY_A);
-    norm1 = dsg_queue_take(&l, slots, NORM, 1, 1, 0, KEY_A);
-    b_low = dsg_queue_take(&l, slots, LOW, 1, 2, 0, KEY_B);
-    norm3 = dsg_queue_take(&l, slots, NORM, 2, 3, 0, KEY_A);
-    b_norm = dsg_queue_take(&l, slots, NORM, 2, 4, 0, KEY_B);
-    crit5 = dsg_queue_take(&l, slots, CRIT, 2, 5, 0, KEY_A);
-    crit6 = dsg_queue_take(&l, slots, CRIT, 1, 6, 0, KEY_A);
+    ck_assert_ptr_null(dsg_queue_head(&q));
 
-    ck_assert_uint_eq(dsg_queue_ahead(&l, slots, crit5), 0);
-    ck_assert_uint_eq(dsg_queue_ahead(&l, slots, crit6), 1);
-    ck_assert_uint_eq(dsg_queue_ahead(&l, slots, norm1), 2);
-    ck_assert_uint_eq(dsg_queue_ahead(&l, slots, norm3), 3);
-    ck_assert_uint_eq(dsg_queue_ahead(&l, slots, low0), 4);
-    ck_assert_int_eq(dsg_queue_head(&l, slots, KEY_A), crit5);
+    /* arrival order differs from priority order */
 
-    /* another key is independent */
-    ck_assert_uint_eq(dsg_queue_ahead(&l, slots, b_norm), 0);
-    ck_assert_uint_eq(dsg_queue_ahead(&l, slots, b_low), 1);
-    ck_assert_int_eq(dsg_queue_head(&l, slots, KEY_B), b_norm);
-    ck_assert_int_eq(dsg_queue_head(&l, slots, 0x3000), -1);
+    a = t_push(&p, &q, LOW, 1, 1);
+    ck_assert_uint_eq(a->state, DSG_WAITER_ACTIVE);
+    ck_assert_ptr_eq(dsg_queue_head(&q), a);
+    ck_assert_int_eq(dsg_queue_sleep(&q, a), 0);
+    ck_assert_uint_eq(a->state, DSG_WAITER_ACTIVE);
 
-    /* newcomers: everyone of the same key at its class or above */
-    ck_assert_uint_eq(dsg_queue_ahead_of_new(&l, slots, CRIT, KEY_A), 2);
-    ck_assert_uint_eq(dsg_queue_ahead_of_new(&l, slots, NORM, KEY_A), 4);
-    ck_assert_uint_eq(dsg_queue_ahead_of_new(&l, slots, LOW, KEY_A), 5);
-    ck_assert_uint_eq(dsg_queue_ahead_of_new(&l, slots, CRIT, KEY_B), 0);
-    ck_assert_uint_eq(dsg_queue_ahead_of_new(&l, slots, LOW, KEY_B), 2);
-    ck_assert_uint_eq(dsg_queue_ahead_of_new(&l, slots, 7, KEY_B), 2);
+    /* a higher class arrives: the new head is ACTIVE, the old one may sleep */
 
-    /* the head leaves: everyone moves up by one */
-    dsg_queue_free(slots, crit5);
-    ck_assert_int_eq(dsg_queue_head(&l, slots, KEY_A), crit6);
-    ck_assert_uint_eq(dsg_queue_ahead(&l, slots, crit6), 0);
-    ck_assert_uint_eq(dsg_queue_ahead(&l, slots, norm1), 1);
-    ck_assert_uint_eq(dsg_queue_ahead(&l, slots, low0), 3);
+    b = t_push(&p, &q, NORM, 2, 2);
+    ck_assert_uint_eq(b->state, DSG_WAITER_ACTIVE);
+    ck_assert_ptr_eq(dsg_queue_head(&q), b);
+    ck_assert_uint_eq(a->state, DSG_WAITER_ACTIVE);
+    ck_assert_int_eq(dsg_queue_sleep(&q, b), 0);
+    ck_assert_uint_eq(b->state, DSG_WAITER_ACTIVE);
+    ck_assert_int_eq(dsg_queue_sleep(&q, a), 1);
+    ck_assert_uint_eq(a->state, DSG_WAITER_DORMANT);
+    ck_assert_int_eq(dsg_queue_sleep(&q, a), 0);
+    ck_assert_uint_eq(a->state, DSG_WAITER_DORMANT);
 
-    /* one in the middle leaves: only those behind move */
-    dsg_queue_free(slots, norm1);
-    ck_assert_uint_eq(dsg_queue_ahead(&l, slots, crit6), 0);
-    ck_assert_uint_eq(dsg_queue_ahead(&l, slots, norm3), 1);
-    ck_assert_uint_eq(dsg_queue_ahead(&l, slots, low0), 2);
+    c = t_push(&p, &q, LOW, 3, 1);
+    d = t_push(&p, &q, NORM, 4, 2);
+    ck_assert_uint_eq(c->state, DSG_WAITER_DORMANT);
+    ck_assert_uint_eq(d->state, DSG_WAITER_DORMANT);
+    ck_assert_ptr_eq(dsg_queue_head(&q), b);
 
-    /* a free slot or a bad index has nobody ahead */
-    ck_assert_uint_eq(dsg_queue_ahead(&l, slots, norm1), 0);
-    ck_assert_uint_eq(dsg_queue_ahead(&l, slots, -1), 0);
-    ck_assert_uint_eq(dsg_queue_ahead(&l, slots, 12), 0);
+    e = t_push(&p, &q, CRIT, 5, 3);
+    ck_assert_uint_eq(e->state, DSG_WAITER_ACTIVE);
+    ck_assert_ptr_eq(dsg_queue_head(&q), e);
+    ck_assert_int_eq(dsg_queue_sleep(&q, e), 0);
+    ck_assert_int_eq(dsg_queue_sleep(&q, b), 1);
+    ck_assert_uint_eq(b->state, DSG_WAITER_DORMANT);
+
+    f = t_push(&p, &q, CRIT, 6, 1);
+    ck_assert_uint_eq(f->state, DSG_WAITER_DORMANT);
+    ck_assert_int_eq(dsg_queue_sleep(&q, f), 0);
+
+    /* per class FIFO lists */
+
+    ck_assert_ptr_eq(q.head[CRIT], e);
+    ck_assert_ptr_eq(e->next, f);
+    ck_assert_ptr_eq(q.tail[CRIT], f);
+    ck_assert_ptr_eq(q.head[NORM], b);
+    ck_assert_ptr_eq(b->next, d);
+    ck_assert_ptr_eq(q.tail[NORM], d);
+    ck_assert_ptr_eq(q.head[LOW], a);
+    ck_assert_ptr_eq(a->next, c);
+    ck_assert_ptr_eq(q.tail[LOW], c);
+    ck_assert_uint_eq(q.count[CRIT], 2);
+    ck_assert_uint_eq(q.count[NORM], 2);
+    ck_assert_uint_eq(q.count[LOW], 2);
+    ck_assert_uint_eq(t_check_q(&q), 6);
+
+    /* serving the head repeatedly: class first, then ticket */
+
+    order[0] = e;
+    order[1] = f;
+    order[2] = b;
+    order[3] = d;
+    order[4] = a;
+    order[5] = c;
+
+    for (i = 0; i < 6; i++) {
+        h = dsg_queue_head(&q);
+        ck_assert_ptr_eq(h, order[i]);
+        ck_assert_uint_eq(h->state, DSG_WAITER_ACTIVE);
+
+        r = dsg_queue_remove(&p, &q, h);
+
+        if (i == 5) {
+            ck_assert_ptr_null(r);
+            break;
+        }
+
+        /* the next one was DORMANT: it is READY now */
+        ck_assert_ptr_eq(r, order[i + 1]);
+        ck_assert_ptr_eq(dsg_queue_head(&q), r);
+        ck_assert_uint_eq(r->state, DSG_WAITER_READY);
+        ck_assert(t_on_ready(&p, r));
+        ck_assert_uint_eq(p.nready, 1);
+
+        dsg_queue_activate(&p, r);
+        ck_assert_uint_eq(r->state, DSG_WAITER_ACTIVE);
+        ck_assert_uint_eq(p.nready, 0);
+        ck_assert_uint_eq(t_check_q(&q), 5 - i);
+    }
+
+    ck_assert_ptr_null(dsg_queue_head(&q));
+    ck_assert_uint_eq(t_check_q(&q), 0);
+    ck_assert_uint_eq(p.nfree, 16);
 }
 END_TEST
 
 
-/* FIFO within a class, whatever slot each waiter landed in */
+/* taking waiters out of the middle and the ends of a class */
 
-START_TEST(test_fifo)
+START_TEST(test_unlink)
 {
-    dsg_queue_layout_t  l;
-    dsg_slot_t          slots[8];
-    int                 idx[8], i, j;
-    uint64_t            ticket;
+    dsg_pool_t     p;
+    dsg_waitq_t    q;
+    dsg_waiter_t   w[8], *x, *y, *z, *lo;
 
-    layout(&l, 0, 8, 0);
-    dsg_queue_init(&l, slots);
+    memset(&p, 0, sizeof(p));
+    memset(&q, 0, sizeof(q));
+    dsg_pool_add(&p, w, 8);
 
-    ticket = 100;
+    x = t_push(&p, &q, NORM, 1, 1);
+    y = t_push(&p, &q, NORM, 2, 1);
+    z = t_push(&p, &q, NORM, 3, 1);
+    lo = t_push(&p, &q, LOW, 4, 1);
 
-    for (i = 0; i < 8; i++) {
-        idx[i] = dsg_queue_take(&l, slots, NORM, 1, ticket++, 0, KEY_A);
+    /* not the head: nobody promoted */
+    ck_assert_ptr_null(dsg_queue_remove(&p, &q, y));
+    ck_assert_ptr_eq(x->next, z);
+    ck_assert_ptr_eq(z->prev, x);
+    ck_assert_ptr_eq(dsg_queue_head(&q), x);
+    ck_assert_uint_eq(t_check_q(&q), 3);
+
+    ck_assert_ptr_null(dsg_queue_remove(&p, &q, z));
+    ck_assert_ptr_eq(q.tail[NORM], x);
+    ck_assert_ptr_null(x->next);
+    ck_assert_uint_eq(t_check_q(&q), 2);
+    ck_assert_uint_eq(p.nready, 0);
+    ck_assert_uint_eq(lo->state, DSG_WAITER_DORMANT);
+
+    /* the last of its class: the next class's head is promoted */
+    ck_assert_ptr_eq(dsg_queue_remove(&p, &q, x), lo);
+    ck_assert_ptr_null(q.head[NORM]);
+    ck_assert_ptr_null(q.tail[NORM]);
+    ck_assert_uint_eq(q.count[NORM], 0);
+    ck_assert_uint_eq(lo->state, DSG_WAITER_READY);
+    ck_assert_uint_eq(t_check_q(&q), 1);
+
+    ck_assert_ptr_null(dsg_queue_remove(&p, &q, lo));
+    ck_assert_uint_eq(p.nready, 0);
+    ck_assert_ptr_null(p.ready);
+    ck_assert_uint_eq(t_check_q(&q), 0);
+    ck_assert_uint_eq(p.nfree, 8);
+    t_check_free(&p);
+}
+END_TEST
+
+
+START_TEST(test_states)
+{
+    dsg_pool_t     p;
+    dsg_waitq_t    qa, qb;
+    dsg_waiter_t   w[16], *a1, *a2, *a3, *b1, *b2, *out[4];
+
+    memset(&p, 0, sizeof(p));
+    memset(&qa, 0, sizeof(qa));
+    memset(&qb, 0, sizeof(qb));
+    dsg_pool_add(&p, w, 16);
+
+    /* the first waiter of a key is ACTIVE, the later ones DORMANT */
+
+    a1 = t_push(&p, &qa, NORM, 1, 1);
+    a2 = t_push(&p, &qa, NORM, 2, 2);
+    a3 = t_push(&p, &qa, NORM, 3, 1);
+    b1 = t_push(&p, &qb, NORM, 4, 2);
+    b2 = t_push(&p, &qb, NORM, 5, 1);
+
+    ck_assert_uint_eq(a1->state, DSG_WAITER_ACTIVE);
+    ck_assert_uint_eq(a2->state, DSG_WAITER_DORMANT);
+    ck_assert_uint_eq(a3->state, DSG_WAITER_DORMANT);
+    ck_assert_uint_eq(b1->state, DSG_WAITER_ACTIVE);
+    ck_assert_uint_eq(b2->state, DSG_WAITER_DORMANT);
+    ck_assert_uint_eq(p.nready, 0);
+    ck_assert_ptr_null(p.ready);
+
+    /* nothing READY: nothing to pick up, whoever asks */
+    ck_assert_uint_eq(dsg_queue_pickup(&p, 1, out, 4), 0);
+    ck_assert_uint_eq(dsg_queue_pickup(&p, 2, out, 4), 0);
+
+    /* the head goes: the next, DORMANT, becomes READY and is returned */
+
+    ck_assert_ptr_eq(dsg_queue_remove(&p, &qa, a1), a2);
+    ck_assert_uint_eq(a2->state, DSG_WAITER_READY);
+    ck_assert_uint_eq(a3->state, DSG_WAITER_DORMANT);
+    ck_assert_ptr_eq(dsg_queue_head(&qa), a2);
+    ck_assert_uint_eq(p.nready, 1);
+    ck_assert(t_on_ready(&p, a2));
+
+    /* a READY head is not ACTIVE: sleep does nothing to it */
+    ck_assert_int_eq(dsg_queue_sleep(&qa, a2), 0);
+    ck_assert_uint_eq(a2->state, DSG_WAITER_READY);
+
+    ck_assert_ptr_eq(dsg_queue_remove(&p, &qb, b1), b2);
+    ck_assert_uint_eq(b2->state, DSG_WAITER_READY);
+    ck_assert_uint_eq(p.nready, 2);
+    ck_assert(t_on_ready(&p, a2));
+    ck_assert(t_on_ready(&p, b2));
+
+    /* picking up: only the owner's; the other owner's stay READY */
+
+    ck_assert_uint_eq(dsg_queue_pickup(&p, 3, out, 4), 0);
+    ck_assert_uint_eq(dsg_queue_pickup(&p, 1, out, 0), 0);
+    ck_assert_uint_eq(p.nready, 2);
+
+    ck_assert_uint_eq(dsg_queue_pickup(&p, 1, out, 4), 1);
+    ck_assert_ptr_eq(out[0], b2);
+    ck_assert_uint_eq(b2->state, DSG_WAITER_ACTIVE);
+    ck_assert(!t_on_ready(&p, b2));
+    ck_assert_uint_eq(a2->state, DSG_WAITER_READY);
+    ck_assert(t_on_ready(&p, a2));
+    ck_assert_uint_eq(p.nready, 1);
+    ck_assert_uint_eq(dsg_queue_pickup(&p, 1, out, 4), 0);
+
+    /*
+     * a READY waiter removed (its owner gave up, or died): off the ready
+     * list; the next of its key becomes READY in its place
+     */
+
+    ck_assert_ptr_eq(dsg_queue_remove(&p, &qa, a2), a3);
+    ck_assert_uint_eq(a2->state, DSG_WAITER_FREE);
+    ck_assert(!t_on_ready(&p, a2));
+    ck_assert(t_on_ready(&p, a3));
+    ck_assert_uint_eq(a3->state, DSG_WAITER_READY);
+    ck_assert_uint_eq(p.nready, 1);
+
+    /* activate: READY to ACTIVE, off the list; nothing else changes */
+
+    dsg_queue_activate(&p, a3);
+    ck_assert_uint_eq(a3->state, DSG_WAITER_ACTIVE);
+    ck_assert_uint_eq(p.nready, 0);
+    ck_assert_ptr_null(p.ready);
+    ck_assert(!t_on_ready(&p, a3));
+
+    dsg_queue_activate(&p, a3);
+    ck_assert_uint_eq(a3->state, DSG_WAITER_ACTIVE);
+    ck_assert_uint_eq(p.nready, 0);
+
+    a1 = t_push(&p, &qa, NORM, 6, 2);
+    ck_assert_uint_eq(a1->state, DSG_WAITER_DORMANT);
+    dsg_queue_activate(&p, a1);
+    ck_assert_uint_eq(a1->state, DSG_WAITER_DORMANT);
+    ck_assert_uint_eq(p.nready, 0);
+
+    /* the last one of a key goes: nobody to promote */
+    ck_assert_ptr_null(dsg_queue_remove(&p, &qb, b2));
+    ck_assert_ptr_null(dsg_queue_head(&qb));
+    ck_assert_uint_eq(p.nready, 0);
+
+    ck_assert_uint_eq(t_check_q(&qa), 2);
+    ck_assert_uint_eq(t_check_q(&qb), 0);
+    ck_assert_uint_eq(p.nfree, 14);
+    t_check_free(&p);
+}
+END_TEST
+
+
+/* heads that lose and regain their place */
+
+START_TEST(test_states_preempted)
+{
+    dsg_pool_t     p;
+    dsg_waitq_t    q;
+    dsg_waiter_t   w[8], *a, *b, *c, *hi, *out[2];
+
+    memset(&p, 0, sizeof(p));
+    memset(&q, 0, sizeof(q));
+    dsg_pool_add(&p, w, 8);
+
+    /* an ACTIVE head overtaken that never slept is the head again: ACTIVE */
+
+    a = t_push(&p, &q, LOW, 1, 1);
+    b = t_push(&p, &q, LOW, 2, 1);
+    hi = t_push(&p, &q, CRIT, 3, 2);
+    ck_assert_uint_eq(a->state, DSG_WAITER_ACTIVE);
+    ck_assert_uint_eq(hi->state, DSG_WAITER_ACTIVE);
+
+    ck_assert_ptr_null(dsg_queue_remove(&p, &q, hi));
+    ck_assert_ptr_eq(dsg_queue_head(&q), a);
+    ck_assert_uint_eq(a->state, DSG_WAITER_ACTIVE);
+    ck_assert_uint_eq(p.nready, 0);
+
+    /* one that slept is woken: READY */
+
+    hi = t_push(&p, &q, CRIT, 4, 2);
+    ck_assert_int_eq(dsg_queue_sleep(&q, a), 1);
+    ck_assert_uint_eq(a->state, DSG_WAITER_DORMANT);
+    ck_assert_ptr_eq(dsg_queue_remove(&p, &q, hi), a);
+    ck_assert_uint_eq(a->state, DSG_WAITER_READY);
+    ck_assert_uint_eq(p.nready, 1);
+
+    /*
+     * a READY head overtaken stays READY (its owner will find out); when
+     * it is the head again it is not promoted twice
+     */
+
+    hi = t_push(&p, &q, CRIT, 5, 2);
+    ck_assert_uint_eq(hi->state, DSG_WAITER_ACTIVE);
+    ck_assert_uint_eq(a->state, DSG_WAITER_READY);
+    ck_assert_int_eq(dsg_queue_sleep(&q, a), 0);
+    ck_assert_ptr_null(dsg_queue_remove(&p, &q, hi));
+    ck_assert_uint_eq(a->state, DSG_WAITER_READY);
+    ck_assert_uint_eq(p.nready, 1);
+    ck_assert(t_on_ready(&p, a));
+
+    /* picked up while overtaken: ACTIVE, then it may sleep */
+
+    hi = t_push(&p, &q, CRIT, 6, 2);
+    ck_assert_uint_eq(dsg_queue_pickup(&p, 1, out, 2), 1);
+    ck_assert_ptr_eq(out[0], a);
+    ck_assert_uint_eq(a->state, DSG_WAITER_ACTIVE);
+    ck_assert_int_eq(dsg_queue_sleep(&q, a), 1);
+    ck_assert_uint_eq(a->state, DSG_WAITER_DORMANT);
+
+    /* a READY waiter not the head removed: off the list, nobody promoted */
+
+    ck_assert_ptr_eq(dsg_queue_remove(&p, &q, hi), a);
+    hi = t_push(&p, &q, CRIT, 7, 2);
+    ck_assert_uint_eq(a->state, DSG_WAITER_READY);
+    ck_assert_ptr_null(dsg_queue_remove(&p, &q, a));
+    ck_assert_uint_eq(p.nready, 0);
+    ck_assert_ptr_null(p.ready);
+    ck_assert_uint_eq(b->state, DSG_WAITER_DORMANT);
+    ck_assert_ptr_eq(dsg_queue_head(&q), hi);
+
+    /* and the one behind it is woken when the head goes */
+    ck_assert_ptr_eq(dsg_queue_remove(&p, &q, hi), b);
+    ck_assert_uint_eq(b->state, DSG_WAITER_READY);
+
+    c = t_push(&p, &q, LOW, 8, 1);
+    ck_assert_uint_eq(c->state, DSG_WAITER_DORMANT);
+    ck_assert_uint_eq(t_check_q(&q), 2);
+    ck_assert(t_on_ready(&p, b));
+    t_check_free(&p);
+}
+END_TEST
+
+
+/* several owners with several READY waiters each */
+
+START_TEST(test_ready_list)
+{
+    int            i, n;
+    uint32_t       got;
+    dsg_pool_t     p;
+    dsg_waitq_t    q[6];
+    dsg_waiter_t   w[24], *head[6], *next[6], *r, *out[8];
+
+    memset(&p, 0, sizeof(p));
+    memset(q, 0, sizeof(q));
+    dsg_pool_add(&p, w, 24);
+
+    /* key i: an ACTIVE head, then a DORMANT waiter of owner i % 2 */
+
+    for (i = 0; i < 6; i++) {
+        head[i] = t_push(&p, &q[i], NORM, 2 * i + 1, 9);
+        next[i] = t_push(&p, &q[i], NORM, 2 * i + 2, i % 2);
     }
 
-    /* free slots 5, 2, 6 and refill them: newcomers take the low slots */
-    dsg_queue_free(slots, idx[5]);
-    dsg_queue_free(slots, idx[2]);
-    dsg_queue_free(slots, idx[6]);
-
-    for (i = 0; i < 3; i++) {
-        idx[i] = dsg_queue_take(&l, slots, NORM, 1, ticket++, 0, KEY_A);
+    for (i = 0; i < 6; i++) {
+        ck_assert_ptr_eq(dsg_queue_remove(&p, &q[i], head[i]), next[i]);
+        ck_assert_uint_eq(p.nready, i + 1);
     }
 
-    ck_assert_int_eq(idx[0], 2);
-    ck_assert_int_eq(idx[1], 5);
-    ck_assert_int_eq(idx[2], 6);
+    for (i = 0; i < 6; i++) {
+        ck_assert(t_on_ready(&p, next[i]));
+    }
 
-    /* order: the old ones in slots 0, 1, 3, 4, 7, then the newcomers */
-    ck_assert_uint_eq(dsg_queue_ahead(&l, slots, 0), 0);
-    ck_assert_uint_eq(dsg_queue_ahead(&l, slots, 1), 1);
-    ck_assert_uint_eq(dsg_queue_ahead(&l, slots, 3), 2);
-    ck_assert_uint_eq(dsg_queue_ahead(&l, slots, 4), 3);
-    ck_assert_uint_eq(dsg_queue_ahead(&l, slots, 7), 4);
-    ck_assert_uint_eq(dsg_queue_ahead(&l, slots, 2), 5);
-    ck_assert_uint_eq(dsg_queue_ahead(&l, slots, 5), 6);
-    ck_assert_uint_eq(dsg_queue_ahead(&l, slots, 6), 7);
-    ck_assert_uint_eq(dsg_queue_ahead_of_new(&l, slots, NORM, KEY_A), 8);
+    /* the one in the middle of the list removed */
 
-    /* serving the head repeatedly yields ticket order */
+    r = p.ready->rnext->rnext;
+
+    for (i = 0; i < 6 && next[i] != r; i++) {
+        /* void */
+    }
+
+    ck_assert_int_lt(i, 6);
+    ck_assert_ptr_null(dsg_queue_remove(&p, &q[i], r));
+    next[i] = NULL;
+    ck_assert_uint_eq(p.nready, 5);
+    ck_assert(!t_on_ready(&p, r));
+
+    /* owner 0 and owner 1 pick theirs up, at most n at a time */
+
+    n = 0;
+
+    for (i = 0; i < 6; i++) {
+        n += (next[i] != NULL && i % 2 == 0);
+    }
+
+    got = dsg_queue_pickup(&p, 0, out, 1);
+    ck_assert_uint_eq(got, 1);
+    ck_assert_uint_eq(out[0]->owner, 0);
+    ck_assert_uint_eq(out[0]->state, DSG_WAITER_ACTIVE);
+    ck_assert_uint_eq(p.nready, 4);
+
+    got = dsg_queue_pickup(&p, 0, out, 8);
+    ck_assert_uint_eq(got, (uint32_t) n - 1);
+    ck_assert_uint_eq(p.nready, 5 - (uint32_t) n);
+
+    for (i = 0; i < 6; i++) {
+        if (next[i] == NULL) {
+            continue;
+        }
+
+        ck_assert_uint_eq(next[i]->state, (i % 2 == 0) ? DSG_WAITER_ACTIVE
+                                                       : DSG_WAITER_READY);
+        ck_assert_int_eq(t_on_ready(&p, next[i]), i % 2 != 0);
+    }
+
+    got = dsg_queue_pickup(&p, 1, out, 8);
+    ck_assert_uint_eq(got, 5 - (uint32_t) n);
+
+    for (i = 0; i < (int) got; i++) {
+        ck_assert_uint_eq(out[i]->owner, 1);
+        ck_assert_uint_eq(out[i]->state, DSG_WAITER_ACTIVE);
+    }
+
+    ck_assert_uint_eq(p.nready, 0);
+    ck_assert_ptr_null(p.ready);
+
+    for (i = 0; i < 6; i++) {
+        ck_assert_uint_eq(t_check_q(&q[i]), next[i] != NULL);
+    }
+
+    t_check_free(&p);
+}
+END_TEST
+
+
+START_TEST(test_ahead_of_new)
+{
+    dsg_pool_t     p;
+    dsg_waitq_t    q;
+    dsg_waiter_t   w[16], *x;
+
+    memset(&p, 0, sizeof(p));
+    memset(&q, 0, sizeof(q));
+    dsg_pool_add(&p, w, 16);
+
+    ck_assert_uint_eq(dsg_queue_ahead_of_new(&q, 0), 0);
+    ck_assert_uint_eq(dsg_queue_ahead_of_new(&q, DSG_MAX_CLASSES - 1), 0);
+    ck_assert_uint_eq(dsg_queue_ahead_of_new(&q, UINT32_MAX), 0);
+
+    t_push(&p, &q, LOW, 1, 1);
+    x = t_push(&p, &q, NORM, 2, 1);
+    t_push(&p, &q, CRIT, 3, 1);
+    t_push(&p, &q, NORM, 4, 1);
+    t_push(&p, &q, DSG_MAX_CLASSES - 1, 5, 1);
+    t_push(&p, &q, CRIT, 6, 1);
+    t_push(&p, &q, NORM, 7, 1);
+
+    /* everyone at its class or above */
+    ck_assert_uint_eq(dsg_queue_ahead_of_new(&q, CRIT), 2);
+    ck_assert_uint_eq(dsg_queue_ahead_of_new(&q, NORM), 5);
+    ck_assert_uint_eq(dsg_queue_ahead_of_new(&q, LOW), 6);
+    ck_assert_uint_eq(dsg_queue_ahead_of_new(&q, 3), 6);
+    ck_assert_uint_eq(dsg_queue_ahead_of_new(&q, DSG_MAX_CLASSES - 2), 6);
+    ck_assert_uint_eq(dsg_queue_ahead_of_new(&q, DSG_MAX_CLASSES - 1), 7);
+    ck_assert_uint_eq(dsg_queue_ahead_of_new(&q, DSG_MAX_CLASSES), 7);
+    ck_assert_uint_eq(dsg_queue_ahead_of_new(&q, UINT32_MAX), 7);
+
+    dsg_queue_remove(&p, &q, x);
+    ck_assert_uint_eq(dsg_queue_ahead_of_new(&q, CRIT), 2);
+    ck_assert_uint_eq(dsg_queue_ahead_of_new(&q, NORM), 4);
+    ck_assert_uint_eq(dsg_queue_ahead_of_new(&q, UINT32_MAX), 6);
+
+    /* the newcomer queues behind exactly that many */
+    x = t_push(&p, &q, NORM, 8, 1);
+    ck_assert_ptr_eq(q.tail[NORM], x);
+    ck_assert_uint_eq(dsg_queue_ahead_of_new(&q, NORM), 5);
+}
+END_TEST
+
+
+/* several keys, each its own dsg_waitq_t, drawing on one pool */
+
+START_TEST(test_keys)
+{
+    int            i, k;
+    uint32_t       cls, n;
+    uint64_t       ticket;
+    dsg_pool_t     p;
+    dsg_waitq_t    q[4];
+    dsg_waiter_t   w[20], *h, *r, *prev;
+
+    memset(&p, 0, sizeof(p));
+    memset(q, 0, sizeof(q));
+    dsg_pool_add(&p, w, 20);
+
+    /* round robin over the keys, classes mixed */
+
+    for (i = 0; i < 20; i++) {
+        k = i % 4;
+        cls = (uint32_t) (i * 7) % 3;
+        h = dsg_queue_head(&q[k]);
+        r = t_push(&p, &q[k], cls, 100 + i, (uint64_t) i % 3);
+        ck_assert_ptr_nonnull(r);
+        ck_assert_ptr_eq(r->key, &q[k]);
+
+        if (h == NULL) {
+            ck_assert_uint_eq(r->state, DSG_WAITER_ACTIVE);
+
+        } else if (dsg_queue_head(&q[k]) == r) {
+            ck_assert_uint_eq(r->state, DSG_WAITER_ACTIVE);
+            ck_assert_int_eq(dsg_queue_sleep(&q[k], h), 1);
+
+        } else {
+            ck_assert_uint_eq(r->state, DSG_WAITER_DORMANT);
+        }
+    }
+
+    for (k = 0; k < 4; k++) {
+        ck_assert_uint_eq(t_check_q(&q[k]), 5);
+    }
+
+    /* the pool is shared: full for every key */
+
+    for (k = 0; k < 4; k++) {
+        ck_assert_ptr_null(t_push(&p, &q[k], CRIT, 200, 0));
+    }
+
+    /* one key emptied: the others do not move */
+
+    while ((h = dsg_queue_head(&q[1])) != NULL) {
+        r = dsg_queue_remove(&p, &q[1], h);
+
+        if (r != NULL) {
+            ck_assert_ptr_eq(r->key, &q[1]);
+            ck_assert_ptr_eq(dsg_queue_head(&q[1]), r);
+            dsg_queue_activate(&p, r);
+        }
+    }
+
+    ck_assert_uint_eq(p.nfree, 5);
+    ck_assert_uint_eq(p.nready, 0);
+    ck_assert_uint_eq(t_check_q(&q[1]), 0);
+
+    for (k = 0; k < 4; k++) {
+        if (k != 1) {
+            ck_assert_uint_eq(t_check_q(&q[k]), 5);
+            ck_assert_uint_eq(dsg_queue_head(&q[k])->state,
+                              DSG_WAITER_ACTIVE);
+        }
+    }
+
+    /* its records serve another key */
+
+    for (i = 0; i < 5; i++) {
+        ck_assert_ptr_nonnull(t_push(&p, &q[2], LOW, 300 + i, 0));
+    }
+
+    ck_assert_ptr_null(t_push(&p, &q[2], LOW, 400, 0));
+    ck_assert_uint_eq(t_check_q(&q[2]), 10);
+    ck_assert_uint_eq(dsg_queue_ahead_of_new(&q[2], LOW), 10);
+    ck_assert_uint_eq(dsg_queue_ahead_of_new(&q[3], LOW), 5);
+
+    /* every key drained in (class, ticket) order; wakes stay in their key */
+
+    for (k = 0; k < 4; k++) {
+        n = 0;
+        prev = NULL;
+        cls = 0;
+        ticket = 0;
+
+        while ((h = dsg_queue_head(&q[k])) != NULL) {
+            ck_assert_uint_eq(h->state, DSG_WAITER_ACTIVE);
+
+            if (prev != NULL) {
+                ck_assert(h->cls > cls
+                          || (h->cls == cls && h->ticket > ticket));
+            }
+
+            prev = h;
+            cls = h->cls;
+            ticket = h->ticket;
+
+            r = dsg_queue_remove(&p, &q[k], h);
+            n++;
+
+            if (r != NULL) {
+                ck_assert_ptr_eq(r->key, &q[k]);
+                ck_assert_uint_eq(p.nready, 1);
+                ck_assert_uint_eq(dsg_queue_pickup(&p, r->owner, &h, 1), 1);
+                ck_assert_ptr_eq(h, r);
+            }
+
+            ck_assert_uint_eq(p.nready, 0);
+        }
+
+        ck_assert_uint_eq(n, (k == 1) ? 0 : (k == 2) ? 10 : 5);
+    }
+
+    ck_assert_uint_eq(p.nfree, 20);
+    t_check_free(&p);
+}
+END_TEST
+
+
+/*
+ * The largest queue: DSG_QUEUE_MAX_SLOTS waiters of one key, random
+ * classes; served head after head, they come out in (class, ticket)
+ * order, each removal waking exactly the next one.
+ */
+
+START_TEST(test_large)
+{
+    uint32_t       i, k, n, cls, seed, count[DSG_MAX_CLASSES], sum;
+    uint64_t       ticket;
+    dsg_pool_t     p;
+    dsg_waitq_t    q;
+    dsg_waiter_t  *w, *h, *x, *r, *out;
+
+    n = DSG_QUEUE_MAX_SLOTS;
+    w = malloc(n * sizeof(dsg_waiter_t));
+    ck_assert_ptr_nonnull(w);
+
+    memset(&p, 0, sizeof(p));
+    memset(&q, 0, sizeof(q));
+    memset(count, 0, sizeof(count));
+    dsg_pool_add(&p, w, n);
+    ck_assert_uint_eq(p.nfree, n);
+
+    seed = 2463534242u;
+
+    for (i = 0; i < n; i++) {
+        cls = t_rand(&seed) % DSG_MAX_CLASSES;
+        h = dsg_queue_head(&q);
+        x = t_push(&p, &q, cls, (uint64_t) i + 1, i % 4);
+        t_assert(x != NULL);
+        count[cls]++;
+
+        /* one ACTIVE waiter at a time: an overtaken head sleeps */
+
+        if (dsg_queue_head(&q) == x) {
+            t_assert(x->state == DSG_WAITER_ACTIVE);
+
+            if (h != NULL) {
+                t_assert(dsg_queue_sleep(&q, h) == 1);
+            }
+
+        } else {
+            t_assert(x->state == DSG_WAITER_DORMANT);
+        }
+    }
+
+    ck_assert_ptr_null(t_push(&p, &q, CRIT, n + 1, 0));
+    ck_assert_uint_eq(p.nfree, 0);
+    ck_assert_uint_eq(t_check_q(&q), n);
+
+    sum = 0;
+
+    for (k = 0; k < DSG_MAX_CLASSES; k++) {
+        ck_assert_uint_gt(count[k], 0);
+        sum += count[k];
+        ck_assert_uint_eq(dsg_queue_ahead_of_new(&q, k), sum);
+    }
+
+    cls = 0;
     ticket = 0;
 
-    for (i = 0; i < 8; i++) {
-        j = dsg_queue_head(&l, slots, KEY_A);
-        ck_assert_int_ge(j, 0);
-        ck_assert_uint_eq(dsg_queue_ahead(&l, slots, j), 0);
-        ck_assert_uint_gt(slots[j].ticket, ticket);
-        ticket = slots[j].ticket;
-        dsg_queue_free(slots, j);
+    for (i = 0; i < n; i++) {
+        h = dsg_queue_head(&q);
+        t_assert(h != NULL);
+        t_assert(h->state == DSG_WAITER_ACTIVE);
+        t_assert(h->cls > cls || (h->cls == cls && h->ticket > ticket));
+
+        cls = h->cls;
+        ticket = h->ticket;
+        count[cls]--;
+
+        r = dsg_queue_remove(&p, &q, h);
+        t_assert(p.nfree == i + 1);
+        t_assert(q.total == n - 1 - i);
+
+        if (i == n - 1) {
+            t_assert(r == NULL);
+            break;
+        }
+
+        t_assert(r != NULL);
+        t_assert(dsg_queue_head(&q) == r);
+        t_assert(r->state == DSG_WAITER_READY);
+        t_assert(p.nready == 1);
+        t_assert(p.ready == r);
+
+        t_assert(dsg_queue_pickup(&p, r->owner, &out, 1) == 1);
+        t_assert(out == r);
+        t_assert(r->state == DSG_WAITER_ACTIVE);
+        t_assert(p.nready == 0);
+
+        if (i % 4096 == 0) {
+            sum = 0;
+
+            for (k = 0; k < DSG_MAX_CLASSES; k++) {
+                sum += count[k];
+                t_assert(q.count[k] == count[k]);
+                t_assert(dsg_queue_ahead_of_new(&q, k) == sum);
+            }
+        }
     }
 
-    ck_assert_int_eq(dsg_queue_head(&l, slots, KEY_A), -1);
-    ck_assert_uint_eq(dsg_queue_depth(&l, slots, NORM), 0);
-}
-END_TEST
+    ck_assert_ptr_null(dsg_queue_head(&q));
+    ck_assert_uint_eq(t_check_q(&q), 0);
+    ck_assert_uint_eq(p.nfree, n);
+    ck_assert_uint_eq(p.size, n);
+    t_check_free(&p);
 
-
-START_TEST(test_depth)
-{
-    dsg_queue_layout_t  l;
-    dsg_slot_t          slots[9];
-    int                 i, a;
-
-    layout(&l, 2, 3, 4);
-    dsg_queue_init(&l, slots);
-
-    ck_assert_uint_eq(dsg_queue_depth(&l, slots, CRIT), 0);
-
-    for (i = 0; i < 3; i++) {
-        dsg_queue_take(&l, slots, LOW, 1, i, 0, i % 2 ? KEY_A : KEY_B);
-    }
-
-    a = dsg_queue_take(&l, slots, NORM, 1, 9, 0, KEY_A);
-
-    ck_assert_uint_eq(dsg_queue_depth(&l, slots, CRIT), 0);
-    ck_assert_uint_eq(dsg_queue_depth(&l, slots, NORM), 1);
-    ck_assert_uint_eq(dsg_queue_depth(&l, slots, LOW), 3);
-    ck_assert_uint_eq(dsg_queue_depth(&l, slots, 5), 0);
-
-    dsg_queue_free(slots, a);
-    ck_assert_uint_eq(dsg_queue_depth(&l, slots, NORM), 0);
-}
-END_TEST
-
-
-START_TEST(test_reap)
-{
-    dsg_queue_layout_t  l;
-    dsg_slot_t          slots[9];
-    int                 i, n;
-
-    layout(&l, 2, 3, 4);
-    dsg_queue_init(&l, slots);
-
-    dsg_queue_take(&l, slots, CRIT, 100, 1, 0, KEY_A);
-    dsg_queue_take(&l, slots, CRIT, 200, 2, 0, KEY_A);
-    dsg_queue_take(&l, slots, NORM, 100, 3, 0, KEY_B);
-    dsg_queue_take(&l, slots, LOW, 100, 4, 0, KEY_A);
-    dsg_queue_take(&l, slots, LOW, 200, 5, 0, KEY_A);
-
-    /* a free slot that once belonged to 100 is not visited */
-    i = dsg_queue_take(&l, slots, LOW, 100, 6, 0, KEY_A);
-    dsg_queue_free(slots, i);
-
-    /* visiting before freeing */
-    n = 0;
-    for (i = dsg_queue_next_of_pid(&l, slots, 100, 0);
-         i != -1;
-         i = dsg_queue_next_of_pid(&l, slots, 100, i + 1))
-    {
-        ck_assert_uint_eq(slots[i].pid, 100);
-        n++;
-    }
-
-    ck_assert_int_eq(n, 3);
-    ck_assert_int_eq(dsg_queue_next_of_pid(&l, slots, 100, 9), -1);
-    ck_assert_int_eq(dsg_queue_next_of_pid(&l, slots, 100, -5), 0);
-
-    ck_assert_uint_eq(t_reap(&l, slots, 100), 3);
-    ck_assert_uint_eq(t_reap(&l, slots, 100), 0);
-    ck_assert_uint_eq(t_reap(&l, slots, 300), 0);
-
-    ck_assert_uint_eq(dsg_queue_depth(&l, slots, CRIT), 1);
-    ck_assert_uint_eq(dsg_queue_depth(&l, slots, NORM), 0);
-    ck_assert_uint_eq(dsg_queue_depth(&l, slots, LOW), 1);
-    ck_assert_int_eq(dsg_queue_head(&l, slots, KEY_A), 1);
-    ck_assert_int_eq(dsg_queue_head(&l, slots, KEY_B), -1);
-
-    /* the survivors' positions follow */
-    ck_assert_uint_eq(dsg_queue_ahead(&l, slots, 1), 0);
-    ck_assert_uint_eq(dsg_queue_ahead(&l, slots,
-                          dsg_queue_next_of_pid(&l, slots, 200, 2)), 1);
-
-    ck_assert_uint_eq(t_reap(&l, slots, 200), 2);
-
-    for (i = 0; i < 9; i++) {
-        ck_assert_uint_eq(slots[i].state, DSG_SLOT_FREE);
-    }
+    free(w);
 }
 END_TEST
 
@@ -453,16 +1166,23 @@ dsg_queue_suite(void)
 
     s = suite_create("dsg_queue");
 
-    tc = tcase_create("slots");
+    tc = tcase_create("pool");
     tcase_add_test(tc, test_layout);
-    tcase_add_test(tc, test_take_full);
-    tcase_add_test(tc, test_depth);
-    tcase_add_test(tc, test_reap);
+    tcase_add_test(tc, test_pool);
+    tcase_add_test(tc, test_keys);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("order");
-    tcase_add_test(tc, test_ordering);
-    tcase_add_test(tc, test_fifo);
+    tcase_add_test(tc, test_order);
+    tcase_add_test(tc, test_unlink);
+    tcase_add_test(tc, test_ahead_of_new);
+    tcase_add_test(tc, test_large);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("states");
+    tcase_add_test(tc, test_states);
+    tcase_add_test(tc, test_states_preempted);
+    tcase_add_test(tc, test_ready_list);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("estimates");
