@@ -35,7 +35,7 @@
 typedef struct {
     ngx_str_t                    name;
     uint32_t                     reserve;       /* percent */
-    uint32_t                     queue;         /* waiter slots per zone */
+    uint32_t                     queue;         /* places per zone */
     ngx_msec_t                   queue_timeout;
 } ngx_http_deepseek_guard_class_t;
 
