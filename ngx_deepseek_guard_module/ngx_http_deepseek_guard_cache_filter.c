@@ -352,8 +352,9 @@ ngx_http_deepseek_guard_cache_access(ngx_http_request_t *r,
 /*
  * An admitted miss becomes the entry's filler: it takes the fill lock,
  * bounded by deepseek_guard_cache_lock_timeout, and will store the answer.
- * NGX_BUSY: another request began to fill the entry while this one was
- * being admitted; the caller gives the admission back and waits for it.
+ * NGX_BUSY: another request began to fill the entry, or filled it, while
+ * this one was being admitted; the caller gives the admission back and
+ * asks the cache again.
  */
 
 ngx_int_t
@@ -371,6 +372,24 @@ ngx_http_deepseek_guard_cache_filler(ngx_http_request_t *r,
     }
 
     lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
+
+    if (ctx->enqueued) {
+        /*
+         * it waited in the admission queue: the request for the same entry
+         * that was admitted before it may have stored it meanwhile
+         */
+
+        rc = ngx_http_deepseek_guard_cache_lookup(r, cctx);
+
+        if (rc == NGX_ERROR) {
+            return NGX_ERROR;
+        }
+
+        if (rc == NGX_OK) {
+            ngx_http_deepseek_guard_cache_missed(cctx, lcf, -1);
+            return NGX_BUSY;
+        }
+    }
 
     if (cctx->lock_timed_out || cctx->fill == 2) {
         rc = NGX_OK;
