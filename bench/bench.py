@@ -11,7 +11,10 @@ to bench/results/<YYYY-MM-DD>.md, with the raw numbers in <YYYY-MM-DD>.json
 
   bench.py [--quick] [scenario ...]
     scenarios: admit reject cache keys overload coalesce misses (default: all)
+    and queue (only when named: bench/queue_scenario.py, its own report
+    bench/results/<YYYY-MM-DD>-queue.md)
   bench.py --render bench/results/<YYYY-MM-DD>.json    the report again
+  bench.py --render bench/results/<YYYY-MM-DD>-queue.json
 
 Environment: NGINX_BIN, DSG_MODULE, DSG_PYTHON, WRK, BENCH_REPS (3),
 BENCH_WRK_REPS (5), BENCH_WRK_SECONDS (4), BENCH_WRK_CONNECTIONS (50),
@@ -48,6 +51,8 @@ MOCK = os.path.join(REPO, "t", "mock", "mock_llm.py")
 LOADGEN = os.path.join(BENCH, "loadgen.py")
 
 SCENARIOS = ("admit", "reject", "cache", "keys", "overload", "coalesce", "misses")
+# run only when named, with a report of their own
+SEPARATE = ("queue",)
 T0 = time.time()
 
 
@@ -1400,18 +1405,31 @@ def main():
     ap.add_argument("--render", metavar="JSON",
                     help="only print the report of a saved bench/results/<date>.json")
     ap.add_argument("scenarios", nargs="*", metavar="scenario",
-                    help="any of: " + " ".join(SCENARIOS) + " (default: all)")
+                    help="any of: " + " ".join(SCENARIOS) + " (default: all), "
+                    "and queue (only when named)")
     a = ap.parse_args()
     if a.render:
         with open(a.render) as f:
             saved = json.load(f)
+        if "sizes" in saved["results"]:             # a queue report
+            import queue_scenario
+            print(queue_scenario.render_saved(a.render), end="")
+            return 0
         S = Settings(False)
         S.__dict__.update(saved["settings"])
         print(build_report(S, saved["results"], saved["meta"]))
         return 0
-    bad = [x for x in a.scenarios if x not in SCENARIOS]
+    bad = [x for x in a.scenarios if x not in SCENARIOS + SEPARATE]
     if bad:
-        ap.error("unknown scenario %s; choose from %s" % (bad, " ".join(SCENARIOS)))
+        ap.error("unknown scenario %s; choose from %s" % (bad, " ".join(SCENARIOS + SEPARATE)))
+    if "queue" in a.scenarios:
+        # its own report (<date>-queue.md), and only when named: see
+        # bench/queue_scenario.py
+        import queue_scenario
+        rc = queue_scenario.run(a.quick)
+        a.scenarios = [x for x in a.scenarios if x != "queue"]
+        if rc or not a.scenarios:
+            return rc
     which = a.scenarios or list(SCENARIOS)
     S = Settings(a.quick)
     for f in (NGINX, MODULE, PYTHON):
