@@ -66,8 +66,8 @@ dsg_pool_add(dsg_pool_t *p, dsg_waiter_t *w, uint32_t n)
 
 
 dsg_waiter_t *
-dsg_queue_push(dsg_pool_t *p, dsg_waitq_t *q, uint32_t cls, uint64_t ticket,
-    uint32_t pid, uint64_t owner, void *key, void *data)
+dsg_queue_push(dsg_pool_t *p, dsg_waitq_t *q, uint32_t cls, uint32_t ticket,
+    uint32_t pid, uint32_t owner, void *key, void *data)
 {
     dsg_waiter_t  *w;
 
@@ -85,7 +85,7 @@ dsg_queue_push(dsg_pool_t *p, dsg_waitq_t *q, uint32_t cls, uint64_t ticket,
     w->owner = owner;
     w->ticket = ticket;
     w->pid = pid;
-    w->cls = cls;
+    w->cls = (uint16_t) cls;
 
     w->prev = q->tail[cls];
 
@@ -210,7 +210,7 @@ dsg_queue_activate(dsg_pool_t *p, dsg_waiter_t *w)
 
 
 uint32_t
-dsg_queue_pickup(dsg_pool_t *p, uint64_t owner, dsg_waiter_t **out,
+dsg_queue_pickup(dsg_pool_t *p, uint32_t owner, dsg_waiter_t **out,
     uint32_t n)
 {
     uint32_t       got;

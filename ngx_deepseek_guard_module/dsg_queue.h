@@ -12,9 +12,10 @@
  * dsg_waitq_t per key that has waiters.
  *
  * Order.  Waiters of one key are ordered by class (0 first), then by
- * ticket (FIFO; tickets come from a per-zone monotonic 64-bit counter kept
- * by the caller).  Only the head of a key's queue may be admitted, so only
- * the head needs to try: every other waiter is DORMANT and costs nothing
+ * arrival (FIFO: a waiter goes to the tail of its class; the caller's
+ * ticket is kept for tests and debugging, it does not decide the order).
+ * Only the head of a key's queue may be admitted, so only the head needs
+ * to try: every other waiter is DORMANT and costs nothing
  * until it becomes the head.  A waiter is
  *
  *   ACTIVE   its owner tries it on every tick (the head, as its owner
@@ -55,13 +56,12 @@ struct dsg_waiter_s {
     dsg_waiter_t  *rprev;
     void          *key;                  /* caller's: what it waits for */
     void          *data;                 /* caller's: only the owner reads */
-    uint64_t       owner;                /* caller's: which worker */
-    uint64_t       ticket;
+    uint32_t       owner;                /* caller's: which worker */
     uint32_t       pid;
-    uint32_t       cls;
-    uint32_t       state;                /* DSG_WAITER_* */
-    uint32_t       pad;
-};
+    uint32_t       ticket;               /* caller's: arrival, for tests */
+    uint16_t       cls;
+    uint16_t       state;                /* DSG_WAITER_* */
+};                                       /* 64 bytes on 64-bit machines */
 
 
 /* one key's waiters, by class */
@@ -108,7 +108,7 @@ void dsg_pool_add(dsg_pool_t *p, dsg_waiter_t *w, uint32_t n);
  * cls >= DSG_MAX_CLASSES.
  */
 dsg_waiter_t *dsg_queue_push(dsg_pool_t *p, dsg_waitq_t *q, uint32_t cls,
-    uint64_t ticket, uint32_t pid, uint64_t owner, void *key, void *data);
+    uint32_t ticket, uint32_t pid, uint32_t owner, void *key, void *data);
 
 /*
  * Takes w out of q (admitted, gone or dead) and frees its record.  If that
@@ -134,7 +134,7 @@ void dsg_queue_activate(dsg_pool_t *p, dsg_waiter_t *w);
  * Picks up to n READY waiters of owner off the ready list, makes them
  * ACTIVE and stores them in out[]; returns how many.
  */
-uint32_t dsg_queue_pickup(dsg_pool_t *p, uint64_t owner, dsg_waiter_t **out,
+uint32_t dsg_queue_pickup(dsg_pool_t *p, uint32_t owner, dsg_waiter_t **out,
     uint32_t n);
 
 /* waiters of q a new class cls waiter would queue behind */

@@ -25,8 +25,8 @@ static ngx_uint_t   ngx_http_deepseek_guard_nsleeping;
 static ngx_event_t  ngx_http_deepseek_guard_park_ev;
 static ngx_http_deepseek_guard_pickup_pt  ngx_http_deepseek_guard_pickup_h;
 
-/* this worker, as queue records name their owner: pid and start time */
-uint64_t    ngx_http_deepseek_guard_owner;
+/* this worker, as queue records name their owner (with its pid) */
+uint32_t    ngx_http_deepseek_guard_owner;
 
 /* queue wait histogram upper bounds, in ms (metrics) */
 
@@ -174,8 +174,8 @@ ngx_http_deepseek_guard_park_init(ngx_cycle_t *cycle,
     ngx_http_deepseek_guard_nparked = 0;
     ngx_http_deepseek_guard_nsleeping = 0;
     ngx_http_deepseek_guard_pickup_h = pickup;
-    ngx_http_deepseek_guard_owner = ((uint64_t) ngx_pid << 32)
-                                    | (uint32_t) ngx_current_msec;
+    ngx_http_deepseek_guard_owner = (uint32_t) ngx_random()
+                                    ^ (uint32_t) ngx_current_msec;
 
     ngx_http_deepseek_guard_park_ev.handler =
                                        ngx_http_deepseek_guard_park_handler;

@@ -655,7 +655,7 @@ ngx_http_deepseek_guard_enqueue(ngx_http_request_t *r,
     }
 
     w = dsg_queue_push(&z->sh->pool, q, (uint32_t) ctx->cls,
-                       ++z->sh->ticket, (uint32_t) ngx_pid,
+                       (uint32_t) ++z->sh->ticket, (uint32_t) ngx_pid,
                        ngx_http_deepseek_guard_owner, n, ctx);
 
     if (w == NULL) {
@@ -778,13 +778,16 @@ ngx_http_deepseek_guard_pickup(ngx_cycle_t *cycle)
                                    ngx_http_deepseek_guard_owner, w, 32);
 
             for (k = 0; k < got; k++) {
-                ctx[k] = w[k]->data;
+                /* owners are 32-bit: the pid makes a mix-up impossible */
+                ctx[k] = (w[k]->pid == (uint32_t) ngx_pid) ? w[k]->data : NULL;
             }
 
             ngx_shmtx_unlock(&z->shpool->mutex);
 
             for (k = 0; k < got; k++) {
-                ngx_http_deepseek_guard_park_rouse(&ctx[k]->park);
+                if (ctx[k]) {
+                    ngx_http_deepseek_guard_park_rouse(&ctx[k]->park);
+                }
             }
 
             if (got < 32) {

@@ -89,7 +89,7 @@ typedef struct ngx_http_deepseek_guard_places_s
 struct ngx_http_deepseek_guard_places_s {
     ngx_http_deepseek_guard_places_t  *next;
     ngx_uint_t                   n;
-    dsg_waiter_t                 waiters[1];
+    dsg_waiter_t                *waiters;   /* n of them: whole slab pages */
 };
 
 
@@ -416,7 +416,7 @@ void ngx_http_deepseek_guard_pids_dead(ngx_array_t *pids);
 ngx_uint_t ngx_http_deepseek_guard_pid_in(ngx_array_t *pids, ngx_pid_t pid);
 
 extern ngx_msec_t  ngx_http_deepseek_guard_wait_bounds[];
-extern uint64_t    ngx_http_deepseek_guard_owner;
+extern uint32_t    ngx_http_deepseek_guard_owner;
 
 
 #endif /* NGX_HTTP_DEEPSEEK_GUARD_MODULE_H */

@@ -272,7 +272,9 @@ ngx_http_deepseek_guard_dequeue_locked(ngx_http_deepseek_guard_zone_t *z,
 
     next = dsg_queue_remove(&z->sh->pool, q, w);
 
-    if (next && mine && next->owner == ngx_http_deepseek_guard_owner) {
+    if (next && mine && next->owner == ngx_http_deepseek_guard_owner
+        && next->pid == (uint32_t) ngx_pid)
+    {
         dsg_queue_activate(&z->sh->pool, next);
         *mine = next->data;
     }
@@ -472,12 +474,25 @@ places:
 
     rc = NGX_OK;
 
-    if (z->sh->pool.size < z->layout.total) {
+    /* a quota zone (429) never queues: no places */
+
+    if (z->status != NGX_HTTP_TOO_MANY_REQUESTS
+        && z->sh->pool.size < z->layout.total)
+    {
         n = z->layout.total - z->sh->pool.size;
 
+        /* the size of a key node: no slab page of its own for the header */
         pl = ngx_slab_alloc_locked(z->shpool,
-                                   sizeof(ngx_http_deepseek_guard_places_t)
-                                   + (n - 1) * sizeof(dsg_waiter_t));
+                                   sizeof(ngx_http_deepseek_guard_node_t));
+        if (pl) {
+            pl->waiters = ngx_slab_alloc_locked(z->shpool,
+                                                n * sizeof(dsg_waiter_t));
+            if (pl->waiters == NULL) {
+                ngx_slab_free_locked(z->shpool, pl);
+                pl = NULL;
+            }
+        }
+
         if (pl == NULL) {
             rc = NGX_ERROR;
 

@@ -186,7 +186,7 @@ check_all(const st_t *st)
     /* records never added are never touched */
 
     for (i = st->added; i < st->n; i++) {
-        FUZZ_ASSERT(st->w[i].state == UNTOUCHED
+        FUZZ_ASSERT(st->w[i].state == (uint16_t) UNTOUCHED
                     && st->w[i].pid == UNTOUCHED);
     }
 
@@ -507,10 +507,10 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     /* tickets: monotonic from anywhere, without wrapping */
 
-    st.ticket = fz_pick(&f, UINT64_MAX);
+    st.ticket = fz_pick(&f, UINT32_MAX);
 
-    if (st.ticket > UINT64_MAX - 65536) {
-        st.ticket = UINT64_MAX - 65536;
+    if (st.ticket > UINT32_MAX - 65536) {
+        st.ticket = UINT32_MAX - 65536;
     }
 
     /* an exact-size heap block: ASan flags any access past the pool */
