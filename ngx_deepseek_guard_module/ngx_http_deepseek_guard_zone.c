@@ -294,6 +294,7 @@ ngx_http_deepseek_guard_zone_pids(ngx_http_deepseek_guard_zone_t *z,
 {
     ngx_uint_t                         i;
     ngx_queue_t                       *q;
+    volatile dsg_waiter_t             *w;
     ngx_http_deepseek_guard_lease_t   *lease;
     ngx_http_deepseek_guard_places_t  *pl;
 
@@ -307,16 +308,26 @@ ngx_http_deepseek_guard_zone_pids(ngx_http_deepseek_guard_zone_t *z,
         (void) ngx_http_deepseek_guard_pid_add(pids, lease->pid);
     }
 
+    ngx_shmtx_unlock(&z->shpool->mutex);
+
+    /*
+     * The queue places are read without the mutex: up to 65535 records
+     * would hold it for a millisecond every second.  A pid read while its
+     * record changes is at worst one that is checked for nothing (a live
+     * worker) or seen a second later; the chunks are never freed, and
+     * zone_reap() looks again under the mutex.
+     */
+
     for (pl = z->sh->places; pl; pl = pl->next) {
         for (i = 0; i < pl->n; i++) {
-            if (pl->waiters[i].state != DSG_WAITER_FREE) {
+            w = (volatile dsg_waiter_t *) &pl->waiters[i];
+
+            if (w->state != DSG_WAITER_FREE) {
                 (void) ngx_http_deepseek_guard_pid_add(pids,
-                                          (ngx_pid_t) pl->waiters[i].pid);
+                                                       (ngx_pid_t) w->pid);
             }
         }
     }
-
-    ngx_shmtx_unlock(&z->shpool->mutex);
 }
 
 
@@ -497,10 +508,12 @@ places:
             rc = NGX_ERROR;
 
         } else {
+            /* zeroed before it is linked: the reaper reads it unlocked */
+            dsg_pool_add(&z->sh->pool, pl->waiters, (uint32_t) n);
             pl->n = n;
             pl->next = z->sh->places;
+            ngx_memory_barrier();
             z->sh->places = pl;
-            dsg_pool_add(&z->sh->pool, pl->waiters, (uint32_t) n);
         }
     }
 
