@@ -814,7 +814,7 @@ ngx_http_deepseek_guard_nomem(ngx_http_request_t *r,
     now = (ngx_atomic_uint_t) ngx_time();
     sec = z->sh->nomem_sec;
 
-    if (sec == now || !ngx_atomic_cmp_set(&z->sh->nomem_sec, sec, now)) {
+    if (now <= sec || !ngx_atomic_cmp_set(&z->sh->nomem_sec, sec, now)) {
         return;
     }
 
