@@ -129,25 +129,11 @@ sub upstream_calls {
 
 # the metrics of the second listener as { 'name{labels}' => value }, or
 # undef when the scrape fails
-sub scrape {
-    my $r = $t->http(uri => '/metrics', port => $P1, timeout => 5);
-    return undef unless $r->{status} == 200;
-    my %m;
-    for (split /\n/, $r->{body}) {
-        $m{$1} = $2 if /^([a-z_]+\{[^}]*\}|[a-z_]+) (\S+)$/;
-    }
-    return \%m;
-}
+sub scrape { $t->scrape($P1) }
 
-# the sum of gauge $name over the classes of zone llm
-sub zone_sum {
-    my ($m, $name) = @_;
-    my $s = 0;
-    $s += $m->{$_} for grep { /^\Q$name\E\{zone="llm",/ } keys %$m;
-    return $s;
-}
-
-sub reaped { $_[0]{'deepseek_guard_zone_reaped_total{zone="llm"}'} // 0 }
+# zone llm's gauges summed over the classes, and its reaped counter
+sub zone_sum { DSG::Test::zone_sum($_[0], $_[1], 'llm') }
+sub reaped { DSG::Test::reaped($_[0], 'llm') }
 
 sub xcs { $_[0]{headers}{'x-cache-status'} // '-' }
 

@@ -108,26 +108,11 @@ EOF
 
 # the metrics of the second listener as { 'name{labels}' => value }, or
 # undef when the scrape fails
-sub scrape {
-    my ($t) = @_;
-    my $r = $t->http(uri => '/metrics', port => $t->port(1), timeout => 5);
-    return undef unless $r->{status} == 200;
-    my %m;
-    for (split /\n/, $r->{body}) {
-        $m{$1} = $2 if /^([a-z_]+\{[^}]*\}|[a-z_]+) (\S+)$/;
-    }
-    return \%m;
-}
+sub scrape { $_[0]->scrape($_[0]->port(1)) }
 
-# the sum of gauge $name over the classes of zone llm
-sub zone_sum {
-    my ($m, $name) = @_;
-    my $s = 0;
-    $s += $m->{$_} for grep { /^\Q$name\E\{zone="llm",/ } keys %$m;
-    return $s;
-}
-
-sub reaped { $_[0]{'deepseek_guard_zone_reaped_total{zone="llm"}'} // 0 }
+# zone llm's gauges summed over the classes, and its reaped counter
+sub zone_sum { DSG::Test::zone_sum($_[0], $_[1], 'llm') }
+sub reaped { DSG::Test::reaped($_[0], 'llm') }
 
 # A reload that keeps the victim: SIGHUP, then wait until two new workers
 # run and, of the old ones, only the victim is left (it has requests in

@@ -126,15 +126,7 @@ sub req {
 
 # the metrics of the second listener (no reuseport: any worker answers),
 # or undef when the scrape fails
-sub scrape {
-    my $r = $t->http(uri => '/metrics', port => $P1, timeout => 5);
-    return undef unless $r->{status} == 200;
-    my %m;
-    for (split /\n/, $r->{body}) {
-        $m{$1} = $2 if /^(\S+) (\S+)$/;
-    }
-    return \%m;
-}
+sub scrape { $t->scrape($P1) }
 
 sub cm {
     my ($m, $name, $zone, $cls) = @_;
@@ -145,7 +137,7 @@ sub inflight {
     cm($_[0], 'deepseek_guard_inflight', 'llm', 'hi')
         + cm($_[0], 'deepseek_guard_inflight', 'llm', 'lo');
 }
-sub reaped { $_[0]{'deepseek_guard_zone_reaped_total{zone="llm"}'} // 0 }
+sub reaped { DSG::Test::reaped($_[0], 'llm') }
 
 # zone llm's gauges and reaped counter, for a diagnostic
 sub gauges {

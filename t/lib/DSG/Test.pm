@@ -976,6 +976,33 @@ sub metrics {
 
 # True when every class of zone $zone has nothing in flight and nothing
 # queued, by the gauges at $uri ('/metrics')
+# The metrics of listener $port (a port number; the first listener by
+# default) as { 'name{labels}' => value }, or undef when the scrape fails,
+# as it may while a worker is respawned: for wait_until loops.
+sub scrape {
+    my ($self, $port) = @_;
+    my $r = $self->http(uri => '/metrics', timeout => 5,
+                        defined $port ? (port => $port) : ());
+    return undef unless ($r->{status} // 0) == 200;
+    my %m;
+    for (split /\n/, $r->{body}) {
+        next if /^#/;
+        $m{$1} = $2 if /^(\S+) (\S+)$/;
+    }
+    return \%m;
+}
+
+# a scrape's family $name summed over the classes of zone $zone, and the
+# zone's reaped counter (functions: DSG::Test::zone_sum($m, ...))
+sub zone_sum {
+    my ($m, $name, $zone) = @_;
+    my $s = 0;
+    $s += $m->{$_} for grep { /^\Q$name\E\{zone="\Q$zone\E",/ } keys %$m;
+    return $s;
+}
+
+sub reaped { $_[0]{"deepseek_guard_zone_reaped_total{zone=\"$_[1]\"}"} // 0 }
+
 sub zone_idle {
     my ($self, $zone, $uri) = @_;
     # a scrape may fail while a worker is respawned: not idle yet
