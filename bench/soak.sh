@@ -100,7 +100,10 @@
 #     one that holds them all is the victim and none stays open).
 #  2. at 6.3 s into the cycle, with the burst queued and in flight:
 #     kill   kill -9 of a worker that holds some of them (not the one
-#            heaptrack traces)
+#            heaptrack traces): of those, the one with the most client
+#            connections then (/proc again), so that the reaper has the
+#            most of the load's requests to free (the load is spread
+#            unevenly: at times one worker has all of it)
 #     reload the configuration, generated from the same template with class
 #            normal's queue=256 changed to SOAK_RELOAD_QUEUE (8), replaces
 #            nginx.conf, then nginx -s reload (SIGHUP to the master);
@@ -622,6 +625,29 @@ def owner(sock):
     return None
 
 
+def client_conns():
+    """{worker: the established client connections it has accepted}"""
+    want_l = "0100007F:%04X" % PORT
+    inodes = set()
+    for l in open("/proc/net/tcp").read().splitlines()[1:]:
+        f = l.split()
+        if f[1] == want_l and f[3] == "01":
+            inodes.add("socket:[%s]" % f[9])
+    out = {}
+    for w in workers():
+        n = 0
+        try:
+            for fd in os.listdir("/proc/%d/fd" % w):
+                try:
+                    n += os.readlink("/proc/%d/fd/%s" % (w, fd)) in inodes
+                except OSError:
+                    pass
+        except OSError:
+            pass
+        out[w] = n
+    return out
+
+
 def is_open(sock):
     try:
         sock.setblocking(False)
@@ -729,7 +755,12 @@ try:
         if not cands:
             note("no worker holds a held request")
             raise SystemExit
-        victim = cands[0]
+        # the busier one: the load's clients are spread unevenly (one idle
+        # worker may take most new connections), and the victim's own
+        # requests in flight and queued are what the reaper must free
+        conns = client_conns()
+        rec["conns_before"] = conns
+        victim = max(cands, key=lambda w: conns.get(w, 0))
         rec["victim"] = victim
         rec["t_event"] = time.time()
         os.kill(victim, signal.SIGKILL)
@@ -1429,6 +1460,8 @@ for kind in ("kill", "reload"):
               "held by worker: %s" % (rel(te) if te else -1, victim, len(on_v), len(held),
                                        " ".join(h["cls"] for h in on_v),
                                        " ".join("%s:%s" % (h["cls"], h["worker"]) for h in held)))
+        print("    client connections just before, by worker: %s"
+              % " ".join("%s:%s" % kv for kv in sorted((e.get("conns_before") or {}).items())))
     else:
         print("  reload at t=%.1f s: class normal's queue %s -> %s places in /metrics, %s s after "
               "nginx -s reload (rc %s); new workers %s"

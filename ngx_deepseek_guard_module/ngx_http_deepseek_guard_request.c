@@ -173,7 +173,18 @@ again:
 
     if (lcf->zones == NULL || lcf->zones->nelts == 0) {
         ctx->decided = 1;
-        return ngx_http_deepseek_guard_filled(r, ctx);
+
+        /*
+         * the lock was free a moment ago; another worker may have taken
+         * it since: ask the cache again (a wait for that filler)
+         */
+
+        rc = ngx_http_deepseek_guard_filled(r, ctx);
+        if (rc == NGX_AGAIN) {
+            goto again;
+        }
+
+        return rc;
     }
 
     /* 2. admission in every zone */
