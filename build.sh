@@ -41,7 +41,7 @@ export NGINX_BIN=${NGINX_BIN:-/usr/sbin/nginx}
 export DSG_MODULE="$SO"
 
 DEPS="nginx nginx-dev liblmdb-dev lmdb-utils libssl-dev libjansson-dev
-      libpcre2-dev zlib1g-dev check pkg-config gcc make perl python3
+      libhiredis-dev redis-server libpcre2-dev zlib1g-dev check pkg-config gcc make perl python3
       curl prometheus"
 BENCH_DEPS="wrk"
 FUZZ_DEPS="clang libclang-rt-dev"
@@ -53,7 +53,7 @@ PEER_DEPS="libio-socket-ssl-perl libnet-ssleay-perl libfcgi-perl
 BROWSER_DEPS="chromium"
 # dpkg-buildpackage of debian/ (nginx-dev provides dh-sequence-nginx)
 DEB_DEPS="build-essential debhelper dpkg-dev nginx-dev liblmdb-dev
-          libjansson-dev libssl-dev lintian"
+          libjansson-dev libhiredis-dev libssl-dev lintian"
 
 # fuzz targets: t/fuzz/fuzz_<name>.c exercises ngx_deepseek_guard_module/dsg_<name>.c
 FUZZ_TARGETS=${FUZZ_TARGETS:-"entry json bucket queue store"}

@@ -176,6 +176,19 @@ ngx_http_deepseek_guard_admit(ngx_http_request_t *r,
         return NGX_DECLINED;
     }
 
+    if (kind == DSG_UNSPOKEN) {
+        /*
+         * a fleet key new to this node holds no slot until the agent's
+         * next sync: the request waits for it, queue or not, two
+         * intervals at most (docs/fleet.md)
+         */
+        ctx->slot_zone = *blocked;
+        ctx->enqueued = ngx_current_msec;
+        ctx->deadline = ngx_current_msec + 2 * z->fleet->interval + 50;
+        ctx->status = NGX_HTTP_DSG_QUEUED;
+        return NGX_AGAIN;
+    }
+
     if (z->status == NGX_HTTP_TOO_MANY_REQUESTS) {
         if (kind == DSG_INFLIGHT) {
             /*
@@ -240,6 +253,19 @@ ngx_http_deepseek_guard_recheck(ngx_http_request_t *r,
     }
 
     late = ((ngx_msec_int_t) (ctx->deadline - ngx_current_msec) <= 0);
+
+    if (ctx->waiter == NULL && rc == NGX_DECLINED) {
+        /*
+         * waiting for a fleet key's first sync, without a queue place:
+         * once the fleet has answered, refused as any other request
+         */
+        if (kind == DSG_UNSPOKEN && !late) {
+            return NGX_AGAIN;
+        }
+
+        late = 0;
+        rc = NGX_BUSY;
+    }
 
     /* NGX_BUSY: a key of another zone could not be allocated: refused now */
 
@@ -375,8 +401,9 @@ ngx_http_deepseek_guard_try(ngx_http_request_t *r,
 {
     int                                  rc;
     uint64_t                             now;
-    ngx_uint_t                           i, nomem, ahead, sleep;
+    ngx_uint_t                           i, nomem, ahead, sleep, fleet;
     dsg_waitq_t                         *q;
+    ngx_http_deepseek_guard_node_t      *node;
     ngx_http_deepseek_guard_hold_t      *h;
     ngx_http_deepseek_guard_zone_t      *z;
     ngx_http_deepseek_guard_lease_t     *lease;
@@ -442,10 +469,25 @@ ngx_http_deepseek_guard_try(ngx_http_request_t *r,
             goto nomem;
         }
 
-        rc = dsg_limit_check(&z->limit,
-                             &((ngx_http_deepseek_guard_node_t *) h->node)
-                                 ->state,
-                             ctx->cls, now, wait_ms);
+        node = (ngx_http_deepseek_guard_node_t *) h->node;
+
+        /*
+         * a fleet zone admits against the node's fleet share, or, while
+         * Redis cannot be reached, against its static share
+         */
+
+        fleet = (z->fleet && ngx_http_deepseek_guard_fleet_up(z->fleet));
+
+        if (fleet) {
+            rc = dsg_fleet_check(&z->limit,
+                                 ngx_http_deepseek_guard_fleet_key(node),
+                                 &node->state, ctx->cls, ctx->waiter == NULL,
+                                 now, wait_ms);
+
+        } else {
+            rc = dsg_limit_check(z->fleet ? &z->fallback : &z->limit,
+                                 &node->state, ctx->cls, now, wait_ms);
+        }
 
         if (rc == DSG_OK && z->status != NGX_HTTP_TOO_MANY_REQUESTS
             && ctx->waiter == NULL)
@@ -471,7 +513,16 @@ ngx_http_deepseek_guard_try(ngx_http_request_t *r,
                 goto nomem;
             }
 
-            dsg_limit_charge(&z->limit, &lease->node->state, ctx->cls);
+            if (fleet) {
+                dsg_fleet_charge(&z->limit,
+                                 ngx_http_deepseek_guard_fleet_key(node),
+                                 &node->state, ctx->cls);
+                lease->fleet = 1;
+
+            } else {
+                dsg_limit_charge(z->fleet ? &z->fallback : &z->limit,
+                                 &node->state, ctx->cls);
+            }
 
             h->lease = lease;
             h->charged = 1;
@@ -524,7 +575,15 @@ ngx_http_deepseek_guard_refund(ngx_http_deepseek_guard_ctx_t *ctx,
 
         ngx_shmtx_lock(&z->shpool->mutex);
 
-        dsg_limit_refund(&z->limit, &lease->node->state, lease->cls);
+        if (lease->fleet) {
+            dsg_fleet_refund(&z->limit,
+                             ngx_http_deepseek_guard_fleet_key(lease->node),
+                             &lease->node->state, lease->cls);
+
+        } else {
+            dsg_limit_refund(z->fleet ? &z->fallback : &z->limit,
+                             &lease->node->state, lease->cls);
+        }
         lease->node->holders--;
         ngx_queue_remove(&lease->queue);
         if (z->sh->counters[lease->cls].inflight) {

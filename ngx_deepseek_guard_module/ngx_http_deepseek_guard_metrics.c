@@ -46,6 +46,8 @@ static void ngx_http_deepseek_guard_text(ngx_http_deepseek_guard_out_t *o,
     ngx_http_deepseek_guard_main_conf_t *mcf);
 static void ngx_http_deepseek_guard_json(ngx_http_deepseek_guard_out_t *o,
     ngx_http_deepseek_guard_main_conf_t *mcf);
+static void ngx_http_deepseek_guard_fleet_text(
+    ngx_http_deepseek_guard_out_t *o, ngx_http_deepseek_guard_main_conf_t *mcf);
 static void ngx_http_deepseek_guard_out(ngx_http_deepseek_guard_out_t *o,
     u_char *s, size_t len);
 static void ngx_http_deepseek_guard_out_num(ngx_http_deepseek_guard_out_t *o,
@@ -129,6 +131,58 @@ static ngx_http_deepseek_guard_field_t  ngx_http_deepseek_guard_lookups[] = {
 
 
 /* the cache's other numbers: deepseek_guard_cache_<name> */
+
+/* deepseek_guard_fleet: the node's agent, labelled with the redis address */
+static ngx_http_deepseek_guard_field_t  ngx_http_deepseek_guard_fleet_nums[] = {
+
+    { ngx_string("up"),
+      offsetof(ngx_http_deepseek_guard_fleet_sh_t, up), "gauge",
+      "1: fleet zones admit against their fleet share; 0: Redis cannot be "
+      "reached, they use their static share." },
+
+    { ngx_string("fallbacks_total"),
+      offsetof(ngx_http_deepseek_guard_fleet_sh_t, fallbacks), "counter",
+      "Times the node fell back to the static share." },
+
+    { ngx_string("syncs_total"),
+      offsetof(ngx_http_deepseek_guard_fleet_sh_t, syncs), "counter",
+      "Syncs with Redis answered in full." },
+
+    { ngx_string("errors_total"),
+      offsetof(ngx_http_deepseek_guard_fleet_sh_t, errors), "counter",
+      "Syncs or connections that failed (refused, timed out, error "
+      "replies)." },
+
+    { ngx_string("commands_total"),
+      offsetof(ngx_http_deepseek_guard_fleet_sh_t, commands), "counter",
+      "Redis commands sent by the node's agent." },
+
+    { ngx_null_string, 0, NULL, NULL }
+};
+
+
+/* fleet=on zones: the node's share as of its last sync */
+static ngx_http_deepseek_guard_field_t  ngx_http_deepseek_guard_share_nums[] = {
+
+    { ngx_string("share_requests"),
+      offsetof(ngx_http_deepseek_guard_shctx_t, fleet_requests), "gauge",
+      "Requests the node holds of the fleet's rate, granted not spent." },
+
+    { ngx_string("share_slots"),
+      offsetof(ngx_http_deepseek_guard_shctx_t, fleet_slots), "gauge",
+      "In-flight slots the node holds of the fleet's cap." },
+
+    { ngx_string("demand_requests"),
+      offsetof(ngx_http_deepseek_guard_shctx_t, fleet_demand), "gauge",
+      "Requests the node asked the fleet for in its last sync." },
+
+    { ngx_string("keys"),
+      offsetof(ngx_http_deepseek_guard_shctx_t, fleet_keys), "gauge",
+      "Keys synced in the last sync." },
+
+    { ngx_null_string, 0, NULL, NULL }
+};
+
 
 static ngx_http_deepseek_guard_field_t  ngx_http_deepseek_guard_cache_nums[] = {
 
@@ -581,6 +635,8 @@ ngx_http_deepseek_guard_text(ngx_http_deepseek_guard_out_t *o,
         }
     }
 
+    ngx_http_deepseek_guard_fleet_text(o, mcf);
+
     if (mcf->caches.nelts == 0) {
         return;
     }
@@ -631,6 +687,67 @@ ngx_http_deepseek_guard_text(ngx_http_deepseek_guard_out_t *o,
 /* the same numbers as JSON */
 
 static void
+ngx_http_deepseek_guard_fleet_text(ngx_http_deepseek_guard_out_t *o,
+    ngx_http_deepseek_guard_main_conf_t *mcf)
+{
+    u_char                            name[64], *p;
+    ngx_uint_t                        i;
+    ngx_http_deepseek_guard_zone_t  **zp, *z;
+    ngx_http_deepseek_guard_field_t  *f;
+    ngx_http_deepseek_guard_fleet_t  *fleet;
+
+    fleet = mcf->fleet;
+
+    if (fleet == NULL || fleet->zones.nelts == 0) {
+        return;
+    }
+
+    for (f = ngx_http_deepseek_guard_fleet_nums; f->name.len; f++) {
+        p = ngx_sprintf(name, "deepseek_guard_fleet_%V%Z", &f->name);
+        ngx_http_deepseek_guard_family(o, (char *) name, f->type, f->help);
+        ngx_http_deepseek_guard_series(o, (char *) name, "redis",
+                                       &fleet->addr.name, NULL, NULL, NULL);
+        ngx_http_deepseek_guard_out_value(o,
+                               ngx_http_deepseek_guard_read(fleet->sh,
+                                                            f->offset));
+        (void) p;
+    }
+
+    ngx_http_deepseek_guard_family(o, "deepseek_guard_fleet_sync_seconds",
+        "summary", "Round trips of the syncs with Redis.");
+
+    ngx_http_deepseek_guard_series(o, "deepseek_guard_fleet_sync_seconds_sum",
+                                   "redis", &fleet->addr.name, NULL, NULL,
+                                   NULL);
+    ngx_http_deepseek_guard_out_secs(o, fleet->sh->rtt_sum_ms);
+    ngx_http_deepseek_guard_out_lit(o, "\n");
+
+    ngx_http_deepseek_guard_series(o,
+                                   "deepseek_guard_fleet_sync_seconds_count",
+                                   "redis", &fleet->addr.name, NULL, NULL,
+                                   NULL);
+    ngx_http_deepseek_guard_out_value(o, fleet->sh->rtt_count);
+
+    zp = fleet->zones.elts;
+
+    for (f = ngx_http_deepseek_guard_share_nums; f->name.len; f++) {
+        p = ngx_sprintf(name, "deepseek_guard_fleet_%V%Z", &f->name);
+        ngx_http_deepseek_guard_family(o, (char *) name, f->type, f->help);
+
+        for (i = 0; i < fleet->zones.nelts; i++) {
+            z = zp[i];
+            ngx_http_deepseek_guard_series(o, (char *) name, "zone",
+                                           &z->shm_zone->shm.name, NULL,
+                                           NULL, NULL);
+            ngx_http_deepseek_guard_out_value(o,
+                                   ngx_http_deepseek_guard_read(z->sh,
+                                                                f->offset));
+        }
+    }
+}
+
+
+static void
 ngx_http_deepseek_guard_json(ngx_http_deepseek_guard_out_t *o,
     ngx_http_deepseek_guard_main_conf_t *mcf)
 {
@@ -642,6 +759,8 @@ ngx_http_deepseek_guard_json(ngx_http_deepseek_guard_out_t *o,
     ngx_http_deepseek_guard_class_t      *cls;
     ngx_http_deepseek_guard_field_t      *f;
     ngx_http_deepseek_guard_counters_t   *cnt;
+    ngx_http_deepseek_guard_zone_t      **zp;
+    ngx_http_deepseek_guard_fleet_t      *fleet;
 
     zones = mcf->zones.elts;
     cls = mcf->classes.elts;
@@ -793,7 +912,53 @@ ngx_http_deepseek_guard_json(ngx_http_deepseek_guard_out_t *o,
         ngx_http_deepseek_guard_out_lit(o, "}");
     }
 
-    ngx_http_deepseek_guard_out_lit(o, "]}\n");
+    ngx_http_deepseek_guard_out_lit(o, "]");
+
+    fleet = mcf->fleet;
+
+    if (fleet && fleet->zones.nelts) {
+        ngx_http_deepseek_guard_out_lit(o, ",\"fleet\":{\"redis\":\"");
+        ngx_http_deepseek_guard_out_esc(o, &fleet->addr.name, 1);
+        ngx_http_deepseek_guard_out_lit(o, "\"");
+
+        for (f = ngx_http_deepseek_guard_fleet_nums; f->name.len; f++) {
+            ngx_http_deepseek_guard_out_lit(o, ",\"");
+            ngx_http_deepseek_guard_out(o, f->name.data, f->name.len);
+            ngx_http_deepseek_guard_out_lit(o, "\":");
+            ngx_http_deepseek_guard_out_num(o,
+                       ngx_http_deepseek_guard_read(fleet->sh, f->offset));
+        }
+
+        ngx_http_deepseek_guard_out_lit(o, ",\"sync_ms_sum\":");
+        ngx_http_deepseek_guard_out_num(o, fleet->sh->rtt_sum_ms);
+        ngx_http_deepseek_guard_out_lit(o, ",\"sync_count\":");
+        ngx_http_deepseek_guard_out_num(o, fleet->sh->rtt_count);
+        ngx_http_deepseek_guard_out_lit(o, ",\"zones\":[");
+
+        zp = fleet->zones.elts;
+
+        for (i = 0; i < fleet->zones.nelts; i++) {
+            z = zp[i];
+            ngx_http_deepseek_guard_out_cstr(o, i ? ",{\"zone\":\""
+                                                  : "{\"zone\":\"");
+            ngx_http_deepseek_guard_out_esc(o, &z->shm_zone->shm.name, 1);
+            ngx_http_deepseek_guard_out_lit(o, "\"");
+
+            for (f = ngx_http_deepseek_guard_share_nums; f->name.len; f++) {
+                ngx_http_deepseek_guard_out_lit(o, ",\"");
+                ngx_http_deepseek_guard_out(o, f->name.data, f->name.len);
+                ngx_http_deepseek_guard_out_lit(o, "\":");
+                ngx_http_deepseek_guard_out_num(o,
+                               ngx_http_deepseek_guard_read(z->sh, f->offset));
+            }
+
+            ngx_http_deepseek_guard_out_lit(o, "}");
+        }
+
+        ngx_http_deepseek_guard_out_lit(o, "]}");
+    }
+
+    ngx_http_deepseek_guard_out_lit(o, "}\n");
 }
 
 

@@ -68,6 +68,13 @@ static ngx_command_t  ngx_http_deepseek_guard_commands[] = {
       0,
       NULL },
 
+    { ngx_string("deepseek_guard_fleet"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_1MORE,
+      ngx_http_deepseek_guard_fleet,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
     { ngx_string("deepseek_guard"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
       ngx_http_deepseek_guard,
@@ -388,6 +395,10 @@ ngx_http_deepseek_guard_init_process(ngx_cycle_t *cycle)
     (void) mcf;
 #endif
 
+    if (ngx_http_deepseek_guard_fleet_init_process(cycle) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
     return ngx_http_deepseek_guard_cache_init_process(cycle);
 }
 
@@ -433,6 +444,7 @@ ngx_http_deepseek_guard_malloc_trim(ngx_conf_t *cf, ngx_command_t *cmd,
 static void
 ngx_http_deepseek_guard_exit_process(ngx_cycle_t *cycle)
 {
+    ngx_http_deepseek_guard_fleet_exit_process(cycle);
     ngx_http_deepseek_guard_cache_exit_process(cycle);
 }
 
@@ -493,7 +505,9 @@ ngx_http_deepseek_guard_init_main_conf(ngx_conf_t *cf, void *conf)
         ngx_str_set(&c->name, "default");
     }
 
-    if (ngx_http_deepseek_guard_limit_init_main(cf, mcf) != NGX_OK) {
+    if (ngx_http_deepseek_guard_limit_init_main(cf, mcf) != NGX_OK
+        || ngx_http_deepseek_guard_fleet_init_main(cf, mcf) != NGX_OK)
+    {
         return NGX_CONF_ERROR;
     }
 

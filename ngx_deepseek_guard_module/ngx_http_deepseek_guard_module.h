@@ -15,6 +15,7 @@
 
 #include "dsg_bucket.h"
 #include "dsg_queue.h"
+#include "dsg_fleet.h"
 
 
 #define NGX_HTTP_DSG_ADMITTED      1
@@ -78,6 +79,7 @@ typedef struct {
     ngx_pid_t                    pid;
     uint32_t                     cls;
     uint32_t                     record;     /* dsg_limit_record() */
+    uint32_t                     fleet;      /* charged to the fleet share */
     ngx_msec_t                   start;
 } ngx_http_deepseek_guard_lease_t;
 
@@ -111,7 +113,41 @@ typedef struct {
     ngx_atomic_t                 nomem_sec;
     ngx_http_deepseek_guard_counters_t  counters[DSG_MAX_CLASSES];
     ngx_atomic_t                 responses[5];  /* 1xx .. 5xx, log phase */
+    /* fleet=on: the node's share as of the last sync (gauges) */
+    ngx_atomic_t                 fleet_requests;
+    ngx_atomic_t                 fleet_slots;
+    ngx_atomic_t                 fleet_keys;
+    ngx_atomic_t                 fleet_demand;
 } ngx_http_deepseek_guard_shctx_t;
+
+
+/* deepseek_guard_fleet: the node's agent and counters, in shared memory */
+typedef struct {
+    ngx_atomic_t                 agent;        /* its worker's pid, 0: none */
+    ngx_atomic_t                 beat;         /* ms of its last tick */
+    ngx_atomic_t                 up;           /* 1: synced, 0: fallback */
+    ngx_atomic_t                 fallbacks;
+    ngx_atomic_t                 syncs;
+    ngx_atomic_t                 errors;
+    ngx_atomic_t                 commands;
+    ngx_atomic_t                 rtt_sum_ms;
+    ngx_atomic_t                 rtt_count;
+} ngx_http_deepseek_guard_fleet_sh_t;
+
+
+typedef struct {
+    ngx_addr_t                   addr;         /* redis= */
+    ngx_str_t                    password;
+    ngx_str_t                    prefix;
+    ngx_str_t                    node;         /* empty: host:master pid */
+    ngx_msec_t                   interval;
+    ngx_uint_t                   nodes;
+    ngx_array_t                  zones;        /* of fleet=on zone pointers */
+    ngx_shm_zone_t              *shm_zone;
+    ngx_http_deepseek_guard_fleet_sh_t  *sh;
+    u_char                      *file;
+    ngx_uint_t                   line;
+} ngx_http_deepseek_guard_fleet_t;
 
 
 typedef struct {
@@ -126,6 +162,9 @@ typedef struct {
     ngx_uint_t                   status;       /* 429: quota, never queued */
     dsg_limit_conf_t             limit;
     dsg_queue_layout_t           layout;
+    ngx_flag_t                   fleet_on;     /* fleet=on */
+    ngx_http_deepseek_guard_fleet_t  *fleet;
+    dsg_limit_conf_t             fallback;     /* the share without Redis */
     u_char                      *file;
     ngx_uint_t                   line;
 
@@ -194,6 +233,7 @@ typedef struct {
     ngx_array_t                  zones;     /* ngx_shm_zone_t * */
     ngx_uint_t                   default_class_set;
     ngx_msec_t                   malloc_trim;   /* interval, 0: off */
+    ngx_http_deepseek_guard_fleet_t  *fleet;    /* deepseek_guard_fleet */
 } ngx_http_deepseek_guard_main_conf_t;
 
 
@@ -326,6 +366,8 @@ char *ngx_http_deepseek_guard_zone(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 char *ngx_http_deepseek_guard(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+ngx_http_deepseek_guard_node_t *ngx_http_deepseek_guard_find(
+    ngx_http_deepseek_guard_zone_t *z, u_char *digest);
 ngx_http_deepseek_guard_node_t *ngx_http_deepseek_guard_lookup(
     ngx_http_deepseek_guard_zone_t *z, u_char *digest, ngx_uint_t *nomem);
 ngx_http_deepseek_guard_lease_t *ngx_http_deepseek_guard_lease_alloc(
@@ -381,6 +423,20 @@ void ngx_http_deepseek_guard_cache_reap(ngx_http_deepseek_guard_cache_t *cache,
 extern ngx_conf_bitmask_t  ngx_http_deepseek_guard_use_stale_masks[];
 extern ngx_conf_bitmask_t  ngx_http_deepseek_guard_methods_masks[];
 extern ngx_conf_enum_t     ngx_http_deepseek_guard_credentials_enum[];
+
+/* ngx_http_deepseek_guard_fleet.c */
+char *ngx_http_deepseek_guard_fleet(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+ngx_int_t ngx_http_deepseek_guard_fleet_init_main(ngx_conf_t *cf,
+    ngx_http_deepseek_guard_main_conf_t *mcf);
+ngx_int_t ngx_http_deepseek_guard_fleet_init_process(ngx_cycle_t *cycle);
+void ngx_http_deepseek_guard_fleet_exit_process(ngx_cycle_t *cycle);
+ngx_uint_t ngx_http_deepseek_guard_fleet_up(
+    ngx_http_deepseek_guard_fleet_t *fleet);
+
+/* the key's fleet share, after its node (fleet=on zones only) */
+#define ngx_http_deepseek_guard_fleet_key(n)                                  \
+    ((dsg_fleet_key_t *) ((ngx_http_deepseek_guard_node_t *) (n) + 1))
 
 /* ngx_http_deepseek_guard_metrics.c */
 char *ngx_http_deepseek_guard_metrics(ngx_conf_t *cf, ngx_command_t *cmd,

@@ -25,6 +25,42 @@ static ngx_int_t ngx_http_deepseek_guard_init_zone(ngx_shm_zone_t *shm_zone,
 
 
 
+/* the key's node, or NULL; no allocation, the LRU order is kept */
+
+ngx_http_deepseek_guard_node_t *
+ngx_http_deepseek_guard_find(ngx_http_deepseek_guard_zone_t *z,
+    u_char *digest)
+{
+    ngx_rbtree_key_t                 hash;
+    ngx_rbtree_node_t               *node, *sentinel;
+    ngx_http_deepseek_guard_node_t  *n;
+
+    ngx_memcpy(&hash, digest, sizeof(ngx_rbtree_key_t));
+
+    node = z->sh->rbtree.root;
+    sentinel = z->sh->rbtree.sentinel;
+
+    while (node != sentinel) {
+
+        if (hash != node->key) {
+            node = (hash < node->key) ? node->left : node->right;
+            continue;
+        }
+
+        n = (ngx_http_deepseek_guard_node_t *) node;
+
+        if (ngx_memcmp(n->digest, digest + 8, 4) == 0) {
+            return n;
+        }
+
+        node = (ngx_memcmp(digest + 8, n->digest, 4) < 0)
+               ? node->left : node->right;
+    }
+
+    return NULL;
+}
+
+
 ngx_http_deepseek_guard_node_t *
 ngx_http_deepseek_guard_lookup(ngx_http_deepseek_guard_zone_t *z,
     u_char *digest, ngx_uint_t *nomem)
@@ -63,7 +99,9 @@ ngx_http_deepseek_guard_lookup(ngx_http_deepseek_guard_zone_t *z,
                ? node->left : node->right;
     }
 
-    size = sizeof(ngx_http_deepseek_guard_node_t);
+    /* a fleet key's share follows its node */
+    size = sizeof(ngx_http_deepseek_guard_node_t)
+           + (z->fleet_on ? sizeof(dsg_fleet_key_t) : 0);
 
     n = ngx_slab_alloc_locked(z->shpool, size);
 
@@ -213,6 +251,7 @@ ngx_http_deepseek_guard_lease_alloc(ngx_http_deepseek_guard_zone_t *z,
     lease->pid = ngx_pid;
     lease->cls = (uint32_t) cls;
     lease->record = dsg_limit_record(&z->limit, (uint32_t) cls);
+    lease->fleet = 0;
     lease->start = ngx_current_msec;
     ngx_queue_insert_tail(&z->sh->leases, &lease->queue);
 
@@ -432,6 +471,17 @@ ngx_http_deepseek_guard_init_zone(ngx_shm_zone_t *shm_zone, void *data)
             return NGX_ERROR;
         }
 
+        if (z->fleet_on != oz->fleet_on) {
+            /* a fleet key's node is larger: its keys cannot be kept */
+            ngx_log_error(NGX_LOG_EMERG, shm_zone->shm.log, 0,
+                          "deepseek_guard_zone \"%V\" is fleet=%s while "
+                          "previously it was fleet=%s: give the zone "
+                          "another name or size", &shm_zone->shm.name,
+                          z->fleet_on ? "on" : "off",
+                          oz->fleet_on ? "on" : "off");
+            return NGX_ERROR;
+        }
+
         z->sh = oz->sh;
         z->shpool = oz->shpool;
 
@@ -533,7 +583,7 @@ places:
 
 /*
  * deepseek_guard_zone <name>:<size> key=<value> [rate=<N>r/s|r/m]
- *     [burst=<N>] [inflight=<N>] [status=<code>];
+ *     [burst=<N>] [inflight=<N>] [status=<code>] [fleet=on|off];
  */
 
 char *
@@ -650,6 +700,16 @@ ngx_http_deepseek_guard_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
             }
 
             z->inflight = (uint32_t) n;
+            continue;
+        }
+
+        if (ngx_strcmp(value[i].data, "fleet=on") == 0) {
+            z->fleet_on = 1;
+            continue;
+        }
+
+        if (ngx_strcmp(value[i].data, "fleet=off") == 0) {
+            z->fleet_on = 0;
             continue;
         }
 
