@@ -118,7 +118,9 @@ ngx_http_deepseek_guard_lookup(ngx_http_deepseek_guard_zone_t *z,
     ngx_memzero(n, size);
     n->node.key = hash;
     ngx_memcpy(n->digest, digest + 8, 4);
-    dsg_limit_state_init(&z->limit, &n->state, ngx_current_msec);
+    /* a fleet key's own buckets serve only its static share */
+    dsg_limit_state_init(z->fleet_on ? &z->fallback : &z->limit, &n->state,
+                         ngx_current_msec);
 
     ngx_rbtree_insert(&z->sh->rbtree, &n->node);
     ngx_queue_insert_head(&z->sh->lru, &n->lru);
