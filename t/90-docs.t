@@ -306,6 +306,12 @@ $t->write_config(<<'EOF');
     deepseek_guard_zone backend:1m key=backend inflight=8 rate=100r/s
                                    burst=50;
 
+    # a fleet zone, its Redis away (nothing listens on port 1): the fleet
+    # families are exported all the same
+    deepseek_guard_fleet redis=127.0.0.1:1 nodes=2;
+    deepseek_guard_zone fleetq:1m  key=$http_authorization rate=60r/m
+                                   status=429 fleet=on;
+
     deepseek_guard_cache_path %%PREFIX%%/cache keys_zone=llm:1m max_size=16m
                               inactive=1m;
     deepseek_guard_malloc_trim 1s;
