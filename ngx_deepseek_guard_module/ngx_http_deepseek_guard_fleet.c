@@ -847,7 +847,7 @@ ngx_http_deepseek_guard_fleet_plan(ngx_http_deepseek_guard_agent_t *a,
 {
     u_char                           *digests, *d, *p, *buf;
     uint64_t                          now, requests, demand, slots;
-    ngx_uint_t                        i, k, t, max, n, nt, from, argc;
+    ngx_uint_t                        i, k, t, max, n, nt, from, argc, quiet;
     ngx_queue_t                      *q;
     const char                      **argv;
     size_t                           *argl;
@@ -861,9 +861,12 @@ ngx_http_deepseek_guard_fleet_plan(ngx_http_deepseek_guard_agent_t *a,
     now = ngx_current_msec;
     nt = z->limit.ntiers;
 
-    /* room for every key there is now, allocated before the lock */
+    /*
+     * room for twice the keys of the last sync, allocated before the lock;
+     * keys beyond it (least recently used) wait for the next sync
+     */
 
-    max = z->sh->nodes + 16;
+    max = ngx_min(z->sh->nodes, 2 * z->sh->fleet_keys + 256) + 16;
 
     digests = ngx_pnalloc(a->pool, max * 12);
     asks = ngx_palloc(a->pool, max * sizeof(dsg_fleet_ask_t));
@@ -878,6 +881,8 @@ ngx_http_deepseek_guard_fleet_plan(ngx_http_deepseek_guard_agent_t *a,
 
     ngx_shmtx_lock(&z->shpool->mutex);
 
+    quiet = 0;
+
     for (q = ngx_queue_head(&z->sh->lru);
          q != ngx_queue_sentinel(&z->sh->lru) && n < max;
          q = ngx_queue_next(q))
@@ -888,8 +893,24 @@ ngx_http_deepseek_guard_fleet_plan(ngx_http_deepseek_guard_agent_t *a,
         if (!dsg_fleet_plan(&z->limit, fk, &node->state, now,
                             fleet->interval, &asks[n]))
         {
+            /*
+             * the list is in order of use: after 64 keys in a row that
+             * were quiet for long (they gave everything back when they
+             * went quiet), the rest are older still; a zone of many idle
+             * keys costs a sync no more than its active ones
+             */
+
+            if (now - fk->seen_ms
+                > 2 * (uint64_t) DSG_FLEET_LINGER * fleet->interval
+                && ++quiet == 64)
+            {
+                break;
+            }
+
             continue;
         }
+
+        quiet = 0;
 
         d = digests + n * 12;
         ngx_memcpy(d, &node->node.key, 8);
