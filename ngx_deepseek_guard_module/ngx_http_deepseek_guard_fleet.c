@@ -46,6 +46,7 @@ typedef struct {
     ngx_peer_connection_t            peer;
     ngx_connection_t                *c;
     ngx_uint_t                       connected;
+    ngx_uint_t                       fresh;     /* no AUTH sent on it yet */
     ngx_uint_t                       agent;
     ngx_uint_t                       told;      /* the fallback was logged */
     redisReader                     *reader;
@@ -704,6 +705,7 @@ ngx_http_deepseek_guard_fleet_connect(ngx_http_deepseek_guard_agent_t *a)
 
     a->c = c;
     a->connected = (rc == NGX_OK);
+    a->fresh = 1;
 
     a->reader = redisReaderCreate();
     if (a->reader == NULL) {
@@ -753,7 +755,7 @@ ngx_http_deepseek_guard_fleet_sync(ngx_http_deepseek_guard_agent_t *a)
 
     a->next = 0;
 
-    if (!a->connected && fleet->password.len) {
+    if (a->fresh && fleet->password.len) {
         cmd = ngx_array_push(&a->cmds);
         if (cmd == NULL) {
             return NGX_ERROR;
@@ -773,6 +775,8 @@ ngx_http_deepseek_guard_fleet_sync(ngx_http_deepseek_guard_agent_t *a)
             return NGX_ERROR;
         }
     }
+
+    a->fresh = 0;
 
     zp = fleet->zones.elts;
 
