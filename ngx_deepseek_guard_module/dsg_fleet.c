@@ -14,7 +14,7 @@ typedef char  dsg_fleet_key_size_check_t
 
 
 static int dsg_fleet_source(const dsg_limit_conf_t *c,
-    const dsg_fleet_key_t *f, uint32_t tier);
+    const dsg_fleet_key_t *f, uint32_t tier, uint64_t credit_ms);
 
 
 void
@@ -26,15 +26,17 @@ dsg_fleet_key_init(dsg_fleet_key_t *f)
 
 /*
  * The wallet a tier request spends: its own tier's, else the nearest lower
- * one's with a whole request in it, else its own on credit if that is not
- * in debt yet.  -1: none.
+ * one's with a whole request in it, else its own on credit, as long as its
+ * debt stays within credit_ms of the tier's fleet rate (one request at
+ * least).  -1: none.
  */
 
 static int
 dsg_fleet_source(const dsg_limit_conf_t *c, const dsg_fleet_key_t *f,
-    uint32_t tier)
+    uint32_t tier, uint64_t credit_ms)
 {
     uint32_t  t;
+    uint64_t  credit;
 
     for (t = tier; t < c->ntiers; t++) {
         if (f->wallet[t] >= (int64_t) c->cost) {
@@ -42,16 +44,22 @@ dsg_fleet_source(const dsg_limit_conf_t *c, const dsg_fleet_key_t *f,
         }
     }
 
-    return (f->wallet[tier] >= 0) ? (int) tier : -1;
+    credit = c->gain[tier] * credit_ms;
+    if (credit < c->cost) {
+        credit = c->cost;
+    }
+
+    return (f->wallet[tier] - (int64_t) c->cost >= -(int64_t) credit)
+           ? (int) tier : -1;
 }
 
 
 int
 dsg_fleet_check(const dsg_limit_conf_t *c, dsg_fleet_key_t *f,
     const dsg_limit_state_t *s, uint32_t cls, int fresh, uint64_t now_ms,
-    uint64_t *wait_ms)
+    uint64_t credit_ms, uint64_t *wait_ms)
 {
-    uint32_t  t, tier;
+    uint32_t  t, tier, use;
     uint64_t  w;
 
     if (wait_ms) {
@@ -72,7 +80,7 @@ dsg_fleet_check(const dsg_limit_conf_t *c, dsg_fleet_key_t *f,
         f->seen_ms = now_ms;
     }
 
-    if (c->n > 0 && dsg_fleet_source(c, f, tier) < 0) {
+    if (c->n > 0 && dsg_fleet_source(c, f, tier, credit_ms) < 0) {
         if (wait_ms) {
             /* the fleet earns one request in cost / gain ms */
             w = (c->cost + c->gain[tier] - 1) / c->gain[tier];
@@ -84,7 +92,19 @@ dsg_fleet_check(const dsg_limit_conf_t *c, dsg_fleet_key_t *f,
 
     if (c->inflight > 0) {
         for (t = 0; t <= tier; t++) {
-            if (s->inflight[t] >= f->held[t]) {
+
+            /*
+             * within what the fleet holds for us and, when other nodes
+             * want more than they hold, within our fair share: a slot
+             * above it is given back as soon as it is free
+             */
+
+            use = f->held[t];
+            if (f->fair[t] && f->fair[t] < use) {
+                use = f->fair[t];
+            }
+
+            if (s->inflight[t] >= use) {
                 return (f->held[t] == 0 && f->fair[t] == 0) ? DSG_UNSPOKEN
                                                             : DSG_INFLIGHT;
             }
@@ -97,7 +117,7 @@ dsg_fleet_check(const dsg_limit_conf_t *c, dsg_fleet_key_t *f,
 
 void
 dsg_fleet_charge(const dsg_limit_conf_t *c, dsg_fleet_key_t *f,
-    dsg_limit_state_t *s, uint32_t cls)
+    dsg_limit_state_t *s, uint32_t cls, uint64_t credit_ms)
 {
     int       src;
     uint32_t  t, tier;
@@ -109,7 +129,7 @@ dsg_fleet_charge(const dsg_limit_conf_t *c, dsg_fleet_key_t *f,
     tier = c->class_tier[cls];
 
     if (c->n > 0) {
-        src = dsg_fleet_source(c, f, tier);
+        src = dsg_fleet_source(c, f, tier, credit_ms);
         f->wallet[src < 0 ? tier : (uint32_t) src] -= (int64_t) c->cost;
     }
 
@@ -155,24 +175,32 @@ dsg_fleet_plan(const dsg_limit_conf_t *c, dsg_fleet_key_t *f,
     dsg_fleet_ask_t *a)
 {
     int       say;
-    uint32_t  t, u, recent, ahead, claim, want;
-    uint64_t  target;
+    uint32_t  t, u, recent, claim, want, d;
+    uint64_t  target, ahead;
 
     memset(a, 0, sizeof(dsg_fleet_ask_t));
 
+    /* seen_ms may be a worker's clock a ms ahead of ours: recent too */
     recent = (f->seen_ms != 0
-              && now_ms - f->seen_ms
-                 <= (uint64_t) DSG_FLEET_LINGER * interval_ms);
+              && (now_ms <= f->seen_ms
+                  || now_ms - f->seen_ms
+                     <= (uint64_t) DSG_FLEET_LINGER * interval_ms));
     say = 0;
-    ahead = 0;
+
+    /*
+     * demand per sync, every tier first (a tier's slots count the lower
+     * tiers' requests): est += (demand - est) / 4 in 1/16 requests,
+     * rounded so that it decays to 0
+     */
 
     for (t = 0; t < c->ntiers; t++) {
-
-        /* demand per sync: est += (demand - est) / 4, in 1/16 requests */
-        f->est[t] = f->est[t] - f->est[t] / 4
-                    + (f->demand[t] > UINT32_MAX / 4 ? UINT32_MAX / 4
-                                                     : f->demand[t] * 4);
+        d = (f->demand[t] > DSG_FLEET_MAX_DEMAND) ? DSG_FLEET_MAX_DEMAND
+                                                  : f->demand[t];
+        f->est[t] = f->est[t] - (f->est[t] + 3) / 4 + d * 4;
         f->demand[t] = 0;
+    }
+
+    for (t = 0; t < c->ntiers; t++) {
 
         if (c->n > 0) {
             /* on hand: twice the demand per sync, one request at least */
@@ -196,18 +224,24 @@ dsg_fleet_plan(const dsg_limit_conf_t *c, dsg_fleet_key_t *f,
             /* requests of tier t and of every lower tier are counted in t */
             ahead = 0;
             for (u = t; u < c->ntiers; u++) {
-                ahead += (f->est[u] + 15) / 16;
+                ahead += ((uint64_t) f->est[u] + 15) / 16;
             }
 
-            claim = f->held[t] < f->fair[t] ? f->held[t] : f->fair[t];
+            if (recent) {
+                claim = f->held[t] < f->fair[t] ? f->held[t] : f->fair[t];
+                ahead += (uint64_t) s->inflight[t] + s->queued + 1;
+
+            } else {
+                /* quiet: keep only what is in use */
+                claim = 0;
+                ahead = (uint64_t) s->inflight[t] + s->queued;
+            }
+
             if (claim < s->inflight[t]) {
                 claim = s->inflight[t];
             }
 
-            want = s->inflight[t] + s->queued + ahead + (recent ? 1 : 0);
-            if (want > c->cap[t]) {
-                want = c->cap[t];
-            }
+            want = (ahead > c->cap[t]) ? c->cap[t] : (uint32_t) ahead;
 
             if (want < claim) {
                 want = claim;

@@ -15,11 +15,11 @@
  *     it has not spent) and its held slots.  A request of tier T spends a
  *     grant of tier T or of any lower tier T' > T (those were charged in
  *     the fleet's tiers 0..T', a superset of 0..T).  When every such wallet
- *     is empty, a tier T request may still go on credit once: wallet[T]
- *     goes down to at most -cost, and the next grant pays it back first.
- *     This is what lets the first request of a new key through without a
- *     round trip; it bounds the over-admission to one request per node,
- *     key and tier.
+ *     is empty, a tier T request may still go on credit: wallet[T] goes
+ *     down to minus credit_ms of the tier's fleet rate (one request at
+ *     least), and the next grant pays it back first.  This lets a key new
+ *     to the node (or quiet for a while) through without a round trip; it
+ *     bounds the over-admission to that credit per node, key and tier.
  *   - Slots are never lent on credit: in flight <= held in every tier.
  *     A node asks for what it uses plus what waits plus one, and shrinks
  *     its claim to the fleet's fair share (returned by the script) one
@@ -77,6 +77,9 @@ typedef struct {
 /* a key is synced while it was seen within this many intervals */
 #define DSG_FLEET_LINGER     20
 
+/* new requests of one sync counted in its demand, at most */
+#define DSG_FLEET_MAX_DEMAND  (UINT32_MAX / 64)
+
 
 /* a new key: nothing granted, nothing held */
 void dsg_fleet_key_init(dsg_fleet_key_t *f);
@@ -88,20 +91,22 @@ void dsg_fleet_key_init(dsg_fleet_key_t *f);
  * slot free) or DSG_UNSPOKEN (none held yet, the fleet has not answered
  * for the key), DSG_EINVAL for cls >= nclasses.  "fresh" counts the request
  * in the demand that the next sync asks for (a new request, not a waiter
- * trying again).  wait_ms may be NULL.
+ * trying again).  credit_ms: the debt a tier's wallet may run, in ms of
+ * the tier's fleet rate, one request at least (0: one request).  wait_ms
+ * may be NULL.
  */
 int dsg_fleet_check(const dsg_limit_conf_t *c, dsg_fleet_key_t *f,
     const dsg_limit_state_t *s, uint32_t cls, int fresh, uint64_t now_ms,
-    uint64_t *wait_ms);
+    uint64_t credit_ms, uint64_t *wait_ms);
 
 /*
  * Takes one request's tokens from the wallet and, if capped, one in-flight
  * slot in every tier t <= tier(cls) of s (released by dsg_limit_release()
  * with dsg_limit_record()'s record, as a local zone's).  Only after a
- * DSG_OK check under the same lock.
+ * DSG_OK check with the same credit_ms under the same lock.
  */
 void dsg_fleet_charge(const dsg_limit_conf_t *c, dsg_fleet_key_t *f,
-    dsg_limit_state_t *s, uint32_t cls);
+    dsg_limit_state_t *s, uint32_t cls, uint64_t credit_ms);
 
 /* undoes a charge: the tokens go back to wallet[tier(cls)], and the slots */
 void dsg_fleet_refund(const dsg_limit_conf_t *c, dsg_fleet_key_t *f,

@@ -405,7 +405,10 @@ ngx_http_deepseek_guard_fleet_init_main(ngx_conf_t *cf,
         /* Lua numbers are doubles: every level must be exact in one */
 
         for (t = 0; t < z->limit.ntiers; t++) {
-            if (z->limit.capacity[t] + z->limit.cost >= (1ULL << 52)) {
+            if (z->limit.capacity[t] + z->limit.cost
+                + z->limit.gain[t] * mcf->fleet->interval
+                >= (1ULL << 52))
+            {
                 ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
                               "deepseek_guard_zone \"%V\": rate and burst "
                               "too large for fleet=on in %s:%ui",
@@ -850,7 +853,7 @@ ngx_http_deepseek_guard_fleet_plan(ngx_http_deepseek_guard_agent_t *a,
     ngx_http_deepseek_guard_zone_t *z, ngx_array_t *strs)
 {
     u_char                           *digests, *d, *p, *buf;
-    uint64_t                          now, requests, demand, slots;
+    uint64_t                          now, requests, demand, slots, cap;
     ngx_uint_t                        i, k, t, max, n, nt, from, argc, quiet;
     ngx_queue_t                      *q;
     const char                      **argv;
@@ -904,8 +907,9 @@ ngx_http_deepseek_guard_fleet_plan(ngx_http_deepseek_guard_agent_t *a,
              * keys costs a sync no more than its active ones
              */
 
-            if (now - fk->seen_ms
-                > 2 * (uint64_t) DSG_FLEET_LINGER * fleet->interval
+            if (now > fk->seen_ms
+                && now - fk->seen_ms
+                   > 2 * (uint64_t) DSG_FLEET_LINGER * fleet->interval
                 && ++quiet == 64)
             {
                 break;
@@ -992,8 +996,18 @@ ngx_http_deepseek_guard_fleet_plan(ngx_http_deepseek_guard_agent_t *a,
         ngx_http_dsg_arg(z->limit.n ? "1" : "0", 1);
 
         for (t = 0; t < nt; t++) {
+            /*
+             * the fleet's bucket holds one interval of refill at least:
+             * the nodes take tokens once an interval, a bucket of one
+             * request would lose the rest (docs/fleet.md, the bounds)
+             */
+            cap = z->limit.cost + z->limit.gain[t] * fleet->interval;
+            if (cap < z->limit.capacity[t]) {
+                cap = z->limit.capacity[t];
+            }
+
             ngx_http_dsg_num("%uL", z->limit.gain[t]);
-            ngx_http_dsg_num("%uL", z->limit.capacity[t]);
+            ngx_http_dsg_num("%uL", cap);
             ngx_http_dsg_num("%uD", z->limit.cap[t]);
         }
 

@@ -482,7 +482,8 @@ ngx_http_deepseek_guard_try(ngx_http_request_t *r,
             rc = dsg_fleet_check(&z->limit,
                                  ngx_http_deepseek_guard_fleet_key(node),
                                  &node->state, ctx->cls, ctx->waiter == NULL,
-                                 now, wait_ms);
+                                 now, z->fleet->interval / z->fleet->nodes,
+                                 wait_ms);
 
         } else {
             rc = dsg_limit_check(z->fleet ? &z->fallback : &z->limit,
@@ -516,7 +517,8 @@ ngx_http_deepseek_guard_try(ngx_http_request_t *r,
             if (fleet) {
                 dsg_fleet_charge(&z->limit,
                                  ngx_http_deepseek_guard_fleet_key(node),
-                                 &node->state, ctx->cls);
+                                 &node->state, ctx->cls,
+                                 z->fleet->interval / z->fleet->nodes);
                 lease->fleet = 1;
 
             } else {

@@ -20,6 +20,7 @@ extern Suite *dsg_entry_suite(void);
 extern Suite *dsg_store_suite(void);
 extern Suite *dsg_json_suite(void);
 extern Suite *dsg_http_suite(void);
+extern Suite *dsg_fleet_suite(void);
 
 
 int
@@ -29,7 +30,7 @@ main(void)
     SRunner   *sr;
     Suite   *(*suites[])(void) = {
         dsg_bucket_suite, dsg_queue_suite, dsg_entry_suite,
-        dsg_store_suite, dsg_json_suite, dsg_http_suite
+        dsg_store_suite, dsg_json_suite, dsg_http_suite, dsg_fleet_suite
     };
     size_t     i;
 
