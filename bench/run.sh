@@ -2,7 +2,7 @@
 # The benchmarks of ngx_deepseek_guard_module: ./build.sh bench [--quick] [scenario ...]
 # (./build.sh builds the module and installs wrk first, then execs this).
 # Scenarios: admit reject cache keys overload coalesce misses (default: all),
-# and queue (only when named; its own report).
+# and queue and fleet (only when named; each its own report).
 # See bench/README.md.
 set -euo pipefail
 BENCH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -12,4 +12,21 @@ export DSG_MODULE=${DSG_MODULE:-$REPO/build/ngx_http_deepseek_guard_module.so}
 PYTHON=${DSG_PYTHON:-/usr/bin/python3}
 # hundreds of concurrent connections: raise the soft fd limit to the hard one
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+# fleet (bench/fleet_scenario.py): only when named, its own report
+# (<date>-fleet.md); the other scenarios named with it run after it
+rest=() quick=() fleet=
+for a in "$@"; do
+    case "$a" in
+        fleet) fleet=1 ;;
+        --quick) quick=(--quick); rest+=("$a") ;;
+        *) rest+=("$a") ;;
+    esac
+done
+if [ -n "$fleet" ]; then
+    "$PYTHON" "$BENCH/fleet_scenario.py" "${quick[@]}"
+    if [ ${#rest[@]} -eq ${#quick[@]} ]; then
+        exit 0
+    fi
+    set -- "${rest[@]}"
+fi
 exec "$PYTHON" "$BENCH/bench.py" "$@"
