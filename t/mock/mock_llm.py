@@ -17,10 +17,12 @@ Endpoints:
                              X-Mock-Token-Ms, X-Mock-Abort-After, X-Mock-Header
                              ("Name: value", repeatable), X-Mock-Pad,
                              X-Mock-Gzip, X-Mock-Close-Delimited (see below).
+                             Usage counts: see "Tokens and usage" below.
   GET  /v1/models            one model, "deepseek-chat"
   GET  /stats                counters (requests, chat_requests, completed, inflight,
                              max_inflight, rejected_503, forced_errors, aborted_by_mock,
-                             client_aborts, cut_by_mock, bodies{sha256: count})
+                             client_aborts, cut_by_mock, bodies{sha256: count},
+                             tokens, tokens_by_key: see "Tokens and usage")
   POST /stats/reset          zero the counters
   GET|POST /admin/config     read / change capacity, first_token_ms, token_ms, tokens,
                              force_status (0 = off)
@@ -40,6 +42,48 @@ Test headers of a non-streamed 200 chat answer (both may be combined):
                             Counted in "cut_by_mock" when N cut the body, else in
                             "completed".  Ignored with X-Mock-Abort-After.
 
+Tokens and usage (the mock's own tokenizer: nothing else should know it):
+  Tokenizer.  Whitespace (Unicode, Python's re "\s") separates tokens and is
+    not one.  A token is either
+      - a run of ASCII letters and digits, where single hyphens between two
+        such runs join them: "Hello", "42", "well-known", "tok0-1a2b3c4d" are
+        one token each, or
+      - any other single character (code point): an ASCII punctuation or
+        symbol ("," "!" "-" alone), a control character, or any non-ASCII
+        character (each CJK character, accented letter or emoji code point
+        is one token).
+    Regex: [A-Za-z0-9]+(?:-[A-Za-z0-9]+)*|\S.  "Hello, world!" = 4 tokens
+    (Hello , world !), "a--b" = 4, "你好" = 2, "café" = 2, "" = 0.
+  prompt_tokens = 3 per request + for each element of "messages": 3 + the
+    tokens of its "content": a string content is tokenized as a whole; of a
+    list content, every part that is an object with a string "text" is
+    tokenized on its own and the counts are added.  Other contents (and the
+    role, name, model, tools...) count nothing.  No "messages" list: 3.
+  completion_tokens = the tokens of the generated text.  The generator writes
+    N pieces "tok<i>-<first 8 hex digits of sha256(body)> " and each piece is
+    one token, so completion_tokens = N: "max_completion_tokens" (when a
+    positive integer), else "max_tokens" (when a positive integer), else the
+    configured "tokens".  total_tokens = prompt_tokens + completion_tokens.
+  A JSON answer always carries "usage": {"prompt_tokens", "completion_tokens",
+    "total_tokens"}.
+  SSE: with "stream_options": {"include_usage": true} every chunk carries
+    "usage": null, and after the chunk with the finish_reason one more chunk
+    {"id", "object": "chat.completion.chunk", "created", "model",
+    "choices": [], "usage": {...}} comes before "data: [DONE]" (OpenAI's
+    behaviour).  Without include_usage the chunks have no "usage" key and there
+    is no usage chunk.  A stream cut (X-Mock-Abort-After, or the client going
+    away) never sends the usage chunk.  "stream_options" (not null) in a
+    request whose "stream" is not true, or a "stream_options" that is not an
+    object, is answered 400 invalid_request_error (as DeepSeek does).
+  /stats "tokens": {"prompt", "completion"} summed over completed 200 answers
+    (a JSON answer sent whole, or a stream sent to its "data: [DONE]").
+    "tokens_by_key": {<Authorization header value, "" when absent>:
+    {"prompt", "completion", "requests"} of those completed answers, plus of
+    the streams cut after their head was sent (by X-Mock-Abort-After or by the
+    client): "cut" (how many), "cut_prompt" (their prompt tokens) and
+    "completion_delivered" (the content tokens written to the connection
+    before the cut)}.  A cut JSON answer counts in none of them.
+
 Example:
   curl -sN -H 'Content-Type: application/json' \\
        -d '{"stream":true,"messages":[{"role":"user","content":"hi"}]}' \\
@@ -51,6 +95,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import resource
 import signal
 import sys
@@ -71,6 +116,9 @@ COUNTERS = ("requests", "chat_requests", "completed", "inflight", "max_inflight"
             "rejected_503", "forced_errors", "aborted_by_mock", "client_aborts",
             "cut_by_mock")
 CONFIG_KEYS = ("capacity", "first_token_ms", "token_ms", "tokens", "force_status")
+TOKEN_RE = re.compile(r"[A-Za-z0-9]+(?:-[A-Za-z0-9]+)*|\S")
+REQ_OVERHEAD = 3                    # prompt tokens of every request
+MSG_OVERHEAD = 3                    # prompt tokens of every message
 
 
 def dumps(obj):
@@ -87,6 +135,32 @@ def forced_err_body(status):
                  "mock_status_%d" % status))
     msg = BUSY_MSG if status == 503 else "Mock forced error status %d" % status
     return err_body(msg, etype, code)
+
+
+def count_tokens(text):
+    """Tokens of text by the mock's tokenizer (see the module docstring)."""
+    return sum(1 for _ in TOKEN_RE.finditer(text))
+
+
+def count_prompt(data):
+    """prompt_tokens of a request body (a dict): overheads + message contents."""
+    msgs = data.get("messages")
+    n = REQ_OVERHEAD
+    for m in msgs if isinstance(msgs, list) else ():
+        n += MSG_OVERHEAD
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, str):
+            n += count_tokens(content)
+        elif isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    n += count_tokens(part["text"])
+    return n
+
+
+def positive_int(value):
+    return value if isinstance(value, int) and not isinstance(value, bool) \
+        and value > 0 else None
 
 
 def accepts_gzip(value):
@@ -134,6 +208,7 @@ class Request:
         self.headers = headers          # list of (lowercase name, value)
         self.body = b""
         self.status = 0
+        self.sse = None                 # a stream's usage record once its head is sent
         conn_tokens = [t.strip().lower() for t in self.get("connection", "").split(",")]
         self.keep_alive = version == "HTTP/1.1" and "close" not in conn_tokens
 
@@ -300,6 +375,33 @@ class Mock:
         self.st = dict.fromkeys(COUNTERS, 0)
         self.st["inflight"] = self.st["max_inflight"] = inflight
         self.st["bodies"] = {}
+        self.st["tokens"] = {"prompt": 0, "completion": 0}
+        self.st["tokens_by_key"] = {}
+
+    def key_stats(self, key):
+        return self.st["tokens_by_key"].setdefault(key, {
+            "prompt": 0, "completion": 0, "requests": 0,
+            "cut": 0, "cut_prompt": 0, "completion_delivered": 0})
+
+    def count_done(self, key, prompt, completion):
+        """A completed 200 answer: count its usage."""
+        self.st["tokens"]["prompt"] += prompt
+        self.st["tokens"]["completion"] += completion
+        ks = self.key_stats(key)
+        ks["prompt"] += prompt
+        ks["completion"] += completion
+        ks["requests"] += 1
+
+    def count_cut(self, req):
+        """A stream cut after its head was sent: count what it delivered."""
+        if req.sse is None:
+            return
+        key, prompt, delivered = req.sse
+        req.sse = None
+        ks = self.key_stats(key)
+        ks["cut"] += 1
+        ks["cut_prompt"] += prompt
+        ks["completion_delivered"] += delivered[0]
 
     def log(self, msg):
         if not self.quiet:
@@ -417,8 +519,12 @@ class Mock:
         st["max_inflight"] = max(st["max_inflight"], st["inflight"])
         try:
             return await self.answer(conn, req, digest, extra)
+        except MockAbort:
+            self.count_cut(req)
+            raise
         except (ClientGone, ConnectionError, OSError):
             self.st["client_aborts"] += 1
+            self.count_cut(req)
             raise
         finally:
             self.st["inflight"] -= 1
@@ -443,23 +549,35 @@ class Mock:
         except (ValueError, RecursionError):
             return await self.send(conn, req, 400, err_body(
                 "Invalid JSON body", "invalid_request_error", "invalid_json"), extra=extra)
-        mt = data.get("max_tokens")
-        n = mt if isinstance(mt, int) and not isinstance(mt, bool) and mt > 0 else cfg["tokens"]
+        stream = data.get("stream") is True
+        so = data.get("stream_options")
+        if so is not None and (not stream or not isinstance(so, dict)):
+            return await self.send(conn, req, 400, err_body(
+                "stream_options should be set along with stream = true" if not stream
+                else "stream_options must be an object", "invalid_request_error",
+                "invalid_stream_options"), extra=extra)
+        include_usage = stream and so is not None and so.get("include_usage") is True
+        n = (positive_int(data.get("max_completion_tokens"))
+             or positive_int(data.get("max_tokens")) or cfg["tokens"])
         model = data.get("model")
         model = model if isinstance(model, str) and model else "deepseek-chat"
         tokens = ["tok%d-%s " % (i, digest[:8]) for i in range(n)]
+        key = req.get("authorization")
+        prompt = count_prompt(data)
+        completion = count_tokens("".join(tokens))
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion,
+                 "total_tokens": prompt + completion}
         pad = max(0, as_int(req.get("x-mock-pad", None), 0))
         abort_after = as_int(req.get("x-mock-abort-after", None), None)
         cid = "chatcmpl-" + digest[:16]
 
-        if data.get("stream") is not True:
+        if not stream:
             await conn.sleep(delay + n * tok_ms)
             obj = {"id": cid, "object": "chat.completion", "created": CREATED, "model": model,
                    "choices": [{"index": 0, "message": {"role": "assistant",
                                                         "content": "".join(tokens)},
                                 "finish_reason": "stop"}],
-                   "usage": {"prompt_tokens": len(req.body) // 4, "completion_tokens": n,
-                             "total_tokens": len(req.body) // 4 + n}}
+                   "usage": usage}
             if pad:
                 obj["pad"] = "x" * pad
             body = dumps(obj)
@@ -475,10 +593,13 @@ class Mock:
                 cut = 0 < close_after < len(body)
                 await conn.write(head + (body[:close_after] if cut else body))
                 st["cut_by_mock" if cut else "completed"] += 1
+                if not cut:
+                    self.count_done(key, prompt, completion)
                 return False            # close: the end of the body
             if abort_after is None:
                 keep = await self.send(conn, req, 200, body, extra=extra)
                 st["completed"] += 1
+                self.count_done(key, prompt, completion)
                 return keep
             head, _ = self.head(req, 200, self.merge([("Content-Type", "application/json")],
                                                      extra), len(body))
@@ -491,10 +612,12 @@ class Mock:
             [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")], extra),
             chunked=chunked)
 
-        def event(delta, finish):
+        def event(delta, finish, use=None):
             obj = {"id": cid, "object": "chat.completion.chunk", "created": CREATED,
-                   "model": model, "choices": [{"index": 0, "delta": delta,
-                                                "finish_reason": finish}]}
+                   "model": model, "choices": [] if delta is None else [
+                       {"index": 0, "delta": delta, "finish_reason": finish}]}
+            if include_usage:
+                obj["usage"] = use
             if pad:
                 obj["pad"] = "x" * pad
             return frame(b"data: " + dumps(obj) + b"\n\n")
@@ -502,6 +625,8 @@ class Mock:
         def frame(payload):
             return b"%x\r\n%s\r\n" % (len(payload), payload) if chunked else payload
 
+        delivered = [0]
+        req.sse = (key, prompt, delivered)
         await conn.write(head)
         await conn.sleep(delay)
         for i, tok in enumerate(tokens):
@@ -510,12 +635,17 @@ class Mock:
             if i:
                 await conn.sleep(tok_ms)
             await conn.write(event({"content": tok}, None))
+            delivered[0] += count_tokens(tok)
         if abort_after is not None:
             st["aborted_by_mock"] += 1
             raise MockAbort()
-        await conn.write(event({}, "stop") + frame(b"data: [DONE]\n\n")
+        await conn.write(event({}, "stop")
+                         + (event(None, None, usage) if include_usage else b"")
+                         + frame(b"data: [DONE]\n\n")
                          + (b"0\r\n\r\n" if chunked else b""))
+        req.sse = None
         st["completed"] += 1
+        self.count_done(key, prompt, completion)
         return keep
 
 
