@@ -116,6 +116,26 @@ dsg_fleet_check(const dsg_limit_conf_t *c, dsg_fleet_key_t *f,
 
 
 void
+dsg_fleet_seen(const dsg_limit_conf_t *c, dsg_fleet_key_t *f, uint32_t cls,
+    uint64_t now_ms)
+{
+    uint32_t  tier;
+
+    if (cls >= c->nclasses) {
+        return;
+    }
+
+    tier = c->class_tier[cls];
+
+    if (f->demand[tier] < UINT32_MAX) {
+        f->demand[tier]++;
+    }
+
+    f->seen_ms = now_ms;
+}
+
+
+void
 dsg_fleet_charge(const dsg_limit_conf_t *c, dsg_fleet_key_t *f,
     dsg_limit_state_t *s, uint32_t cls, uint64_t credit_ms)
 {

@@ -100,6 +100,15 @@ int dsg_fleet_check(const dsg_limit_conf_t *c, dsg_fleet_key_t *f,
     uint64_t credit_ms, uint64_t *wait_ms);
 
 /*
+ * Counts a new class cls request in the key's demand without checking it:
+ * a request admitted against the static share while Redis is away, so
+ * that the key stays synced (and a failure that its sync meets stays one
+ * episode) and its share is sized right when Redis answers again
+ */
+void dsg_fleet_seen(const dsg_limit_conf_t *c, dsg_fleet_key_t *f,
+    uint32_t cls, uint64_t now_ms);
+
+/*
  * Takes one request's tokens from the wallet and, if capped, one in-flight
  * slot in every tier t <= tier(cls) of s (released by dsg_limit_release()
  * with dsg_limit_record()'s record, as a local zone's).  Only after a

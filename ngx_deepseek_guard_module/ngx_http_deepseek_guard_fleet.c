@@ -1160,8 +1160,11 @@ ngx_http_deepseek_guard_fleet_read(ngx_event_t *rev)
         }
 
         if (n == NGX_ERROR) {
+            /* a connect() that failed shows here first */
             ngx_http_deepseek_guard_fleet_fail(a, ngx_socket_errno, "%s",
-                                               "recv() failed");
+                                               a->connected
+                                               ? "recv() failed"
+                                               : "connect() failed");
             return;
         }
 
@@ -1216,7 +1219,7 @@ static ngx_int_t
 ngx_http_deepseek_guard_fleet_reply(ngx_http_deepseek_guard_agent_t *a,
     redisReply *reply)
 {
-    u_char                          msg[128];
+    u_char                          msg[256];
     ngx_http_deepseek_guard_cmd_t  *cmd;
 
     if (a->next >= a->cmds.nelts) {
@@ -1362,10 +1365,14 @@ static void
 ngx_http_deepseek_guard_fleet_fail(ngx_http_deepseek_guard_agent_t *a,
     ngx_err_t err, const char *fmt, const char *detail)
 {
-    u_char                            reason[256], *p;
+    u_char                            reason[320], *p;
     ngx_http_deepseek_guard_fleet_t  *fleet;
 
     fleet = a->fleet;
+
+    /* the reason first: detail may point into the reader closed below */
+    p = ngx_snprintf(reason, sizeof(reason) - 1, fmt, detail);
+    *p = '\0';
 
     ngx_http_deepseek_guard_fleet_close(a);
 
@@ -1381,9 +1388,6 @@ ngx_http_deepseek_guard_fleet_fail(ngx_http_deepseek_guard_agent_t *a,
     }
 
     a->told = 1;
-
-    p = ngx_snprintf(reason, sizeof(reason) - 1, fmt, detail);
-    *p = '\0';
 
     ngx_log_error(NGX_LOG_ERR, a->tick.log, err,
                   "deepseek_guard: fleet: redis %V: %s; fleet zones fall "

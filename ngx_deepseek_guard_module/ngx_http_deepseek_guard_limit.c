@@ -486,6 +486,12 @@ ngx_http_deepseek_guard_try(ngx_http_request_t *r,
                                  wait_ms);
 
         } else {
+            if (z->fleet && ctx->waiter == NULL) {
+                dsg_fleet_seen(&z->limit,
+                               ngx_http_deepseek_guard_fleet_key(node),
+                               ctx->cls, now);
+            }
+
             rc = dsg_limit_check(z->fleet ? &z->fallback : &z->limit,
                                  &node->state, ctx->cls, now, wait_ms);
         }

@@ -402,6 +402,36 @@ START_TEST(test_fresh)
 END_TEST
 
 
+/* dsg_fleet_seen(): demand and seen_ms only, by the class's tier */
+
+START_TEST(test_seen)
+{
+    uint32_t           r[] = { 20, 0 };
+    dsg_fleet_key_t    f, before;
+    dsg_limit_conf_t   c;
+
+    conf_ok(&c, 10, 1000, 0, 10, r, 2);
+    dsg_fleet_key_init(&f);
+    f.wallet[1] = 5;
+    f.held[0] = 2;
+    before = f;
+
+    dsg_fleet_seen(&c, &f, 1, 4242);
+    ck_assert_uint_eq(f.demand[1], 1);
+    ck_assert_uint_eq(f.demand[0], 0);
+    ck_assert_uint_eq(f.seen_ms, 4242);
+
+    before.demand[1] = 1;
+    before.seen_ms = 4242;
+    ck_assert_mem_eq(&f, &before, sizeof(f));
+
+    /* an unknown class: nothing */
+    dsg_fleet_seen(&c, &f, 2, 9999);
+    ck_assert_mem_eq(&f, &before, sizeof(f));
+}
+END_TEST
+
+
 START_TEST(test_inflight)
 {
     uint32_t           r[] = { 20, 0 };
@@ -1872,6 +1902,7 @@ dsg_fleet_suite(void)
     tcase_add_test(tc, test_credit);
     tcase_add_test(tc, test_source);
     tcase_add_test(tc, test_fresh);
+    tcase_add_test(tc, test_seen);
     tcase_add_test(tc, test_inflight);
     suite_add_tcase(s, tc);
 

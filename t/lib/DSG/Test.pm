@@ -50,6 +50,45 @@ package DSG::Test;
 #   parallel(\@reqs, timeout => s, concurrency => n)
 #   sse_data($body)  json_decode  json_encode  wait_until(sub {...}, secs)
 #
+# Redis and fleets of nodes (section "redis"; fleet zones, t/39-fleet-*.t):
+#   redis_start(password => , args => [...], port => , timeout => ) -> port
+#       a real redis-server (env DSG_REDIS_SERVER, default redis-server) on
+#       a free 127.0.0.1 port, --save '' --appendonly no --dir <prefix>,
+#       --requirepass with password; returns once PING answers; stopped by
+#       check_log, done and cleanup, like the mocks
+#   DSG::Test::have_redis -> true when both binaries are there (skip_all)
+#   redis_port  redis_pid  redis_password  redis_log  redis_stop
+#   redis_cli(@args) -> output (trailing newline removed): redis-cli -h
+#       127.0.0.1 -p PORT [-a password] @args (env DSG_REDIS_CLI); a first
+#       argument { timeout => s, password => p (undef: none) } overrides
+#   redis_ping -> true when PING answers +PONG (AUTH first if a password)
+#   redis_signal($sig) STOP, CONT, KILL, TERM (KILL and TERM: reaped)
+#   redis_restart(%o)  kill -9 if still running, then the same port,
+#       password and args again; returns once PING answers
+#   fake_server(reply => $bytes, close => 1, name => 'fake') -> port
+#       a TCP server that is not Redis: reads, then writes reply (none:
+#       silent, never answers) and closes the connection if close;
+#       fake_stop($name)
+#   DSG::Test->fleet_nodes($n, %new) -> ($t1, ..., $tn): n instances named
+#       node1..node<n> (%%NODE%% in their configs) that share the first
+#       one's mocks and redis (%%MOCK%%, %%REDIS%%, mock_stats,
+#       redis_cli, ... of any node are the first one's; the first one
+#       stops them in its check_log: call it last).  share_from($t) makes
+#       any instance use $t's mocks and redis the same way.
+#   config substitutions: %%REDIS%% (127.0.0.1:port) %%REDIS_PORT%%
+#       %%NODE%% (the instance's name, default "node1")
+#   name  the instance's name; check_log's test is "<name>: error.log has
+#       no alerts" when it was given one (new(name => ...), fleet_nodes)
+#   metric($name, $zone) -> one value of scrape() (the series of zone
+#       $zone, else the family's only series) or undef
+#   DSG::Test::fleet_all(\@nodes, $metric, $want, secs) -> true once the
+#       metric is $want on every node (wait_until)
+#   DSG::Test::fleet_rate_bound(rate => r/s, secs =>, burst =>, share => %,
+#       interval => s, nodes =>) -> the most a key may admit in a tier
+#       (docs/fleet.md "The bounds": earned + bucket + credits)
+#   html_files(@names) -> html dir: <prefix>/html/<name> files of "ok\n"
+#   error_log_size  error_log_since($offset, qr//) -> lines (matching)
+#
 # Helpers shared by test files (section "helpers"):
 #   tagged_req($tag, h => {...}, %chat_req)   a streamed chat with X-Tag
 #   cache_chat($tag, %chat) -> response with tag, cache
@@ -294,6 +333,7 @@ sub new {
         allow     => [],
         master    => undef,
         keep      => $ENV{DSG_KEEP} ? 1 : 0,
+        name      => $args{name},
     }, $class;
 
     $self->{prefix} = tempdir('dsg-test-XXXXXX', TMPDIR => 1, CLEANUP => 0);
@@ -317,6 +357,7 @@ sub new {
 }
 
 sub prefix  { $_[0]{prefix} }
+sub name    { $_[0]{name} }
 sub workers { $_[0]{workers} }
 sub conf_file { "$_[0]{prefix}/nginx.conf" }
 sub error_log_file  { "$_[0]{prefix}/logs/error.log" }
@@ -391,7 +432,10 @@ sub mock_start {
 sub _mock {
     my ($self, $name) = @_;
     $name = 'llm' unless defined $name;
-    my $m = $self->{mocks}{$name} or croak "mock '$name' is not running";
+    my $m = $self->{mocks}{$name};
+    # an instance of a fleet uses the first node's mocks (share_from)
+    return $self->{peer}->_mock($name) if !$m && $self->{peer};
+    croak "mock '$name' is not running" unless $m;
     return $m;
 }
 
@@ -440,6 +484,362 @@ sub mock_stop {
     return 1;
 }
 
+# ---------------------------------------------------------------- redis
+#
+# A real redis-server for the fleet zones (t/39-fleet-*.t), owned by the
+# instance that started it, and the instances of a fleet of nodes that
+# share one redis and one mock upstream.
+
+# DSG::Test::have_redis: true when redis-server and redis-cli are there
+# (Debian: apt-get install redis-server), for a skip_all
+sub have_redis {
+    for my $bin ($ENV{DSG_REDIS_SERVER} || 'redis-server',
+                 $ENV{DSG_REDIS_CLI} || 'redis-cli') {
+        return 0 unless $bin =~ m{/} ? -x $bin
+                        : grep { -x "$_/$bin" } split /:/, $ENV{PATH} // '';
+    }
+    return 1;
+}
+
+# the instance whose redis this is: its own, else its peer's (share_from)
+sub _redis_owner {
+    my ($self) = @_;
+    return $self if $self->{redis};
+    return $self->{peer}->_redis_owner if $self->{peer};
+    return $self;
+}
+
+sub _redis {
+    my ($self) = @_;
+    my $r = $self->_redis_owner->{redis} or croak "redis is not started";
+    return $r;
+}
+
+sub redis_port     { $_[0]->_redis->{port} }
+sub redis_password { $_[0]->_redis->{password} }
+sub redis_log      { _slurp($_[0]->_redis->{log}) }
+
+# the pid of the running redis-server, undef once it was killed
+sub redis_pid {
+    my ($self) = @_;
+    my $r = $self->_redis;
+    return $r->{pid} && _alive($r->{pid}) ? $r->{pid} : undef;
+}
+
+sub redis_start {
+    my ($self, %o) = @_;
+    croak "redis already started" if $self->{redis};
+    my $r = {
+        port     => $o{port} || _free_port(),
+        password => $o{password},
+        args     => $o{args} || [],
+        log      => "$self->{prefix}/logs/redis.log",
+        timeout  => $o{timeout} || 15,
+    };
+    $self->{redis} = $r;
+    $self->_redis_spawn;
+    return $r->{port};
+}
+
+sub _redis_spawn {
+    my ($self) = @_;
+    my $r = $self->{redis};
+    my @cmd = ($ENV{DSG_REDIS_SERVER} || 'redis-server',
+               '--port', $r->{port}, '--bind', '127.0.0.1',
+               '--save', '', '--appendonly', 'no',
+               '--dir', $self->{prefix}, '--daemonize', 'no',
+               '--logfile', '');
+    push @cmd, '--requirepass', $r->{password} if defined $r->{password};
+    push @cmd, @{ $r->{args} };
+    my $pid = fork();
+    croak "fork: $!" unless defined $pid;
+    if (!$pid) {
+        delete $ENV{LD_PRELOAD};    # a sanitizer runtime is nginx's only
+        open(STDIN, '<', '/dev/null');
+        open(STDOUT, '>>', $r->{log}) or POSIX::_exit(126);
+        open(STDERR, '>&', \*STDOUT) or POSIX::_exit(126);
+        exec { $cmd[0] } @cmd
+            or POSIX::_exit(127);
+    }
+    $r->{pid} = $pid;
+    my $deadline = time() + $r->{timeout};
+    while (1) {
+        return $pid if $self->redis_ping;
+        if (waitpid($pid, WNOHANG) == $pid) {
+            $r->{pid} = undef;
+            croak "redis-server exited (status $?) before answering PING:\n"
+                . _tail(_slurp($r->{log}));
+        }
+        if (time() > $deadline) {
+            kill 'KILL', $pid;
+            waitpid($pid, 0);
+            $r->{pid} = undef;
+            croak "redis-server did not answer PING in time:\n"
+                . _tail(_slurp($r->{log}));
+        }
+        sleep 0.02;
+    }
+}
+
+# one RESP command as an array of bulk strings
+sub _resp {
+    return '*' . scalar(@_) . "\r\n"
+         . join('', map { '$' . length($_) . "\r\n$_\r\n" } @_);
+}
+
+# PING (after AUTH when there is a password) over a raw non-blocking
+# socket, $secs (1) at most: true when the last reply is +PONG
+sub redis_ping {
+    my ($self, $secs) = @_;
+    my $r = $self->_redis;
+    my $deadline = time() + ($secs || 1);
+    socket(my $s, PF_INET, SOCK_STREAM, 0) or return 0;
+    fcntl($s, F_SETFL, fcntl($s, F_GETFL, 0) | O_NONBLOCK);
+    if (!connect($s, sockaddr_in($r->{port}, inet_aton('127.0.0.1')))) {
+        return 0 if $! != EINPROGRESS && $! != EWOULDBLOCK;
+        my $wv = '';
+        vec($wv, fileno($s), 1) = 1;
+        return 0 unless select(undef, $wv, undef, $deadline - time()) > 0;
+        my $e = unpack('i', getsockopt($s, SOL_SOCKET, SO_ERROR) || pack('i', 1));
+        return 0 if $e;
+    }
+    my $req = '';
+    $req .= _resp('AUTH', $r->{password}) if defined $r->{password};
+    $req .= _resp('PING');
+    my $n = syswrite($s, $req);
+    return 0 unless defined $n && $n == length $req;
+    my $buf = '';
+    my $want = defined $r->{password} ? 2 : 1;
+    while (($buf =~ tr/\n//) < $want) {
+        my $left = $deadline - time();
+        return 0 if $left <= 0;
+        my $rv = '';
+        vec($rv, fileno($s), 1) = 1;
+        next unless select($rv, undef, undef, $left) > 0;
+        my $got = sysread($s, $buf, 4096, length $buf);
+        next if !defined $got && ($! == EAGAIN || $! == EINTR);
+        return 0 unless $got;
+    }
+    close $s;
+    return $buf =~ /\+PONG\r\n\z/ ? 1 : 0;
+}
+
+sub redis_cli {
+    my ($self, @args) = @_;
+    my %o = ref $args[0] eq 'HASH' ? %{ shift @args } : ();
+    my $r = $self->_redis;
+    my $pass = exists $o{password} ? $o{password} : $r->{password};
+    my @cmd = ($ENV{DSG_REDIS_CLI} || 'redis-cli', '-h', '127.0.0.1',
+               '-p', $r->{port},
+               defined $pass ? ('-a', $pass, '--no-auth-warning') : (),
+               @args);
+    my $out = "$self->{prefix}/logs/redis-cli.out";
+    unlink $out;
+    my $env = { LD_PRELOAD => '' };
+    my ($rc, $text) = _run_cmd(\@cmd, $out, $o{timeout} || 10, $env);
+    $text =~ s/\n\z//;
+    return $text;
+}
+
+sub redis_signal {
+    my ($self, $sig) = @_;
+    my $r = $self->_redis;
+    my $pid = $r->{pid} or croak "redis_signal: redis is not running";
+    kill($sig, $pid) or croak "redis_signal: kill $sig $pid: $!";
+    if ($sig =~ /^(?:KILL|TERM|9|15)$/) {
+        kill 'CONT', $pid;          # a stopped redis-server handles TERM
+        waitpid($pid, 0);
+        $r->{pid} = undef;
+    }
+    return 1;
+}
+
+sub redis_restart {
+    my ($self, %o) = @_;
+    my $owner = $self->_redis_owner;
+    my $r = $owner->{redis} or croak "redis_restart: redis was never started";
+    if ($r->{pid}) {
+        kill 'KILL', $r->{pid};
+        waitpid($r->{pid}, 0);
+        $r->{pid} = undef;
+    }
+    $r->{timeout} = $o{timeout} if $o{timeout};
+    return $owner->_redis_spawn;
+}
+
+sub redis_stop {
+    my ($self) = @_;
+    my $r = $self->{redis} or return;
+    my $pid = $r->{pid} or return 1;
+    local $?;
+    kill 'TERM', $pid;
+    kill 'CONT', $pid;
+    my $deadline = time() + 5;
+    while (time() < $deadline) {
+        if (waitpid($pid, WNOHANG) == $pid) {
+            $r->{pid} = undef;
+            return 1;
+        }
+        sleep 0.02;
+    }
+    kill 'KILL', $pid;
+    waitpid($pid, 0);
+    $r->{pid} = undef;
+    return 1;
+}
+
+# A TCP server that is no Redis, in a child process: for each connection
+# it reads, then sends $o{reply} (none: it never answers) and closes the
+# connection when $o{close}.  Returns its port.
+sub fake_server {
+    my ($self, %o) = @_;
+    my $name = defined $o{name} ? $o{name} : 'fake';
+    croak "fake server '$name' already running" if $self->{fakes}{$name};
+    my $port = $o{port} || _free_port();
+    socket(my $ls, PF_INET, SOCK_STREAM, 0) or croak "socket: $!";
+    setsockopt($ls, SOL_SOCKET, Socket::SO_REUSEADDR(), 1);
+    bind($ls, sockaddr_in($port, inet_aton('127.0.0.1')))
+        or croak "fake_server: bind $port: $!";
+    listen($ls, 128) or croak "listen: $!";
+    my $pid = fork();
+    croak "fork: $!" unless defined $pid;
+    if (!$pid) {
+        $SIG{PIPE} = 'IGNORE';
+        $SIG{$_} = 'DEFAULT' for qw(INT TERM HUP);
+        my %c;    # fileno => [socket, answered]
+        while (1) {
+            my $rv = '';
+            vec($rv, fileno($ls), 1) = 1;
+            vec($rv, $_, 1) = 1 for keys %c;
+            next unless select($rv, undef, undef, 1) > 0;
+            if (vec($rv, fileno($ls), 1)) {
+                if (accept(my $cs, $ls)) {
+                    $c{ fileno $cs } = [$cs, 0];
+                }
+            }
+            for my $fd (keys %c) {
+                next unless vec($rv, $fd, 1);
+                my $cs = $c{$fd}[0];
+                my $n = sysread($cs, my $buf, 65536);
+                if (!$n) {
+                    close $cs;
+                    delete $c{$fd};
+                    next;
+                }
+                next if !defined $o{reply} || $c{$fd}[1];
+                syswrite($cs, $o{reply});
+                $c{$fd}[1] = 1;
+                if ($o{close}) {
+                    close $cs;
+                    delete $c{$fd};
+                }
+            }
+        }
+    }
+    close $ls;
+    $self->{fakes}{$name} = { pid => $pid, port => $port };
+    return $port;
+}
+
+sub fake_stop {
+    my ($self, $name) = @_;
+    $name = 'fake' unless defined $name;
+    my $f = delete $self->{fakes}{$name} or return;
+    local $?;
+    kill 'KILL', $f->{pid};
+    waitpid($f->{pid}, 0);
+    return 1;
+}
+
+# $self uses $from's mocks and redis: %%MOCK%%, %%REDIS%%, mock_stats,
+# redis_cli, ... (what $self has of its own comes first)
+sub share_from {
+    my ($self, $from) = @_;
+    croak "share_from: an instance expected" unless blessed $from;
+    $self->{peer} = $from;
+    return $self;
+}
+
+# DSG::Test->fleet_nodes($n, %new): $n instances named node1..node<n>,
+# nodes 2..n sharing node1's mocks and redis
+sub fleet_nodes {
+    my ($class, $n, %args) = @_;
+    $class = ref $class || $class;
+    my @nodes;
+    for my $i (1 .. $n) {
+        my $t = $class->new(%args, name => "node$i");
+        $t->share_from($nodes[0]) if @nodes;
+        push @nodes, $t;
+    }
+    return @nodes;
+}
+
+# ------------------------------------------------- fleet helpers
+#
+# For the fleet zones' tests (t/39-fleet-*.t), with fleet_nodes() above.
+
+# One value of this instance's metrics: the series of family $name with
+# zone="$zone" when given, else the family's only series (the fleet's own
+# families have one, labelled with redis="host:port"); undef when the
+# scrape fails or there is no such series
+sub metric {
+    my ($self, $name, $zone) = @_;
+    my $m = $self->scrape or return undef;
+    return $m->{"$name\{zone=\"$zone\"}"} if defined $zone;
+    return $m->{$name} if exists $m->{$name};
+    my @k = grep { index($_, "$name\{") == 0 } keys %$m;
+    return @k == 1 ? $m->{ $k[0] } : undef;
+}
+
+# DSG::Test::fleet_all(\@nodes, $name, $want, $secs): waits up to $secs
+# (5) until metric $name is $want on every node; true if it got there
+sub fleet_all {
+    my ($nodes, $name, $want, $secs) = _strip_invocant(@_);
+    return $nodes->[0]->wait_until(sub {
+        !grep { ($_->metric($name) // 'none') ne $want } @$nodes
+    }, defined $secs ? $secs : 5, 0.02);
+}
+
+# DSG::Test::fleet_rate_bound(rate => r/s, secs => s, burst => n,
+# share => %, interval => s, nodes => n): the most a fleet zone's key may
+# admit in a tier in secs while redis is reachable (docs/fleet.md, "The
+# bounds"): what the fleet's bucket earns (rate x share% a second), plus
+# its capacity, max((burst + 1) x share%, 1 + one interval of refill), plus
+# the credit of every node, max(1, rate x share% x interval / nodes)
+# requests each.  share defaults to 100 (a zone without reserves).
+sub fleet_rate_bound {
+    my %o = _strip_invocant(@_);
+    my $rate = $o{rate} * ($o{share} // 100) / 100;
+    my $cap = ($o{burst} // 0) + 1;
+    $cap *= ($o{share} // 100) / 100;
+    $cap = 1 if $cap < 1;
+    $cap = 1 + $rate * $o{interval} if 1 + $rate * $o{interval} > $cap;
+    my $credit = int($rate * $o{interval} / $o{nodes});
+    $credit = 1 if $credit < 1;
+    return $rate * $o{secs} + $cap + $o{nodes} * $credit;
+}
+
+# files $prefix/html/<name> of "ok\n" each, for static locations that a
+# guard applies to ("return" answers before the access phase)
+sub html_files {
+    my ($self, @names) = @_;
+    make_path("$self->{prefix}/html");
+    _spew("$self->{prefix}/html/$_", "ok\n") for @names;
+    return "$self->{prefix}/html";
+}
+
+# the size of error.log now, and its lines since such an offset that
+# match $re
+sub error_log_size { -s $_[0]->error_log_file || 0 }
+
+sub error_log_since {
+    my ($self, $off, $re) = @_;
+    my $log = $self->error_log;
+    $log = length($log) > ($off || 0) ? substr($log, $off || 0) : '';
+    my @l = split /\n/, $log;
+    return defined $re ? grep { $_ =~ $re } @l : @l;
+}
+
 # ---------------------------------------------------------------- config
 
 sub _subst {
@@ -448,6 +848,9 @@ sub _subst {
     $text =~ s/%%PORT%%/$self->port/ge;
     $text =~ s/%%MOCK_(\w+)%%/'127.0.0.1:' . $self->mock_port($1)/ge;
     $text =~ s/%%MOCK%%/'127.0.0.1:' . $self->mock_port('llm')/ge;
+    $text =~ s/%%REDIS_PORT%%/$self->redis_port/ge;
+    $text =~ s/%%REDIS%%/'127.0.0.1:' . $self->redis_port/ge;
+    $text =~ s/%%NODE%%/$self->{name} \/\/ 'node1'/ge;
     $text =~ s/%%PREFIX%%/$self->{prefix}/g;
     $text =~ s/%%MODULE%%/$self->{module}/g;
     return $text;
@@ -713,9 +1116,12 @@ sub check_log {
     my ($self) = @_;
     $self->stop;
     $self->mock_stop($_) for keys %{ $self->{mocks} };
+    $self->fake_stop($_) for keys %{ $self->{fakes} || {} };
+    $self->redis_stop;
     my @bad = $self->bad_log_lines;
     local $Test::Builder::Level = $Test::Builder::Level + 1;
-    my $ok = Test::More::ok(!@bad, 'error.log has no alerts');
+    my $ok = Test::More::ok(!@bad, (defined $self->{name} ? "$self->{name}: " : '')
+                                   . 'error.log has no alerts');
     Test::More::diag(join "\n", 'unexpected error.log lines:', @bad) if @bad;
     return $ok;
 }
@@ -734,6 +1140,8 @@ sub _cleanup {
     local ($?, $!, $@);
     eval { $self->stop(timeout => 3) };
     eval { $self->mock_stop($_) for keys %{ $self->{mocks} } };
+    eval { $self->fake_stop($_) for keys %{ $self->{fakes} || {} } };
+    eval { $self->redis_stop };
     if (!$self->{keep} && $self->{prefix} && -d $self->{prefix}) {
         eval { remove_tree($self->{prefix}) };
     }
