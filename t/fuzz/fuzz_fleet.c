@@ -48,6 +48,7 @@
 
 #include "dsg_fleet.h"
 #include "fuzz.h"
+#include "fleet_model.h"
 
 #include "dsg_bucket.c"
 
@@ -61,12 +62,7 @@ typedef __int128           i128;
 
 
 /* the Redis script's state for the key (see t/unit/check_fleet.c) */
-typedef struct {
-    uint64_t  last_ms;
-    uint64_t  level[DSG_MAX_TIERS];
-    uint32_t  h[NODES][DSG_MAX_TIERS];
-    uint32_t  w[NODES][DSG_MAX_TIERS];
-} redis_t;
+typedef dsg_model_redis_t  redis_t;
 
 
 typedef struct {
@@ -95,127 +91,11 @@ typedef struct {
 } fleet_t;
 
 
-static uint64_t
-add_clamp(uint64_t level, u128 add, uint64_t cap)
-{
-    if (level >= cap || add >= (u128) (cap - level)) {
-        return cap;
-    }
-
-    return level + (uint64_t) add;
-}
-
-
 static void
 redis_sync(fleet_t *fl, uint32_t node, const dsg_fleet_ask_t *a,
     dsg_fleet_grant_t *g)
 {
-    int                      starved;
-    uint32_t                 i, j, k, ws, fair, held;
-    uint64_t                 m, grant, sumh, sumw, avail;
-    redis_t                 *r;
-    const dsg_limit_conf_t  *c;
-
-    c = &fl->c;
-    r = &fl->r;
-
-    memset(g, 0, sizeof(dsg_fleet_grant_t));
-
-    if (c->n > 0) {
-        if (fl->now > r->last_ms) {
-            for (i = 0; i < c->ntiers; i++) {
-                r->level[i] = add_clamp(r->level[i],
-                                        (u128) (fl->now - r->last_ms)
-                                        * c->gain[i],
-                                        c->capacity[i]);
-            }
-        }
-
-        for (i = 0; i < c->ntiers; i++) {
-            for (j = 0; j <= i; j++) {
-                r->level[j] = add_clamp(r->level[j], a->back[i],
-                                        c->capacity[j]);
-            }
-        }
-
-        for (i = 0; i < c->ntiers; i++) {
-            m = r->level[0];
-            for (j = 1; j <= i; j++) {
-                if (r->level[j] < m) {
-                    m = r->level[j];
-                }
-            }
-
-            grant = m / c->cost * c->cost;
-            if (grant > a->want[i]) {
-                grant = a->want[i];
-            }
-
-            for (j = 0; j <= i; j++) {
-                r->level[j] -= grant;
-            }
-
-            g->granted[i] = grant;
-        }
-    }
-
-    if (fl->now > r->last_ms) {
-        r->last_ms = fl->now;
-    }
-
-    if (c->inflight == 0) {
-        return;
-    }
-
-    for (i = 0; i < c->ntiers; i++) {
-        sumh = 0;
-        sumw = 0;
-        starved = 0;
-
-        for (k = 0; k < fl->nodes; k++) {
-            if (k == node) {
-                continue;
-            }
-
-            sumh += r->h[k][i];
-            sumw += r->w[k][i];
-
-            if (r->w[k][i] > r->h[k][i]) {
-                starved = 1;
-            }
-        }
-
-        ws = a->wslots[i];
-        avail = (sumh < c->cap[i]) ? c->cap[i] - sumh : 0;
-
-        if (starved && ws > 0) {
-            fair = (uint32_t) ((uint64_t) c->cap[i] * ws / (ws + sumw));
-            if (fair < 1) {
-                fair = 1;
-            }
-
-        } else {
-            fair = c->cap[i];
-        }
-
-        held = ws;
-        if (held > avail) {
-            held = (uint32_t) avail;
-        }
-
-        if (held > fair) {
-            held = fair;
-        }
-
-        if (held < a->claim[i]) {
-            held = a->claim[i];
-        }
-
-        r->h[node][i] = held;
-        r->w[node][i] = ws;
-        g->held[i] = held;
-        g->fair[i] = fair;
-    }
+    dsg_model_sync(&fl->c, &fl->r, fl->nodes, node, fl->now, a, g);
 }
 
 

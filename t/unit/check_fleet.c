@@ -13,6 +13,7 @@
 #include <check.h>
 
 #include "dsg_fleet.h"
+#include "../fuzz/fleet_model.h"
 
 
 Suite *dsg_fleet_suite(void);
@@ -1067,12 +1068,7 @@ END_TEST
 #define T_REQS      64
 
 
-typedef struct {
-    uint64_t  last_ms;
-    uint64_t  level[DSG_MAX_TIERS];
-    uint32_t  h[T_NODES][DSG_MAX_TIERS];
-    uint32_t  w[T_NODES][DSG_MAX_TIERS];
-} t_redis_t;
+typedef dsg_model_redis_t  t_redis_t;
 
 
 typedef struct {
@@ -1117,28 +1113,10 @@ typedef struct {
 } t_result_t;
 
 
-static uint64_t
-t_add_clamp(uint64_t level, uint64_t add, uint64_t cap)
-{
-    if (level >= cap || add >= cap - level) {
-        return cap;
-    }
-
-    return level + add;
-}
-
-
 static void
 t_redis_init(const dsg_limit_conf_t *c, t_redis_t *r, uint64_t now)
 {
-    uint32_t  t;
-
-    memset(r, 0, sizeof(t_redis_t));
-    r->last_ms = now;
-
-    for (t = 0; t < c->ntiers; t++) {
-        r->level[t] = c->capacity[t];
-    }
+    dsg_model_init(c, r, now);
 }
 
 
@@ -1147,106 +1125,7 @@ t_redis_sync(const dsg_limit_conf_t *c, t_redis_t *r, uint32_t node,
     uint32_t nodes, uint64_t now, const dsg_fleet_ask_t *a,
     dsg_fleet_grant_t *g)
 {
-    int       starved;
-    uint32_t  i, j, k, ws, fair, held;
-    uint64_t  m, grant, sumh, sumw, avail;
-
-    memset(g, 0, sizeof(dsg_fleet_grant_t));
-
-    if (c->n > 0) {
-        if (now > r->last_ms) {
-            for (i = 0; i < c->ntiers; i++) {
-                r->level[i] = t_add_clamp(r->level[i],
-                                          (now - r->last_ms) * c->gain[i],
-                                          c->capacity[i]);
-            }
-        }
-
-        for (i = 0; i < c->ntiers; i++) {
-            for (j = 0; j <= i; j++) {
-                r->level[j] = t_add_clamp(r->level[j], a->back[i],
-                                          c->capacity[j]);
-            }
-        }
-
-        for (i = 0; i < c->ntiers; i++) {
-            m = r->level[0];
-            for (j = 1; j <= i; j++) {
-                if (r->level[j] < m) {
-                    m = r->level[j];
-                }
-            }
-
-            grant = m / c->cost * c->cost;
-            if (grant > a->want[i]) {
-                grant = a->want[i];
-            }
-
-            for (j = 0; j <= i; j++) {
-                r->level[j] -= grant;
-            }
-
-            g->granted[i] = grant;
-        }
-    }
-
-    if (now > r->last_ms) {
-        r->last_ms = now;
-    }
-
-    if (c->inflight == 0) {
-        return;
-    }
-
-    for (i = 0; i < c->ntiers; i++) {
-        sumh = 0;
-        sumw = 0;
-        starved = 0;
-
-        for (k = 0; k < nodes; k++) {
-            if (k == node) {
-                continue;
-            }
-
-            sumh += r->h[k][i];
-            sumw += r->w[k][i];
-
-            if (r->w[k][i] > r->h[k][i]) {
-                starved = 1;
-            }
-        }
-
-        ws = a->wslots[i];
-        avail = (sumh < c->cap[i]) ? c->cap[i] - sumh : 0;
-
-        if (starved && ws > 0) {
-            fair = (uint32_t) ((uint64_t) c->cap[i] * ws / (ws + sumw));
-            if (fair < 1) {
-                fair = 1;
-            }
-
-        } else {
-            fair = c->cap[i];
-        }
-
-        held = ws;
-        if (held > avail) {
-            held = (uint32_t) avail;
-        }
-
-        if (held > fair) {
-            held = fair;
-        }
-
-        if (held < a->claim[i]) {
-            held = a->claim[i];
-        }
-
-        r->h[node][i] = held;
-        r->w[node][i] = ws;
-        g->held[i] = held;
-        g->fair[i] = fair;
-    }
+    dsg_model_sync(c, r, nodes, node, now, a, g);
 }
 
 
