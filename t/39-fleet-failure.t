@@ -52,14 +52,17 @@ my $conf = <<'EOF';
     # in fallback 2 a node
     deepseek_guard_zone backend:1m key=all inflight=6 status=503 fleet=on;
 
+    # the probe's latency as nginx sees it, without the client's
+    log_format lat '$uri $status $msec $request_time';
+
     server {
         listen 127.0.0.1:%%PORT%% reuseport;
         root %%PREFIX%%/html;
 
         # static files: "return" would answer before the access phase
-        location /fast { deepseek_guard fast; }
-        location /q    { deepseek_guard quota; }
-        location /local { deepseek_guard local; }
+        location /fast  { deepseek_guard fast;  access_log %%PREFIX%%/logs/lat.log lat; }
+        location /q     { deepseek_guard quota; }
+        location /local { deepseek_guard local; access_log %%PREFIX%%/logs/lat.log lat; }
 
         location /v1/ {
             deepseek_guard backend;
@@ -216,22 +219,45 @@ sub one_episode {
          (map { $med{$_} } qw(before stop after local)),
          (map { $p99{$_} } qw(before stop after local)), $x_s // -1,
          map { scalar @{ $w{$_} } } qw(before stop after local));
-    # The machine's own noise moves a client's p99 by several ms from one
-    # quiet window to the next (2 cores, 6 workers, redis, the mock and
-    # the client).  The baseline is the worst p99 of the fleet zone before
-    # and after and of the local zone in the same window; the tolerance is
-    # 1 ms, or the spread of those three when the machine is noisier than
-    # that.  A request that waited for redis would wait up to an interval
-    # (200 ms).
-    cmp_ok($med{stop}, '<', $med{before} + 1,
-           '... the median latency while redis was stopped: less than 1 ms more');
-    my @base = sort { $b <=> $a } @p99{qw(before after local)};
-    my $tol = $base[0] - $base[-1] > 1 ? $base[0] - $base[-1] : 1;
-    cmp_ok($p99{stop}, '<', $base[0] + $tol,
-           sprintf('... the p99 latency while redis was stopped: less than '
-                   . '%.2f ms more than the baseline', $tol));
+    # The client's figures above include its own scheduling: on a loaded
+    # 2-core machine (6 workers, redis, the mock and the client) a few of
+    # 500 requests are late by 10-20 ms in any window, whatever the zone.
+    # The check is on nginx's own time of each request, $request_time
+    # (ms), from the access logs of the three nodes: what the module adds.
+    # A request that waited for redis would wait up to an interval.
+    my %srv = (before => [], stop => [], after => [], local => []);
+    for my $node (@n) {
+        open(my $fh, '<', $node->prefix . '/logs/lat.log') or next;
+        while (my $l = <$fh>) {
+            my ($uri, $st, $end, $rt) = split ' ', $l;
+            next unless $st == 200;
+            my $start = $end - $rt;
+            my $k = $uri eq '/local'
+                    ? ($start >= $t_stop && $start < $t_cont ? 'local' : '')
+                    : $start >= $t0 + 1 && $start < $t_stop ? 'before'
+                    : $start >= $t_stop && $start < $t_cont ? 'stop'
+                    : $start >= $t_cont + 2 * $INT ? 'after' : '';
+            push @{ $srv{$k} }, 1000 * $rt if $k;
+        }
+        close $fh;
+    }
+    my %sp99 = map { $_ => pct(99, @{ $srv{$_} }) } keys %srv;
+    my ($sx) = sort { $b <=> $a } @{ $srv{stop} };
+    diag(sprintf 'nginx\'s $request_time (ms) before / redis stopped / '
+         . 'after / local zone while stopped: p99 %d / %d / %d / %d, max '
+         . 'while stopped %d (%d / %d / %d / %d requests)',
+         (map { $sp99{$_} } qw(before stop after local)), $sx // -1,
+         map { scalar @{ $srv{$_} } } qw(before stop after local));
+    cmp_ok(scalar @{ $srv{stop} }, '>=', 300,
+           '... the access logs have the probe of the stopped window');
+    my ($base) = sort { $b <=> $a } @sp99{qw(before after local)};
+    cmp_ok($sp99{stop}, '<=', $base + 1,
+           '... the p99 of nginx\'s time while redis was stopped: at most '
+           . '1 ms more than before, after and the local zone');
+    cmp_ok($sx // 0, '<', 1000 * $INT / 2,
+           '... nginx took no request anywhere near an interval');
     cmp_ok($x_s // 0, '<', 1000 * $INT / 2,
-           '... no request waited anywhere near an interval');
+           '... no client waited anywhere near an interval');
 
     my $fb1 = fm('fallbacks_total');
     is_deeply([map { $fb1->[$_] - $fb0->[$_] } 0 .. $#n], [(1) x $NODES],
