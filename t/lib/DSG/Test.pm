@@ -98,6 +98,7 @@ package DSG::Test;
 #   settle($label, secs, $mock)   test: nothing left in flight at the mock
 #   bg_parallel(\@reqs, %parallel) -> $bg   bg_wait($bg) -> [results]
 #   DSG::Test::tcp_conns($pid, $up_port, $local_port) -> (up, clients)
+#   DSG::Test::sock_inodes($pid), DSG::Test::tcp_table()   what it reads
 #   worker_conns($mock_port) -> (pid => [in flight, clients], ...)
 #   place($req, mock_port =>, accept => sub { $pid }, admitted =>,
 #         timeout =>) -> ($bg, $pid)
@@ -1465,6 +1466,43 @@ sub bg_wait {
     return ref $d eq 'ARRAY' ? $d : [];
 }
 
+# DSG::Test::sock_inodes($pid): { inode => 1 } of the sockets in
+# /proc/$pid/fd (a process's own file table reads consistently)
+sub sock_inodes {
+    my ($pid) = @_;
+    my %inode;
+    opendir(my $d, "/proc/$pid/fd") or return {};
+    for my $fd (readdir $d) {
+        my $l = readlink("/proc/$pid/fd/$fd") // '';
+        $inode{$1} = 1 if $l =~ /^socket:\[(\d+)\]$/;
+    }
+    closedir $d;
+    return \%inode;
+}
+
+# DSG::Test::tcp_table(): { inode => [state, local port, remote port] } of
+# /proc/net/tcp.  The kernel prints that file bucket by bucket without
+# freezing the table: a socket opened or closed during the read can make
+# another one vanish from that one read (seen: a worker's client missing
+# from a snapshot, and the next snapshot's "new" client pinned on the
+# wrong worker).  So the table is read twice and merged, the second read
+# winning where both have a socket.
+sub tcp_table {
+    my %t;
+    for (1 .. 2) {
+        open(my $fh, '<', '/proc/net/tcp') or return \%t;
+        while (my $line = <$fh>) {
+            my @c = split ' ', $line;
+            next unless @c > 9 && $c[9] =~ /^[1-9]\d*$/;
+            my ($lport) = $c[1] =~ /:([0-9A-F]+)$/;
+            my ($rport) = $c[2] =~ /:([0-9A-F]+)$/;
+            $t{ $c[9] } = [$c[3], hex $lport, hex $rport];
+        }
+        close $fh;
+    }
+    return \%t;
+}
+
 # DSG::Test::tcp_conns($pid, $up_port, $local_port): the established TCP
 # connections of process $pid (its sockets in /proc/$pid/fd, found in
 # /proc/net/tcp) as (how many go to remote port $up_port, how many are on
@@ -1472,23 +1510,14 @@ sub bg_wait {
 # mock and its clients
 sub tcp_conns {
     my ($pid, $up_port, $local_port) = @_;
-    my %inode;
-    opendir(my $d, "/proc/$pid/fd") or return (0, 0);
-    for my $fd (readdir $d) {
-        my $l = readlink("/proc/$pid/fd/$fd") // '';
-        $inode{$1} = 1 if $l =~ /^socket:\[(\d+)\]$/;
-    }
-    closedir $d;
+    my $inode = sock_inodes($pid);
+    my $tcp = tcp_table();
     my ($up, $cl) = (0, 0);
-    open(my $fh, '<', '/proc/net/tcp') or return (0, 0);
-    # a named loop variable: callers use $_
-    while (my $line = <$fh>) {
-        my @c = split ' ', $line;
-        next unless @c > 9 && $c[3] eq '01' && $inode{ $c[9] };
-        my ($lport) = $c[1] =~ /:([0-9A-F]+)$/;
-        my ($rport) = $c[2] =~ /:([0-9A-F]+)$/;
-        $up++ if hex($rport) == $up_port;
-        $cl++ if hex($lport) == $local_port;
+    for my $i (keys %$inode) {
+        my $e = $tcp->{$i} or next;
+        next unless $e->[0] eq '01';
+        $up++ if $e->[2] == $up_port;
+        $cl++ if $e->[1] == $local_port;
     }
     return ($up, $cl);
 }
@@ -1523,23 +1552,40 @@ sub settled_conns {
 # (admitted => 1: and a new upstream connection to the mock on mock_port,
 # that is the request is in flight, not queued).  A request accepted by a
 # worker that accept->($pid) refuses is dropped (its client killed, the
-# worker seen letting go of it) and sent again: reuseport picks the worker
-# by a hash of the client's port, so a few tries get it to a worker wanted.
+# worker seen closing its sockets) and sent again: reuseport picks the
+# worker by a hash of the client's port, so a few tries get it to a worker
+# wanted.
+#
+# The request is found by the sockets themselves, not by counts: the
+# worker whose file table gains an established socket on port() (and, if
+# admitted, one to the mock) that it did not have before.  Only this
+# request opens a client connection meanwhile, and a file table reads
+# consistently; /proc/net/tcp may miss a socket in one read, which only
+# delays the finding to the next poll.
 sub place {
     my ($self, $req, %o) = @_;
     my $mp = $o{mock_port} or croak "place: mock_port needed";
     my $accept = $o{accept} || sub { 1 };
+    my $port = $self->port;
     for my $try (1 .. 50) {
-        my %before = $self->worker_conns($mp);
+        my %before = map { $_ => sock_inodes($_) } $self->worker_pids;
         my $bg = $self->bg_parallel([$req], timeout => $o{timeout} // 40);
-        my $got;
+        my ($got, @new);
         $self->wait_until(sub {
-            my %now = $self->worker_conns($mp);
-            for my $w (keys %now) {
-                my $b = $before{$w} || [0, 0];
-                next unless $now{$w}[1] > $b->[1];
-                next if $o{admitted} && $now{$w}[0] <= $b->[0];
-                $got = $w;
+            my $tcp = tcp_table();
+            for my $w ($self->worker_pids) {
+                my $b = $before{$w} || {};
+                my (@cl, @up);
+                for my $i (keys %{ sock_inodes($w) }) {
+                    next if $b->{$i};
+                    my $e = $tcp->{$i} or next;
+                    next unless $e->[0] eq '01';
+                    push @cl, $i if $e->[1] == $port;
+                    push @up, $i if $e->[2] == $mp;
+                }
+                next unless @cl;
+                next if $o{admitted} && !@up;
+                ($got, @new) = ($w, @cl, @up);
                 return 1;
             }
             return 0;
@@ -1548,9 +1594,8 @@ sub place {
         kill 'KILL', $bg->{pid};
         waitpid($bg->{pid}, 0);
         $self->wait_until(sub {
-            my %now = $self->worker_conns($mp);
-            my $b = $before{$got} || [0, 0];
-            return $now{$got}[0] == $b->[0] && $now{$got}[1] == $b->[1];
+            my $now = sock_inodes($got);
+            return !grep { $now->{$_} } @new;
         }, 10, 0.01)
             or croak "place: worker $got did not let go of a dropped client";
     }
