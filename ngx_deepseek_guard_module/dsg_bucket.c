@@ -401,6 +401,49 @@ dsg_limit_full(const dsg_limit_conf_t *c, const dsg_limit_state_t *s,
 }
 
 
+uint64_t
+dsg_limit_remaining(const dsg_limit_conf_t *c, const dsg_limit_state_t *s,
+    uint32_t cls, uint64_t now_ms, uint64_t *reset_ms)
+{
+    uint32_t           t, tier;
+    uint64_t           n, left, room, ms;
+    dsg_limit_state_t  copy;
+
+    if (reset_ms) {
+        *reset_ms = 0;
+    }
+
+    if (c->n == 0 || cls >= c->nclasses) {
+        return 0;
+    }
+
+    copy = *s;
+    dsg_limit_refill(c, &copy, now_ms);
+
+    tier = c->class_tier[cls];
+    left = UINT64_MAX;
+
+    for (t = 0; t <= tier; t++) {
+        n = copy.level[t] / c->cost;
+
+        if (n < left) {
+            left = n;
+        }
+
+        if (reset_ms && copy.level[t] < c->capacity[t]) {
+            room = c->capacity[t] - copy.level[t];
+            ms = room / c->gain[t] + (room % c->gain[t] != 0);
+
+            if (ms > *reset_ms) {
+                *reset_ms = ms;
+            }
+        }
+    }
+
+    return left;
+}
+
+
 uint32_t
 dsg_retry_after_s(uint64_t wait_ms)
 {

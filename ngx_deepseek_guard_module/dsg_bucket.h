@@ -189,6 +189,16 @@ int dsg_limit_idle(const dsg_limit_conf_t *c, const dsg_limit_state_t *s);
 int dsg_limit_full(const dsg_limit_conf_t *c, const dsg_limit_state_t *s,
     uint64_t now_ms);
 
+/*
+ * For x-ratelimit-remaining-requests: the requests class cls could make
+ * at now_ms (whole tokens of its tightest tier), and in *reset_ms (may be
+ * NULL) the ms until every one of its tiers is full again.  Does not
+ * modify *s.  0 without a rate.
+ */
+uint64_t dsg_limit_remaining(const dsg_limit_conf_t *c,
+    const dsg_limit_state_t *s, uint32_t cls, uint64_t now_ms,
+    uint64_t *reset_ms);
+
 /* Retry-After in seconds: ceil(wait_ms / 1000), at least 1 */
 uint32_t dsg_retry_after_s(uint64_t wait_ms);
 

@@ -61,6 +61,65 @@ dsg_json_canonical(const char *in, size_t len, char *out, size_t cap,
 }
 
 
+/*
+ * A positive integer member of a JSON object, 0 when it is absent or not
+ * a positive integer (an OpenAI-compatible API refuses such a value; the
+ * reservation then does not rely on it).
+ */
+
+static uint64_t
+dsg_json_positive(json_t *obj, const char *name)
+{
+    json_t  *v;
+
+    v = json_object_get(obj, name);
+
+    if (!json_is_integer(v) || json_integer_value(v) <= 0) {
+        return 0;
+    }
+
+    return (uint64_t) json_integer_value(v);
+}
+
+
+int
+dsg_json_max_tokens(const char *in, size_t len, uint64_t *max_tokens)
+{
+    int           rc;
+    json_t       *root;
+    json_error_t  err;
+
+    *max_tokens = 0;
+
+    if (in == NULL) {
+        return DSG_JSON_EPARSE;
+    }
+
+    rc = dsg_json_prescan(in, len, DSG_JSON_MAX_VALUES, DSG_JSON_MAX_DEPTH);
+    if (rc != DSG_JSON_OK) {
+        return rc;
+    }
+
+    root = json_loadb(in, len, DSG_JSON_LOAD_FLAGS, &err);
+    if (root == NULL) {
+        return (json_error_code(&err) == json_error_out_of_memory)
+               ? DSG_JSON_ENOMEM : DSG_JSON_EPARSE;
+    }
+
+    if (json_is_object(root)) {
+        *max_tokens = dsg_json_positive(root, "max_completion_tokens");
+
+        if (*max_tokens == 0) {
+            *max_tokens = dsg_json_positive(root, "max_tokens");
+        }
+    }
+
+    json_decref(root);
+
+    return DSG_JSON_OK;
+}
+
+
 int
 dsg_json_prescan(const char *in, size_t len, size_t max_values,
     size_t max_depth)

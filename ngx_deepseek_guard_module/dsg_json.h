@@ -32,6 +32,7 @@
 
 
 #include <stddef.h>
+#include <stdint.h>
 
 
 #define DSG_JSON_OK         0
@@ -64,6 +65,16 @@ int dsg_json_canonical(const char *in, size_t len, char *out, size_t cap,
  */
 int dsg_json_prescan(const char *in, size_t len, size_t max_values,
     size_t max_depth);
+
+/*
+ * The output cap a chat request sets: its top-level
+ * "max_completion_tokens" when that is a positive integer, else its
+ * "max_tokens" when that is one, else 0.  The same bounds as the cache
+ * key's parse: dsg_json_prescan() with DSG_JSON_MAX_VALUES and
+ * DSG_JSON_MAX_DEPTH first (DSG_JSON_ELIMIT), then jansson
+ * (DSG_JSON_EPARSE, DSG_JSON_ENOMEM); *max_tokens is 0 on any error.
+ */
+int dsg_json_max_tokens(const char *in, size_t len, uint64_t *max_tokens);
 
 const char *dsg_json_strerror(int rc);
 

@@ -176,6 +176,11 @@ ngx_http_deepseek_guard_admit(ngx_http_request_t *r,
         return NGX_DECLINED;
     }
 
+    if (ctx->reject_tokens == 2) {
+        /* a reservation larger than the token bucket: never admissible */
+        return NGX_DECLINED;
+    }
+
     if (kind == DSG_UNSPOKEN) {
         /*
          * a fleet key new to this node holds no slot until the agent's
@@ -321,6 +326,9 @@ ngx_http_deepseek_guard_release(ngx_http_deepseek_guard_ctx_t *ctx)
         ngx_http_deepseek_guard_dequeue(ctx);
     }
 
+    /* what the upstream used, read before any lock is taken */
+    ngx_http_deepseek_guard_tokens_finish(ctx);
+
     freed = 0;
 
     for (i = 0; i < ctx->nholds; i++) {
@@ -339,6 +347,10 @@ ngx_http_deepseek_guard_release(ngx_http_deepseek_guard_ctx_t *ctx)
         /* not if the reaper took it for a dead worker of the same pid */
 
         if (lease->pid == ngx_pid) {
+            if (lease->treserved) {
+                ngx_http_deepseek_guard_tokens_settle(ctx, z, lease, 0);
+            }
+
             if (z->limit.inflight) {
                 dsg_ewma_update(&z->sh->ewma_us, dur ? dur : 1);
             }
@@ -412,6 +424,7 @@ ngx_http_deepseek_guard_try(ngx_http_request_t *r,
 
     *wait_ms = 0;
     *kind = DSG_OK;
+    ctx->reject_tokens = 0;
 
     if (ctx->waiter) {
         /*
@@ -506,6 +519,23 @@ ngx_http_deepseek_guard_try(ngx_http_request_t *r,
             }
         }
 
+        if (rc == DSG_OK && z->tokens) {
+            /* the token budget: the request's reservation, all or nothing */
+            h->treserve = ngx_http_deepseek_guard_tokens_reserve(ctx, z);
+            rc = dsg_tokens_check(&z->tconf,
+                                  ngx_http_deepseek_guard_tokens_state(node),
+                                  ctx->cls, h->treserve, now, wait_ms);
+
+            if (rc == DSG_TOOBIG) {
+                ctx->reject_tokens = 2;
+                *wait_ms = z->tokens_period;
+
+            } else if (rc != DSG_OK) {
+                ctx->reject_tokens = 1;
+                rc = DSG_RATE;
+            }
+        }
+
         if (rc == DSG_OK) {
             /*
              * a lease takes a chunk of a key node's size: in a zone full
@@ -532,11 +562,26 @@ ngx_http_deepseek_guard_try(ngx_http_request_t *r,
                                  &node->state, ctx->cls);
             }
 
+            if (z->tokens) {
+                lease->trecord = dsg_tokens_record(&z->tconf,
+                                                   (uint32_t) ctx->cls);
+                lease->treserved = h->treserve;
+                dsg_tokens_charge(&z->tconf,
+                                  ngx_http_deepseek_guard_tokens_state(node),
+                                  lease->trecord, h->treserve);
+            }
+
             h->lease = lease;
             h->charged = 1;
         }
 
         ngx_shmtx_unlock(&z->shpool->mutex);
+
+        if (rc == DSG_OK && z->tokens) {
+            (void) ngx_atomic_fetch_add(
+                             &z->sh->counters[ctx->cls].tokens_reserved,
+                             (ngx_atomic_int_t) h->treserve);
+        }
 
         if (rc != DSG_OK) {
             *blocked = i;
@@ -582,6 +627,10 @@ ngx_http_deepseek_guard_refund(ngx_http_deepseek_guard_ctx_t *ctx,
         lease = h->lease;
 
         ngx_shmtx_lock(&z->shpool->mutex);
+
+        if (lease->treserved) {
+            ngx_http_deepseek_guard_tokens_settle(ctx, z, lease, 1);
+        }
 
         if (lease->fleet) {
             dsg_fleet_refund(&z->limit,
@@ -953,7 +1002,8 @@ ngx_http_deepseek_guard_refused(ngx_http_request_t *r,
     lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
 
     z = ctx->holds[blocked].zone;
-    status = z->status;
+    status = (ctx->reject_tokens == 2) ? NGX_HTTP_TOO_MANY_REQUESTS
+                                       : z->status;
 
     ctx->decided = 1;
     ctx->status = NGX_HTTP_DSG_REJECTED;
@@ -964,6 +1014,11 @@ ngx_http_deepseek_guard_refused(ngx_http_request_t *r,
     }
 
     ctx->retry_ms = retry_ms;
+
+    if (ctx->reject_tokens) {
+        (void) ngx_atomic_fetch_add(
+                              &z->sh->counters[ctx->cls].tokens_rejected, 1);
+    }
 
     if (status == NGX_HTTP_TOO_MANY_REQUESTS) {
         (void) ngx_atomic_fetch_add(&z->sh->counters[ctx->cls].rejected_429,
@@ -1002,6 +1057,8 @@ ngx_http_deepseek_guard_reject(ngx_http_request_t *r,
     u_char                              *p, *body, *ms, *s, *v;
     size_t                               len, size, ms_len, s_len;
     uint32_t                             secs;
+    ngx_str_t                           *head;
+    ngx_uint_t                           status;
     uint64_t                             retry_ms;
     ngx_buf_t                           *b;
     ngx_int_t                            rc;
@@ -1019,10 +1076,16 @@ ngx_http_deepseek_guard_reject(ngx_http_request_t *r,
         r->keepalive = 0;
     }
 
+    /* a token budget's refusal says so (type "tokens") */
+
+    head = (ctx->reject_tokens == 2) ? &z->tbody_big
+           : ctx->reject_tokens ? &z->tbody_head : &z->body_head;
+    status = (ctx->reject_tokens == 2) ? NGX_HTTP_TOO_MANY_REQUESTS
+                                       : z->status;
+
     /* the body, then the seconds, then the RateLimit value */
 
-    size = z->body_head.len + NGX_INT64_LEN + z->body_tail.len
-           + NGX_INT32_LEN;
+    size = head->len + NGX_INT64_LEN + z->body_tail.len + NGX_INT32_LEN;
 
     if (lcf->ratelimit_headers) {
         size += z->ratelimit.len + NGX_INT32_LEN;
@@ -1033,10 +1096,19 @@ ngx_http_deepseek_guard_reject(ngx_http_request_t *r,
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    ms = ngx_cpymem(body, z->body_head.data, z->body_head.len);
+    ms = ngx_cpymem(body, head->data, head->len);
     p = ngx_sprintf(ms, "%uL", retry_ms);
     ms_len = p - ms;
-    p = ngx_cpymem(p, z->body_tail.data, z->body_tail.len);
+
+    if (ctx->reject_tokens) {
+        p = ngx_cpymem(p, " ms\",\"type\":\"tokens\",\"code\":"
+                       "\"rate_limit_exceeded\"}}\n",
+                       sizeof(" ms\",\"type\":\"tokens\",\"code\":"
+                              "\"rate_limit_exceeded\"}}\n") - 1);
+
+    } else {
+        p = ngx_cpymem(p, z->body_tail.data, z->body_tail.len);
+    }
 
     len = p - body;
 
@@ -1062,7 +1134,7 @@ ngx_http_deepseek_guard_reject(ngx_http_request_t *r,
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    if (retry_ms > 60000
+    if ((retry_ms > 60000 || ctx->reject_tokens == 2)
         && ngx_http_deepseek_guard_add_header(r,
                                           &ngx_http_deepseek_guard_should_retry,
                                           (u_char *) "false", 5)
@@ -1093,7 +1165,7 @@ ngx_http_deepseek_guard_reject(ngx_http_request_t *r,
         }
     }
 
-    r->headers_out.status = z->status;
+    r->headers_out.status = status;
     r->headers_out.content_length_n = len;
     ngx_str_set(&r->headers_out.content_type, "application/json");
     r->headers_out.content_type_len = r->headers_out.content_type.len;
@@ -1147,11 +1219,11 @@ ngx_http_deepseek_guard_limit_init_main(ngx_conf_t *cf,
     for (i = 0; i < mcf->zones.nelts; i++) {
         z = zones[i]->data;
 
-        if (z->rate == 0 && z->inflight == 0) {
+        if (z->rate == 0 && z->inflight == 0 && z->tokens == 0) {
             ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
-                          "deepseek_guard_zone \"%V\" has neither rate= nor "
-                          "inflight= in %s:%ui", &zones[i]->shm.name,
-                          z->file, z->line);
+                          "deepseek_guard_zone \"%V\" has none of rate=, "
+                          "tokens= and inflight= in %s:%ui",
+                          &zones[i]->shm.name, z->file, z->line);
             return NGX_ERROR;
         }
 
@@ -1188,6 +1260,18 @@ ngx_http_deepseek_guard_limit_init_main(ngx_conf_t *cf,
             ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
                           "deepseek_guard_zone \"%V\": invalid rate, burst "
                           "or inflight in %s:%ui", &zones[i]->shm.name,
+                          z->file, z->line);
+            return NGX_ERROR;
+        }
+
+        if (z->tokens
+            && dsg_tokens_conf_init(&z->tconf, z->tokens, z->tokens_period,
+                                    z->tokens_burst, &z->limit)
+               != DSG_OK)
+        {
+            ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                          "deepseek_guard_zone \"%V\": invalid tokens= or "
+                          "tokens_burst= in %s:%ui", &zones[i]->shm.name,
                           z->file, z->line);
             return NGX_ERROR;
         }
@@ -1257,6 +1341,31 @@ ngx_http_deepseek_guard_render(ngx_conf_t *cf,
     }
 
     z->body_head.len = p - z->body_head.data;
+
+    if (z->tokens) {
+        size = name->len + 2 * NGX_INT64_LEN + 256;
+
+        p = ngx_pnalloc(cf->pool, size);
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+
+        last = p + size;
+        z->tbody_head.data = p;
+        p = ngx_slprintf(p, last, "{\"error\":{\"message\":\"Rate limit "
+                         "reached for tokens (zone %V, %uL tokens per %uL "
+                         "s), retry after ", name, z->tokens,
+                         z->tokens_period / 1000);
+        z->tbody_head.len = p - z->tbody_head.data;
+
+        z->tbody_big.data = p;
+        p = ngx_slprintf(p, last, "{\"error\":{\"message\":\"Request too "
+                         "large for the token budget (zone %V): its "
+                         "reservation exceeds the %uL tokens the bucket "
+                         "holds; the bucket refills in ",
+                         name, z->tokens_burst);
+        z->tbody_big.len = p - z->tbody_big.data;
+    }
 
     /* RateLimit-Policy, then RateLimit */
 

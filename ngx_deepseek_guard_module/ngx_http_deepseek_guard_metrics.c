@@ -61,6 +61,9 @@ static void ngx_http_deepseek_guard_out_esc(ngx_http_deepseek_guard_out_t *o,
     ngx_str_t *s, ngx_uint_t json);
 static void ngx_http_deepseek_guard_family(ngx_http_deepseek_guard_out_t *o,
     char *name, char *type, char *help);
+static void ngx_http_deepseek_guard_tokens_text(
+    ngx_http_deepseek_guard_out_t *o,
+    ngx_http_deepseek_guard_main_conf_t *mcf);
 static void ngx_http_deepseek_guard_series(ngx_http_deepseek_guard_out_t *o,
     char *name, char *key, ngx_str_t *val, ngx_str_t *cls, char *lname,
     ngx_str_t *lval);
@@ -103,6 +106,34 @@ static ngx_http_deepseek_guard_field_t  ngx_http_deepseek_guard_decisions[] = {
       offsetof(ngx_http_deepseek_guard_counters_t, timeouts), NULL, NULL },
 
     { ngx_null_string, 0, NULL, NULL }
+};
+
+
+/* tokens= zones: deepseek_guard_tokens_total{kind} */
+static ngx_http_deepseek_guard_field_t  ngx_http_deepseek_guard_token_kinds[] = {
+
+    { ngx_string("reserved"),
+      offsetof(ngx_http_deepseek_guard_counters_t, tokens_reserved),
+      NULL, NULL },
+
+    { ngx_string("refunded"),
+      offsetof(ngx_http_deepseek_guard_counters_t, tokens_refunded),
+      NULL, NULL },
+
+    { ngx_string("charged"),
+      offsetof(ngx_http_deepseek_guard_counters_t, tokens_charged),
+      NULL, NULL },
+
+    { ngx_string("used"),
+      offsetof(ngx_http_deepseek_guard_counters_t, tokens_used), NULL, NULL },
+
+    { ngx_null_string, 0, NULL, NULL }
+};
+
+
+/* the estimate error histogram's bounds, actual / estimated prompt */
+static char  *ngx_http_deepseek_guard_est_le[] = {
+    "0.5", "0.8", "0.9", "1.1", "1.25", "2", "4", "+Inf"
 };
 
 
@@ -397,6 +428,139 @@ ngx_http_deepseek_guard_metrics_json(ngx_http_request_t *r)
 }
 
 
+/* the token budgets' families, where a zone has one (tokens=) */
+
+static void
+ngx_http_deepseek_guard_tokens_text(ngx_http_deepseek_guard_out_t *o,
+    ngx_http_deepseek_guard_main_conf_t *mcf)
+{
+    uint64_t                          sum;
+    ngx_str_t                         le;
+    ngx_uint_t                        i, k, b, any;
+    ngx_shm_zone_t                  **zones;
+    ngx_http_deepseek_guard_zone_t   *z;
+    ngx_http_deepseek_guard_class_t  *cls;
+    ngx_http_deepseek_guard_field_t  *f;
+
+    zones = mcf->zones.elts;
+    cls = mcf->classes.elts;
+    any = 0;
+
+    for (i = 0; i < mcf->zones.nelts; i++) {
+        z = zones[i]->data;
+        any |= (z->tokens != 0);
+    }
+
+    if (!any) {
+        return;
+    }
+
+    ngx_http_deepseek_guard_family(o, "deepseek_guard_tokens_total",
+        "counter",
+        "Tokens of the token budgets by zone, class and kind: reserved at "
+        "admission, refunded and charged at settlement, used as settled.");
+
+    for (i = 0; i < mcf->zones.nelts; i++) {
+        z = zones[i]->data;
+
+        if (z->tokens == 0) {
+            continue;
+        }
+
+        for (k = 0; k < mcf->classes.nelts; k++) {
+            for (f = ngx_http_deepseek_guard_token_kinds; f->name.len; f++) {
+                ngx_http_deepseek_guard_series(o,
+                    "deepseek_guard_tokens_total", "zone",
+                    &zones[i]->shm.name, &cls[k].name, "kind", &f->name);
+                ngx_http_deepseek_guard_out_value(o,
+                    ngx_http_deepseek_guard_read(&z->sh->counters[k],
+                                                 f->offset));
+            }
+        }
+    }
+
+    ngx_http_deepseek_guard_family(o,
+        "deepseek_guard_tokens_rejected_total", "counter",
+        "Requests refused by a token budget (also in requests_total).");
+
+    for (i = 0; i < mcf->zones.nelts; i++) {
+        z = zones[i]->data;
+
+        if (z->tokens == 0) {
+            continue;
+        }
+
+        for (k = 0; k < mcf->classes.nelts; k++) {
+            ngx_http_deepseek_guard_series(o,
+                "deepseek_guard_tokens_rejected_total", "zone",
+                &zones[i]->shm.name, &cls[k].name, NULL, NULL);
+            ngx_http_deepseek_guard_out_value(o,
+                                       z->sh->counters[k].tokens_rejected);
+        }
+    }
+
+    ngx_http_deepseek_guard_family(o,
+        "deepseek_guard_tokens_estimate_ratio", "histogram",
+        "The upstream's prompt tokens over the prompt estimate, per "
+        "settled request with usage.");
+
+    for (i = 0; i < mcf->zones.nelts; i++) {
+        z = zones[i]->data;
+
+        if (z->tokens == 0) {
+            continue;
+        }
+
+        sum = 0;
+
+        for (b = 0; b <= NGX_HTTP_DSG_EST_BUCKETS; b++) {
+            sum += z->sh->tokens_est[b];
+            le.data = (u_char *) ngx_http_deepseek_guard_est_le[b];
+            le.len = ngx_strlen(le.data);
+
+            ngx_http_deepseek_guard_series(o,
+                "deepseek_guard_tokens_estimate_ratio_bucket", "zone",
+                &zones[i]->shm.name, NULL, "le", &le);
+            ngx_http_deepseek_guard_out_value(o, sum);
+        }
+
+        /* permille shown with 3 decimals, as the seconds are */
+        ngx_http_deepseek_guard_series(o,
+            "deepseek_guard_tokens_estimate_ratio_sum", "zone",
+            &zones[i]->shm.name, NULL, NULL, NULL);
+        ngx_http_deepseek_guard_out_secs(o, z->sh->tokens_est_sum);
+        ngx_http_deepseek_guard_out_lit(o, "\n");
+
+        ngx_http_deepseek_guard_series(o,
+            "deepseek_guard_tokens_estimate_ratio_count", "zone",
+            &zones[i]->shm.name, NULL, NULL, NULL);
+        ngx_http_deepseek_guard_out_value(o, sum);
+    }
+
+    ngx_http_deepseek_guard_family(o,
+        "deepseek_guard_tokens_estimate_correction", "gauge",
+        "The prompt estimator's learned factor (1: the byte weights as "
+        "they are).");
+
+    for (i = 0; i < mcf->zones.nelts; i++) {
+        z = zones[i]->data;
+
+        if (z->tokens == 0) {
+            continue;
+        }
+
+        ngx_http_deepseek_guard_series(o,
+            "deepseek_guard_tokens_estimate_correction", "zone",
+            &zones[i]->shm.name, NULL, NULL, NULL);
+        /* ppm shown with 3 decimals, as the seconds are */
+        ngx_http_deepseek_guard_out_secs(o, z->sh->tokens_ratio
+                                            ? z->sh->tokens_ratio / 1000
+                                            : 1000);
+        ngx_http_deepseek_guard_out_lit(o, "\n");
+    }
+}
+
+
 /* the Prometheus text exposition format, version 0.0.4 */
 
 static void
@@ -567,6 +731,8 @@ ngx_http_deepseek_guard_text(ngx_http_deepseek_guard_out_t *o,
                 ngx_http_deepseek_guard_out_lit(o, "\n");
             }
         }
+
+        ngx_http_deepseek_guard_tokens_text(o, mcf);
 
         ngx_http_deepseek_guard_family(o, "deepseek_guard_zone_keys",
             "gauge", "Keys tracked in the zone.");

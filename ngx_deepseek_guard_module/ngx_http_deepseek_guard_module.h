@@ -16,6 +16,7 @@
 #include "dsg_bucket.h"
 #include "dsg_queue.h"
 #include "dsg_fleet.h"
+#include "dsg_tokens.h"
 
 
 #define NGX_HTTP_DSG_ADMITTED      1
@@ -59,7 +60,22 @@ typedef struct {
     ngx_atomic_t                 retry_count;
     ngx_atomic_t                 retry_sum_ms;
     ngx_atomic_t                 retry_last_ms; /* gauge: the latest one */
+    /* token budgets (tokens=): reserved at admission, then settled */
+    ngx_atomic_t                 tokens_reserved;
+    ngx_atomic_t                 tokens_refunded;
+    ngx_atomic_t                 tokens_charged;
+    ngx_atomic_t                 tokens_used;
+    ngx_atomic_t                 tokens_rejected;
 } ngx_http_deepseek_guard_counters_t;
+
+
+/* tokens=: the output a reservation expects when max_tokens does not cap it */
+#define NGX_HTTP_DSG_TOKENS_OUTPUT  1024
+#define NGX_HTTP_DSG_UNSET64        ((uint64_t) -1)
+
+
+/* the estimate error histogram: actual / estimated prompt, in percent */
+#define NGX_HTTP_DSG_EST_BUCKETS  7
 
 
 typedef struct {
@@ -80,7 +96,9 @@ typedef struct {
     uint32_t                     cls;
     uint32_t                     record;     /* dsg_limit_record() */
     uint32_t                     fleet;      /* charged to the fleet share */
+    uint32_t                     trecord;    /* dsg_tokens_record() */
     ngx_msec_t                   start;
+    uint64_t                     treserved;  /* tokens reserved, 0: none */
 } ngx_http_deepseek_guard_lease_t;
 
 
@@ -118,6 +136,10 @@ typedef struct {
     ngx_atomic_t                 fleet_slots;
     ngx_atomic_t                 fleet_keys;
     ngx_atomic_t                 fleet_demand;
+    /* tokens=: the prompt estimator's correction (ppm, under the mutex) */
+    uint32_t                     tokens_ratio;
+    ngx_atomic_t                 tokens_est[NGX_HTTP_DSG_EST_BUCKETS + 1];
+    ngx_atomic_t                 tokens_est_sum;   /* permille */
 } ngx_http_deepseek_guard_shctx_t;
 
 
@@ -165,6 +187,11 @@ typedef struct {
     ngx_flag_t                   fleet_on;     /* fleet=on */
     ngx_http_deepseek_guard_fleet_t  *fleet;
     dsg_limit_conf_t             fallback;     /* the share without Redis */
+    uint64_t                     tokens;       /* tokens=, per period */
+    uint64_t                     tokens_period;
+    uint64_t                     tokens_burst; /* tokens_burst=, 0: tokens */
+    uint64_t                     tokens_expect;   /* tokens_output= */
+    dsg_tokens_conf_t            tconf;
     u_char                      *file;
     ngx_uint_t                   line;
 
@@ -173,6 +200,8 @@ typedef struct {
     ngx_str_t                    body_tail;    /* JSON body after the ms */
     ngx_str_t                    policy;       /* RateLimit-Policy value */
     ngx_str_t                    ratelimit;    /* RateLimit value up to t= */
+    ngx_str_t                    tbody_head;   /* the same for tokens */
+    ngx_str_t                    tbody_big;    /* a reservation too large */
     /* by class: the warning up to the ms */
     ngx_str_t                    reject_log[DSG_MAX_CLASSES];
 } ngx_http_deepseek_guard_zone_t;
@@ -244,6 +273,7 @@ typedef struct {
     ngx_uint_t                   default_index;
     ngx_flag_t                   dry_run;
     ngx_flag_t                   ratelimit_headers;
+    ngx_flag_t                   openai_headers;    /* x-ratelimit-* */
     ngx_uint_t                   log_level;
     ngx_flag_t                   metrics;
     u_char                      *file;       /* where default_class was set */
@@ -276,6 +306,7 @@ typedef struct {
     ngx_rbtree_node_t           *node;
     void                        *lease;     /* in-flight lease, NULL if none */
     ngx_uint_t                   charged;
+    uint64_t                     treserve;  /* tokens this zone reserves */
     u_char                       digest[16];
 } ngx_http_deepseek_guard_hold_t;
 
@@ -321,9 +352,13 @@ struct ngx_http_deepseek_guard_ctx_s {
     ngx_msec_t                   admitted_at;
     uint64_t                     retry_ms;
     ngx_http_deepseek_guard_zone_t  *reject_zone;
+    ngx_uint_t                   reject_tokens;  /* 1: budget, 2: too big */
 
     /* the cache's per-request state */
     struct ngx_http_deepseek_guard_cache_ctx_s  *cache;
+
+    /* token budgets: the request's estimate and the upstream's usage */
+    struct ngx_http_deepseek_guard_tokens_ctx_s  *tokens;
 };
 
 
@@ -437,6 +472,24 @@ ngx_uint_t ngx_http_deepseek_guard_fleet_up(
 /* the key's fleet share, after its node (fleet=on zones only) */
 #define ngx_http_deepseek_guard_fleet_key(n)                                  \
     ((dsg_fleet_key_t *) ((ngx_http_deepseek_guard_node_t *) (n) + 1))
+
+/* ngx_http_deepseek_guard_tokens.c */
+ngx_int_t ngx_http_deepseek_guard_tokens_prepare(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_ctx_t *ctx);
+uint64_t ngx_http_deepseek_guard_tokens_reserve(
+    ngx_http_deepseek_guard_ctx_t *ctx, ngx_http_deepseek_guard_zone_t *z);
+void ngx_http_deepseek_guard_tokens_settle(ngx_http_deepseek_guard_ctx_t *ctx,
+    ngx_http_deepseek_guard_zone_t *z, ngx_http_deepseek_guard_lease_t *lease,
+    ngx_uint_t refund);
+ngx_int_t ngx_http_deepseek_guard_tokens_init(ngx_conf_t *cf);
+void ngx_http_deepseek_guard_tokens_finish(ngx_http_deepseek_guard_ctx_t *ctx);
+ngx_int_t ngx_http_deepseek_guard_tokens_variable(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_ctx_t *ctx, ngx_http_variable_value_t *v,
+    uintptr_t data);
+
+/* the key's token bucket, after its node (tokens= zones only) */
+#define ngx_http_deepseek_guard_tokens_state(n)                               \
+    ((dsg_tokens_state_t *) ((ngx_http_deepseek_guard_node_t *) (n) + 1))
 
 /* ngx_http_deepseek_guard_metrics.c */
 char *ngx_http_deepseek_guard_metrics(ngx_conf_t *cf, ngx_command_t *cmd,

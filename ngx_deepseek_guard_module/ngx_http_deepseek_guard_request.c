@@ -12,6 +12,8 @@
 
 #define NGX_HTTP_DSG_VAR_WAIT          0
 #define NGX_HTTP_DSG_VAR_RETRY         1
+#define NGX_HTTP_DSG_VAR_RESERVED      0
+#define NGX_HTTP_DSG_VAR_USED          1
 #define NGX_HTTP_DSG_VAR_CACHE_STATUS  0
 #define NGX_HTTP_DSG_VAR_BODY_SHA      1
 
@@ -36,6 +38,8 @@ static ngx_int_t ngx_http_deepseek_guard_num_variable(
 static ngx_int_t ngx_http_deepseek_guard_zone_variable(
     ngx_http_request_t *r, ngx_http_variable_value_t *v, uintptr_t data);
 static ngx_int_t ngx_http_deepseek_guard_cache_variable(
+    ngx_http_request_t *r, ngx_http_variable_value_t *v, uintptr_t data);
+static ngx_int_t ngx_http_deepseek_guard_tokens_var(
     ngx_http_request_t *r, ngx_http_variable_value_t *v, uintptr_t data);
 
 
@@ -187,7 +191,12 @@ again:
         return rc;
     }
 
-    /* 2. admission in every zone */
+    /* 2. admission in every zone; a token budget measures the body first */
+
+    rc = ngx_http_deepseek_guard_tokens_prepare(r, ctx);
+    if (rc != NGX_OK) {
+        return rc;
+    }
 
     rc = ngx_http_deepseek_guard_admit(r, ctx, &blocked, &retry_ms);
 
@@ -472,6 +481,14 @@ static ngx_http_variable_t  ngx_http_deepseek_guard_vars[] = {
       ngx_http_deepseek_guard_cache_variable, NGX_HTTP_DSG_VAR_BODY_SHA,
       NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
+    { ngx_string("deepseek_guard_tokens_reserved"), NULL,
+      ngx_http_deepseek_guard_tokens_var, NGX_HTTP_DSG_VAR_RESERVED,
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("deepseek_guard_tokens_used"), NULL,
+      ngx_http_deepseek_guard_tokens_var, NGX_HTTP_DSG_VAR_USED,
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
     { ngx_string("deepseek_guard_auth_sha256"), NULL,
       ngx_http_deepseek_guard_auth_sha_variable, 0, 0, 0 },
 
@@ -650,4 +667,13 @@ ngx_http_deepseek_guard_cache_variable(ngx_http_request_t *r,
     }
 
     return ngx_http_deepseek_guard_cache_status_variable(r, ctx, v);
+}
+
+
+static ngx_int_t
+ngx_http_deepseek_guard_tokens_var(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data)
+{
+    return ngx_http_deepseek_guard_tokens_variable(r,
+                                   ngx_http_deepseek_guard_get_ctx(r), v, data);
 }

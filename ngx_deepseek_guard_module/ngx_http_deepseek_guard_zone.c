@@ -101,7 +101,8 @@ ngx_http_deepseek_guard_lookup(ngx_http_deepseek_guard_zone_t *z,
 
     /* a fleet key's share follows its node */
     size = sizeof(ngx_http_deepseek_guard_node_t)
-           + (z->fleet_on ? sizeof(dsg_fleet_key_t) : 0);
+           + (z->fleet_on ? sizeof(dsg_fleet_key_t) : 0)
+           + (z->tokens ? sizeof(dsg_tokens_state_t) : 0);
 
     n = ngx_slab_alloc_locked(z->shpool, size);
 
@@ -121,6 +122,12 @@ ngx_http_deepseek_guard_lookup(ngx_http_deepseek_guard_zone_t *z,
     /* a fleet key's own buckets serve only its static share */
     dsg_limit_state_init(z->fleet_on ? &z->fallback : &z->limit, &n->state,
                          ngx_current_msec);
+
+    if (z->tokens) {
+        dsg_tokens_state_init(&z->tconf,
+                              ngx_http_deepseek_guard_tokens_state(n),
+                              ngx_current_msec);
+    }
 
     ngx_rbtree_insert(&z->sh->rbtree, &n->node);
     ngx_queue_insert_head(&z->sh->lru, &n->lru);
@@ -165,7 +172,12 @@ ngx_http_deepseek_guard_evict(ngx_http_deepseek_guard_zone_t *z,
             continue;
         }
 
-        if (dsg_limit_full(&z->limit, &n->state, ngx_current_msec)) {
+        if (dsg_limit_full(&z->limit, &n->state, ngx_current_msec)
+            && (z->tokens == 0
+                || dsg_tokens_full(&z->tconf,
+                                   ngx_http_deepseek_guard_tokens_state(n),
+                                   ngx_current_msec)))
+        {
             idle = n;
             break;
         }
@@ -484,6 +496,16 @@ ngx_http_deepseek_guard_init_zone(ngx_shm_zone_t *shm_zone, void *data)
             return NGX_ERROR;
         }
 
+        if ((z->tokens == 0) != (oz->tokens == 0)) {
+            /* a token budget's key node is larger: its keys cannot stay */
+            ngx_log_error(NGX_LOG_EMERG, shm_zone->shm.log, 0,
+                          "deepseek_guard_zone \"%V\" has %s tokens= while "
+                          "previously it had %s: give the zone another "
+                          "name or size", &shm_zone->shm.name,
+                          z->tokens ? "a" : "no", oz->tokens ? "one" : "none");
+            return NGX_ERROR;
+        }
+
         z->sh = oz->sh;
         z->shpool = oz->shpool;
 
@@ -585,7 +607,8 @@ places:
 
 /*
  * deepseek_guard_zone <name>:<size> key=<value> [rate=<N>r/s|r/m]
- *     [burst=<N>] [inflight=<N>] [status=<code>] [fleet=on|off];
+ *     [burst=<N>] [inflight=<N>] [status=<code>] [fleet=on|off]
+ *     [tokens=<N>/m|/s] [tokens_burst=<N>] [tokens_output=<N>];
  */
 
 char *
@@ -610,6 +633,7 @@ ngx_http_deepseek_guard_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     z->status = NGX_HTTP_SERVICE_UNAVAILABLE;
     z->period = 1000;
+    z->tokens_expect = NGX_HTTP_DSG_UNSET64;
     z->file = cf->conf_file->file.name.data;
     z->line = cf->conf_file->line;
 
@@ -680,6 +704,61 @@ ngx_http_deepseek_guard_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
             continue;
         }
 
+        if (ngx_strncmp(value[i].data, "tokens=", 7) == 0) {
+            s.data = value[i].data + 7;
+            s.len = value[i].len - 7;
+            p = s.data + s.len;
+
+            if (s.len > 2 && ngx_strncmp(p - 2, "/m", 2) == 0) {
+                z->tokens_period = 60000;
+                s.len -= 2;
+
+            } else if (s.len > 2 && ngx_strncmp(p - 2, "/s", 2) == 0) {
+                z->tokens_period = 1000;
+                s.len -= 2;
+
+            } else {
+                s.len = 0;
+            }
+
+            n = s.len ? ngx_atoi(s.data, s.len) : NGX_ERROR;
+            if (n <= 0 || (uint64_t) n > DSG_MAX_TOKENS) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid token budget \"%V\", expected "
+                                   "tokens=<N>/m or tokens=<N>/s", &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            z->tokens = (uint64_t) n;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "tokens_burst=", 13) == 0) {
+            n = ngx_atoi(value[i].data + 13, value[i].len - 13);
+            if (n <= 0 || (uint64_t) n > DSG_MAX_TOKENS) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid tokens_burst value \"%V\"",
+                                   &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            z->tokens_burst = (uint64_t) n;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "tokens_output=", 14) == 0) {
+            n = ngx_atoi(value[i].data + 14, value[i].len - 14);
+            if (n < 0 || (uint64_t) n > DSG_MAX_TOKENS) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid tokens_output value \"%V\"",
+                                   &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            z->tokens_expect = (uint64_t) n;
+            continue;
+        }
+
         if (ngx_strncmp(value[i].data, "burst=", 6) == 0) {
             n = ngx_atoi(value[i].data + 6, value[i].len - 6);
             if (n == NGX_ERROR) {
@@ -738,6 +817,30 @@ ngx_http_deepseek_guard_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
                            "\"%V\" must have \"key\" parameter",
                            &cmd->name);
         return NGX_CONF_ERROR;
+    }
+
+    if (z->tokens == 0
+        && (z->tokens_burst || z->tokens_expect != NGX_HTTP_DSG_UNSET64))
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "tokens_burst= and tokens_output= need tokens=");
+        return NGX_CONF_ERROR;
+    }
+
+    if (z->tokens && z->fleet_on) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "tokens= is not supported in a fleet=on zone");
+        return NGX_CONF_ERROR;
+    }
+
+    if (z->tokens) {
+        if (z->tokens_burst == 0) {
+            z->tokens_burst = z->tokens;
+        }
+
+        if (z->tokens_expect == NGX_HTTP_DSG_UNSET64) {
+            z->tokens_expect = NGX_HTTP_DSG_TOKENS_OUTPUT;
+        }
     }
 
     shm_zone = ngx_shared_memory_add(cf, &name, size,

@@ -305,6 +305,8 @@ $t->write_config(<<'EOF');
                                    status=429;
     deepseek_guard_zone backend:1m key=backend inflight=8 rate=100r/s
                                    burst=50;
+    deepseek_guard_zone tpm:1m     key=$http_authorization
+                                   tokens=100000/m;
 
     # a fleet zone, its Redis away (nothing listens on port 1): the fleet
     # families are exported all the same
@@ -324,7 +326,9 @@ $t->write_config(<<'EOF');
         location /v1/ {
             deepseek_guard quota;
             deepseek_guard backend;
+            deepseek_guard tpm;
             deepseek_guard_ratelimit_headers on;
+            deepseek_guard_openai_headers on;
             deepseek_guard_log_level notice;
 
             deepseek_guard_cache llm;

@@ -21,6 +21,7 @@ extern Suite *dsg_store_suite(void);
 extern Suite *dsg_json_suite(void);
 extern Suite *dsg_http_suite(void);
 extern Suite *dsg_fleet_suite(void);
+extern Suite *dsg_tokens_suite(void);
 
 
 int
@@ -30,7 +31,8 @@ main(void)
     SRunner   *sr;
     Suite   *(*suites[])(void) = {
         dsg_bucket_suite, dsg_queue_suite, dsg_entry_suite,
-        dsg_store_suite, dsg_json_suite, dsg_http_suite, dsg_fleet_suite
+        dsg_store_suite, dsg_json_suite, dsg_http_suite, dsg_fleet_suite,
+        dsg_tokens_suite
     };
     size_t     i;
 
