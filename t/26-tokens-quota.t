@@ -44,6 +44,10 @@ $t->write_config(<<'EOF2');
             deepseek_guard tpm;
             proxy_pass http://%%MOCK%%;
         }
+
+        location = /metrics {
+            deepseek_guard_metrics;
+        }
     }
 EOF2
 $t->start;
