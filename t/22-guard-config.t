@@ -89,7 +89,7 @@ bad('missing key', qr/"deepseek_guard_zone" must have "key" parameter/,
     qr/deepseek_guard_zone z:1m rate=10r\/s;/,
     Z => 'deepseek_guard_zone z:1m rate=10r/s;');
 
-bad('neither rate nor inflight', qr/has neither rate= nor inflight=/,
+bad('none of rate, tokens and inflight', qr/has none of rate=, tokens= and inflight=/,
     qr/deepseek_guard_zone z:1m key=\$arg_key burst=5;/,
     Z => 'deepseek_guard_zone z:1m key=$arg_key burst=5;');
 

@@ -52,6 +52,11 @@ $t->write_config(<<'EOF2');
                    'reserved=$deepseek_guard_tokens_reserved '
                    'used=$deepseek_guard_tokens_used';
 
+    # shared: backend capacity in tokens (503): a spent budget queues
+    deepseek_guard_class default queue=8 queue_timeout=20s;
+    deepseek_guard_zone shared:1m key=backend tokens=1200/m
+                                 tokens_burst=60 tokens_output=10;
+
     # big: the settlement's zone; small: a bucket of 100 tokens
     deepseek_guard_zone big:1m   key=$http_authorization tokens=1000000/m
                                  tokens_output=50 status=429;
@@ -72,6 +77,11 @@ $t->write_config(<<'EOF2');
         location /small/ {
             deepseek_guard small;
             deepseek_guard_openai_headers on;
+            proxy_pass http://%%MOCK%%/v1/;
+        }
+
+        location /shared/ {
+            deepseek_guard shared;
             proxy_pass http://%%MOCK%%/v1/;
         }
 
@@ -123,6 +133,19 @@ is($t->chat(uri => '/small/chat/completions', key => 'small',
             content => 'hi', max_tokens => 10)->{status},
    200, '... admitted again once the announced wait is over');
 
+# a budget of shared capacity (status 503) queues instead: 60 tokens of
+# bucket, 20 a second; each request reserves about 15 and uses about 12
+my @q = map { $t->chat_req(uri => '/shared/chat/completions', key => "q$_",
+                           content => 'hi', max_tokens => 5,
+                           headers => { 'X-Tag' => "shared$_" }) } 1 .. 10;
+my @qr = $t->parallel(\@q, timeout => 30);
+is(join(' ', map { $_->{status} } @qr), join(' ', (200) x 10),
+   'a spent shared token budget: every request served');
+my $ql = $t->log_by_tag($LOG, map { "shared$_" } 1 .. 10);
+my @queued = grep { $ql->{$_}{st} eq 'QUEUED' } keys %$ql;
+cmp_ok(scalar @queued, '>=', 3, '... ' . scalar(@queued)
+       . ' of them after waiting in the queue for the bucket');
+
 # ---------------------------------------------------------- settlement
 
 $t->mock_reset;
@@ -151,7 +174,7 @@ my @reqs = (
     (map { chat_bg("bad$_", content => "bad $_", stream => 0,
                    extra => { stream_options => { include_usage => JSON::PP::true } }) } 1 .. 2),
 );
-my $res = $t->parallel(\@reqs, timeout => 30);
+$t->parallel(\@reqs, timeout => 30);
 
 # a client that goes away mid-stream
 my $gone = $t->http(%{ chat_bg('gone', content => 'leave early', stream => 1,
