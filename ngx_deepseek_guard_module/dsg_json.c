@@ -121,6 +121,54 @@ dsg_json_max_tokens(const char *in, size_t len, uint64_t *max_tokens)
 
 
 int
+dsg_json_stream_usage(const char *in, size_t len, size_t *at)
+{
+    int           rc;
+    size_t        i;
+    json_t       *root;
+    json_error_t  err;
+
+    *at = 0;
+
+    if (in == NULL) {
+        return DSG_JSON_EPARSE;
+    }
+
+    rc = dsg_json_prescan(in, len, DSG_JSON_MAX_VALUES, DSG_JSON_MAX_DEPTH);
+    if (rc != DSG_JSON_OK) {
+        return rc;
+    }
+
+    root = json_loadb(in, len, DSG_JSON_LOAD_FLAGS, &err);
+    if (root == NULL) {
+        return (json_error_code(&err) == json_error_out_of_memory)
+               ? DSG_JSON_ENOMEM : DSG_JSON_EPARSE;
+    }
+
+    rc = json_is_object(root)
+         && json_is_true(json_object_get(root, "stream"))
+         && json_object_get(root, "stream_options") == NULL;
+
+    json_decref(root);
+
+    if (!rc) {
+        return DSG_JSON_OK;
+    }
+
+    /* the object's '{': the first byte that is not JSON whitespace */
+
+    for (i = 0; i < len; i++) {
+        if (in[i] == '{') {
+            *at = i + 1;
+            break;
+        }
+    }
+
+    return DSG_JSON_OK;
+}
+
+
+int
 dsg_json_prescan(const char *in, size_t len, size_t max_values,
     size_t max_depth)
 {

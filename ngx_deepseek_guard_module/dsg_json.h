@@ -76,6 +76,17 @@ int dsg_json_prescan(const char *in, size_t len, size_t max_values,
  */
 int dsg_json_max_tokens(const char *in, size_t len, uint64_t *max_tokens);
 
+/*
+ * Whether a chat request may be given "stream_options":{"include_usage":
+ * true}: a JSON object whose "stream" is true and that has no
+ * "stream_options" of its own (an upstream such as DeepSeek refuses
+ * stream_options without stream: true, and a client's own choice is
+ * kept).  *at is then the offset just after the object's '{', where the
+ * member can be inserted; 0 when it may not.  Same bounds and errors as
+ * dsg_json_max_tokens().
+ */
+int dsg_json_stream_usage(const char *in, size_t len, size_t *at);
+
 const char *dsg_json_strerror(int rc);
 
 

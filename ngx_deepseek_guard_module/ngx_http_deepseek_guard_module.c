@@ -110,6 +110,13 @@ static ngx_command_t  ngx_http_deepseek_guard_commands[] = {
       offsetof(ngx_http_deepseek_guard_loc_conf_t, openai_headers),
       NULL },
 
+    { ngx_string("deepseek_guard_tokens_stream_usage"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_deepseek_guard_loc_conf_t, stream_usage),
+      NULL },
+
     { ngx_string("deepseek_guard_log_level"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
       ngx_conf_set_enum_slot,
@@ -544,6 +551,7 @@ ngx_http_deepseek_guard_create_loc_conf(ngx_conf_t *cf)
     conf->dry_run = NGX_CONF_UNSET;
     conf->ratelimit_headers = NGX_CONF_UNSET;
     conf->openai_headers = NGX_CONF_UNSET;
+    conf->stream_usage = NGX_CONF_UNSET;
     conf->log_level = NGX_CONF_UNSET_UINT;
     conf->metrics = NGX_CONF_UNSET;
     conf->cache_key = NULL;
@@ -599,6 +607,7 @@ ngx_http_deepseek_guard_merge_loc_conf(ngx_conf_t *cf, void *parent,
     ngx_conf_merge_value(conf->dry_run, prev->dry_run, 0);
     ngx_conf_merge_value(conf->ratelimit_headers, prev->ratelimit_headers, 0);
     ngx_conf_merge_value(conf->openai_headers, prev->openai_headers, 0);
+    ngx_conf_merge_value(conf->stream_usage, prev->stream_usage, 0);
     ngx_conf_merge_uint_value(conf->log_level, prev->log_level, NGX_LOG_WARN);
     ngx_conf_merge_value(conf->metrics, prev->metrics, 0);
 

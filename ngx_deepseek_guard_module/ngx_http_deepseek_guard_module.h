@@ -274,6 +274,7 @@ typedef struct {
     ngx_flag_t                   dry_run;
     ngx_flag_t                   ratelimit_headers;
     ngx_flag_t                   openai_headers;    /* x-ratelimit-* */
+    ngx_flag_t                   stream_usage;  /* ask streams for usage */
     ngx_uint_t                   log_level;
     ngx_flag_t                   metrics;
     u_char                      *file;       /* where default_class was set */

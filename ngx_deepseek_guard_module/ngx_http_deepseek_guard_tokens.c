@@ -19,6 +19,11 @@
 /* the answer's last bytes kept for its "usage" object */
 #define NGX_HTTP_DSG_TOKENS_TAIL  8192
 
+/* an SSE event longer than this is passed on whole, usage or not */
+#define NGX_HTTP_DSG_TOKENS_EVENT_MAX  (1024 * 1024)
+
+#define NGX_HTTP_DSG_INCLUDE_USAGE  "\"stream_options\":{\"include_usage\":true}"
+
 #define NGX_HTTP_DSG_TOKENS_NEW      0
 #define NGX_HTTP_DSG_TOKENS_READING  1
 #define NGX_HTTP_DSG_TOKENS_READY    2
@@ -40,6 +45,14 @@ typedef struct ngx_http_deepseek_guard_tokens_ctx_s {
     u_char                      *tail;
     size_t                       tail_len;
 
+    /* deepseek_guard_tokens_stream_usage: the usage event is ours */
+    ngx_uint_t                   strip;
+    u_char                      *ev;         /* bytes of events not sent */
+    size_t                       ev_len;
+    size_t                       ev_size;
+    ngx_chain_t                 *free;
+    ngx_chain_t                 *busy;
+
     /* the settlement, once: finish() */
     ngx_uint_t                   finished;
     ngx_uint_t                   usage;      /* read from the answer */
@@ -57,6 +70,10 @@ static ngx_int_t ngx_http_deepseek_guard_tokens_body_filter(
     ngx_http_request_t *r, ngx_chain_t *in);
 static ngx_int_t ngx_http_deepseek_guard_tokens_headers(ngx_http_request_t *r,
     ngx_http_deepseek_guard_ctx_t *ctx);
+static ngx_int_t ngx_http_deepseek_guard_tokens_inject(ngx_http_request_t *r,
+    u_char *body, size_t len, size_t at);
+static ngx_int_t ngx_http_deepseek_guard_tokens_strip(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_tokens_ctx_t *tc, ngx_chain_t *in);
 
 
 static ngx_http_output_header_filter_pt  ngx_http_next_header_filter;
@@ -208,11 +225,13 @@ static ngx_int_t
 ngx_http_deepseek_guard_tokens_measure(ngx_http_request_t *r,
     ngx_http_deepseek_guard_tokens_ctx_t *tc)
 {
-    u_char       *body, *p;
-    off_t         len;
-    ssize_t       n;
-    ngx_buf_t    *b;
-    ngx_chain_t  *cl;
+    u_char                              *body, *p;
+    off_t                                len;
+    size_t                               at;
+    ssize_t                              n;
+    ngx_buf_t                           *b;
+    ngx_chain_t                         *cl;
+    ngx_http_deepseek_guard_loc_conf_t  *lcf;
 
     if (r->request_body == NULL || r->request_body->bufs == NULL) {
         return NGX_OK;
@@ -277,6 +296,99 @@ ngx_http_deepseek_guard_tokens_measure(ngx_http_request_t *r,
     }
 
     tc->prompt_raw = dsg_tokens_estimate(&tc->scan, DSG_TOKENS_RATIO_ONE);
+
+    /*
+     * a stream that did not ask for its usage is asked for it, and the
+     * usage event is kept from the client (a body sent chunked is left
+     * alone: the proxy passes it on as it reads it)
+     */
+
+    lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
+
+    if (lcf->stream_usage && !r->headers_in.chunked
+        && ngx_strlcasestrn(body, body + len, (u_char *) "\"stream\"",
+                            sizeof("\"stream\"") - 2)
+           != NULL
+        && dsg_json_stream_usage((char *) body, (size_t) len, &at)
+           == DSG_JSON_OK
+        && at != 0)
+    {
+        if (ngx_http_deepseek_guard_tokens_inject(r, body, (size_t) len, at)
+            != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+
+        tc->strip = 1;
+    }
+
+    return NGX_OK;
+}
+
+
+/* the body with "stream_options":{"include_usage":true} after its '{' */
+
+static ngx_int_t
+ngx_http_deepseek_guard_tokens_inject(ngx_http_request_t *r, u_char *body,
+    size_t len, size_t at)
+{
+    u_char       *p, *q;
+    size_t        size;
+    ngx_uint_t    empty;
+    ngx_buf_t    *b;
+    ngx_chain_t  *cl;
+
+    /* an empty object takes no comma */
+
+    for (q = body + at; q < body + len; q++) {
+        if (*q != ' ' && *q != '\t' && *q != '\r' && *q != '\n') {
+            break;
+        }
+    }
+
+    empty = (q < body + len && *q == '}');
+
+    size = len + sizeof(NGX_HTTP_DSG_INCLUDE_USAGE) - 1 + !empty;
+
+    p = ngx_pnalloc(r->pool, size);
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    b = ngx_calloc_buf(r->pool);
+    if (b == NULL) {
+        return NGX_ERROR;
+    }
+
+    cl = ngx_alloc_chain_link(r->pool);
+    if (cl == NULL) {
+        return NGX_ERROR;
+    }
+
+    b->start = p;
+    b->pos = p;
+    p = ngx_cpymem(p, body, at);
+    p = ngx_cpymem(p, NGX_HTTP_DSG_INCLUDE_USAGE,
+                   sizeof(NGX_HTTP_DSG_INCLUDE_USAGE) - 1);
+
+    if (!empty) {
+        *p++ = ',';
+    }
+
+    p = ngx_cpymem(p, body + at, len - at);
+
+    b->last = p;
+    b->end = p;
+    b->memory = 1;
+    b->last_buf = 1;
+    b->last_in_chain = 1;
+
+    cl->buf = b;
+    cl->next = NULL;
+
+    r->request_body->bufs = cl;
+    r->request_body->buf = b;
+    r->headers_in.content_length_n = (off_t) size;
 
     return NGX_OK;
 }
@@ -549,7 +661,223 @@ ngx_http_deepseek_guard_tokens_body_filter(ngx_http_request_t *r,
         tc->tail_len += n;
     }
 
+    if (tc->strip && tc->sse) {
+        return ngx_http_deepseek_guard_tokens_strip(r, tc, in);
+    }
+
     return ngx_http_next_body_filter(r, in);
+}
+
+
+/* the usage event: no choices, a usage object */
+
+static ngx_uint_t
+ngx_http_deepseek_guard_tokens_usage_event(u_char *p, u_char *last)
+{
+    return ngx_strlcasestrn(p, last, (u_char *) "\"choices\":[]",
+                            sizeof("\"choices\":[]") - 2)
+           != NULL
+           && ngx_strlcasestrn(p, last, (u_char *) "\"usage\":{",
+                               sizeof("\"usage\":{") - 2)
+              != NULL;
+}
+
+
+/*
+ * A stream asked for its usage on the client's behalf: its events are
+ * passed on whole, as they complete, except the usage event the client
+ * did not ask for.  An event longer than NGX_HTTP_DSG_TOKENS_EVENT_MAX,
+ * or an answer in a file, ends the stripping: the rest goes as it is.
+ */
+
+static ngx_int_t
+ngx_http_deepseek_guard_tokens_strip(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_tokens_ctx_t *tc, ngx_chain_t *in)
+{
+    u_char       *p, *e, *end, *nl, *copy, *start;
+    size_t        n, size;
+    ngx_int_t     rc;
+    ngx_uint_t    last, flush, whole;
+    ngx_buf_t    *b;
+    ngx_chain_t  *cl, *out, **ll;
+
+    last = 0;
+    flush = 0;
+    whole = 0;
+
+    for (cl = in; cl; cl = cl->next) {
+        b = cl->buf;
+
+        last |= b->last_buf | b->last_in_chain;
+        flush |= b->flush;
+
+        if (b->in_file) {
+            whole = 1;
+            break;
+        }
+
+        if (b->pos == b->last || !ngx_buf_in_memory(b)) {
+            continue;
+        }
+
+        n = b->last - b->pos;
+
+        if (tc->ev_len + n > NGX_HTTP_DSG_TOKENS_EVENT_MAX) {
+            whole = 1;
+            break;
+        }
+
+        if (tc->ev_len + n > tc->ev_size) {
+            size = ngx_max(2 * tc->ev_size, tc->ev_len + n);
+            size = ngx_max(size, 4096);
+
+            p = ngx_pnalloc(r->pool, size);
+            if (p == NULL) {
+                return NGX_ERROR;
+            }
+
+            ngx_memcpy(p, tc->ev, tc->ev_len);
+            tc->ev = p;
+            tc->ev_size = size;
+        }
+
+        ngx_memcpy(tc->ev + tc->ev_len, b->pos, n);
+        tc->ev_len += n;
+        b->pos = b->last;
+    }
+
+    if (whole) {
+        /* give up: what is held, then everything as it comes */
+        tc->strip = 0;
+        last = 1;
+    }
+
+    /* the complete events, the usage event left out */
+
+    size = 0;
+    copy = NULL;
+    start = tc->ev;
+    end = tc->ev + tc->ev_len;
+
+    for (p = tc->ev; p < end; p = e) {
+        nl = ngx_strlchr(p, end, '\n');
+
+        for (e = NULL; nl && nl + 1 < end; nl = ngx_strlchr(nl + 1, end, '\n'))
+        {
+            if (nl[1] == '\n') {
+                e = nl + 2;
+                break;
+            }
+
+            if (nl[1] == '\r' && nl + 2 < end && nl[2] == '\n') {
+                e = nl + 3;
+                break;
+            }
+        }
+
+        if (e == NULL) {
+            break;
+        }
+
+        if (ngx_http_deepseek_guard_tokens_usage_event(p, e)) {
+            /* keep what came before it, skip it */
+            if (copy == NULL) {
+                copy = ngx_pnalloc(r->pool, tc->ev_len);
+                if (copy == NULL) {
+                    return NGX_ERROR;
+                }
+            }
+
+            ngx_memcpy(copy + size, start, p - start);
+            size += p - start;
+            start = e;
+        }
+    }
+
+    if (last) {
+        p = end;
+    }
+
+    /* start .. p goes out too; p .. end waits for the rest of its event */
+
+    if (copy == NULL && p > start) {
+        copy = ngx_pnalloc(r->pool, p - start);
+        if (copy == NULL) {
+            return NGX_ERROR;
+        }
+    }
+
+    if (p > start) {
+        ngx_memcpy(copy + size, start, p - start);
+        size += p - start;
+    }
+
+    tc->ev_len = end - p;
+    ngx_memmove(tc->ev, p, tc->ev_len);
+
+    out = NULL;
+    ll = &out;
+
+    if (size || last || flush) {
+        cl = ngx_chain_get_free_buf(r->pool, &tc->free);
+        if (cl == NULL) {
+            return NGX_ERROR;
+        }
+
+        b = cl->buf;
+        ngx_memzero(b, sizeof(ngx_buf_t));
+        b->tag = (ngx_buf_tag_t) &ngx_http_deepseek_guard_tokens_strip;
+        b->start = copy;
+        b->pos = copy;
+        b->last = copy + size;
+        b->end = b->last;
+        b->memory = (size != 0);
+        b->flush = flush || !last;
+        b->last_buf = last && r == r->main;
+        b->last_in_chain = last;
+
+        *ll = cl;
+        ll = &cl->next;
+    }
+
+    if (whole) {
+        /* the buffers not taken, as they are */
+        for (cl = in; cl; cl = cl->next) {
+            b = cl->buf;
+
+            if (b->pos == b->last && !b->in_file && !b->last_buf
+                && !b->last_in_chain)
+            {
+                continue;
+            }
+
+            if (out) {
+                out->buf->last_buf = 0;
+                out->buf->last_in_chain = 0;
+            }
+
+            *ll = ngx_alloc_chain_link(r->pool);
+            if (*ll == NULL) {
+                return NGX_ERROR;
+            }
+
+            (*ll)->buf = b;
+            ll = &(*ll)->next;
+        }
+    }
+
+    *ll = NULL;
+
+    if (out == NULL) {
+        return NGX_OK;
+    }
+
+    rc = ngx_http_next_body_filter(r, out);
+
+    ngx_chain_update_chains(r->pool, &tc->free, &tc->busy, &out,
+                     (ngx_buf_tag_t) &ngx_http_deepseek_guard_tokens_strip);
+
+    return rc;
 }
 
 

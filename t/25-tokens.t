@@ -80,6 +80,12 @@ $t->write_config(<<'EOF2');
             proxy_pass http://%%MOCK%%/v1/;
         }
 
+        location /usage/ {
+            deepseek_guard big;
+            deepseek_guard_tokens_stream_usage on;
+            proxy_pass http://%%MOCK%%/v1/;
+        }
+
         location /shared/ {
             deepseek_guard shared;
             proxy_pass http://%%MOCK%%/v1/;
@@ -221,6 +227,45 @@ is(join(' ', map { "$all->{$_}{status}:$all->{$_}{used}" } @tags),
 $all = $t->log_by_tag($LOG, @tags);
 is(join(' ', map { $all->{$_}{used} - $all->{$_}{reserved} < 0 ? 'refund' : 'charge' } @tags),
    'refund refund refund', 'max_tokens caps the output part: settled with a refund');
+
+# deepseek_guard_tokens_stream_usage: a stream that did not ask for its
+# usage is asked for it upstream, settled at it exactly, and the client
+# never sees the usage event; a client that asked gets it; requests that
+# are not streams are left alone (the mock refuses stream_options there)
+$t->mock_reset;
+my @u = (
+    $t->chat_req(uri => '/usage/chat/completions', key => 'usage1',
+                 content => 'please count me', stream => 1,
+                 headers => { 'X-Tag' => 'u-plain' }),
+    $t->chat_req(uri => '/usage/chat/completions', key => 'usage2',
+                 content => 'I asked myself', stream => 1,
+                 extra => { stream_options => { include_usage => JSON::PP::true } },
+                 headers => { 'X-Tag' => 'u-asked' }),
+    $t->chat_req(uri => '/usage/chat/completions', key => 'usage3',
+                 content => 'no stream', stream => 0,
+                 headers => { 'X-Tag' => 'u-json' }),
+    $t->chat_req(uri => '/usage/chat/completions', key => 'usage4',
+                 content => 'no stream key', headers => { 'X-Tag' => 'u-none' }),
+);
+my @ur = $t->parallel(\@u, timeout => 20);
+is(join(' ', map { $_->{status} } @ur), '200 200 200 200',
+   'stream_usage: streams and non-streams answered 200');
+my @ev = DSG::Test::sse_data($ur[0]);
+is(scalar(grep { /"usage":\{/ } @ev), 0,
+   '... the client that did not ask sees no usage event');
+is(scalar(grep { /"content":"tok/ } @ev), 20, '... and all 20 content events');
+is($ev[-1], '[DONE]', '... up to [DONE]');
+my @ev2 = DSG::Test::sse_data($ur[1]);
+is(scalar(grep { /"choices":\[\],.*"usage":\{/ } @ev2), 1,
+   '... the client that asked gets its usage event');
+my $ul = $t->log_by_tag($LOG, qw(u-plain u-asked u-json u-none));
+my $us = $t->mock_stats->{tokens_by_key};
+for my $k (1 .. 4) {
+    my $tag = (qw(u-plain u-asked u-json u-none))[$k - 1];
+    my $mk = $us->{"Bearer usage$k"} || {};
+    is($ul->{$tag}{used}, ($mk->{prompt} // 0) + ($mk->{completion} // -1),
+       "... $tag settled at the mock's usage ($ul->{$tag}{used})");
+}
 
 # a complete stream without usage: the prompt estimate and its 20 content
 # events (the mock's tokens=20), as nothing else tells
