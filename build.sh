@@ -43,7 +43,7 @@ export DSG_MODULE="$SO"
 DEPS="nginx nginx-dev liblmdb-dev lmdb-utils libssl-dev libjansson-dev
       libhiredis-dev redis-server libpcre2-dev zlib1g-dev check pkg-config gcc make perl python3
       curl prometheus"
-BENCH_DEPS="wrk"
+BENCH_DEPS="wrk valgrind"
 FUZZ_DEPS="clang libclang-rt-dev"
 VALGRIND_DEPS="valgrind"
 # what nginx's own tests need besides Perl (without them ~44 files skip)
