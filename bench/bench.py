@@ -10,7 +10,8 @@ to bench/results/<YYYY-MM-DD>.md, with the raw numbers in <YYYY-MM-DD>.json
 (a partial or quick run writes bench/results/<YYYY-MM-DD>-partial.*.tmp).
 
   bench.py [--quick] [scenario ...]
-    scenarios: admit reject cache keys overload coalesce misses (default: all)
+    scenarios: admit reject cache keys overload coalesce misses instructions
+    (default: all; instructions alone writes <YYYY-MM-DD>-instructions.md)
     and queue (only when named: bench/queue_scenario.py, its own report
     bench/results/<YYYY-MM-DD>-queue.md)
   bench.py --render bench/results/<YYYY-MM-DD>.json    the report again
@@ -19,7 +20,8 @@ to bench/results/<YYYY-MM-DD>.md, with the raw numbers in <YYYY-MM-DD>.json
 Environment: NGINX_BIN, DSG_MODULE, DSG_PYTHON, WRK, BENCH_REPS (3),
 BENCH_WRK_REPS (5), BENCH_WRK_SECONDS (4), BENCH_WRK_CONNECTIONS (50),
 BENCH_WRK_THREADS (1), BENCH_OVERLOAD_SECONDS (30), BENCH_OVERLOAD_REPS
-(= BENCH_REPS), BENCH_KEEP=1 (keep the prefixes).
+(= BENCH_REPS), BENCH_KEEP=1 (keep the prefixes), BENCH_INSTR_REQUESTS (2000),
+BENCH_INSTR_WARMUP (100).
 """
 import argparse
 import datetime
@@ -50,7 +52,8 @@ WRK = os.environ.get("WRK", "wrk")
 MOCK = os.path.join(REPO, "t", "mock", "mock_llm.py")
 LOADGEN = os.path.join(BENCH, "loadgen.py")
 
-SCENARIOS = ("admit", "reject", "cache", "keys", "overload", "coalesce", "misses")
+SCENARIOS = ("admit", "reject", "cache", "keys", "overload", "coalesce", "misses",
+             "instructions")
 # run only when named, with a report of their own
 SEPARATE = ("queue",)
 T0 = time.time()
@@ -82,6 +85,9 @@ class Settings:
         self.capacity_rps = self.capacity * 1000.0 / self.gen_ms
         self.offered_factor = 3
         self.keep = os.environ.get("BENCH_KEEP") == "1"
+        # scenario "instructions": requests per path under callgrind
+        self.instr_n = env_int("BENCH_INSTR_REQUESTS", 200 if quick else 2000)
+        self.instr_warmup = env_int("BENCH_INSTR_WARMUP", 20 if quick else 100)
 
 
 def log(msg):
@@ -573,28 +579,35 @@ def json_body(n):
     return '{"pad":"%s"}' % s
 
 
-def scenario_cache(S, root):
-    log("3. cache hits")
+def cache_nginx(root, name):
+    """The nginx of bench/conf/cache.conf (not started) and its ports:
+    the origin's files and the ceiling's literal bodies are filled in."""
     port, origin = free_port(), free_port()
     maps, locs = [], []
-    for name, n in CACHE_SIZES:
+    for size, n in CACHE_SIZES:
         body = json_body(n)
         if n <= 4000:
             value = "'%s'" % body
         else:
             pieces = [body[i:i + 4000] for i in range(0, n, 4000)]
             for k, p in enumerate(pieces):
-                maps.append("    map \"\" $ceiling_%s_%d { default '%s'; }" % (name, k, p))
-            value = '"%s"' % "".join("$ceiling_%s_%d" % (name, k) for k in range(len(pieces)))
+                maps.append("    map \"\" $ceiling_%s_%d { default '%s'; }" % (size, k, p))
+            value = '"%s"' % "".join("$ceiling_%s_%d" % (size, k) for k in range(len(pieces)))
         locs.append("        location = /ceiling/%s.json {\n            return 200 %s;\n"
-                    "        }\n" % (name, value))
-    ngx = Nginx(root, "cache", "cache.conf",
+                    "        }\n" % (size, value))
+    ngx = Nginx(root, name, "cache.conf",
                 {"PORT": port, "ORIGIN_PORT": origin, "CEILING_MAPS": "\n".join(maps),
                  "CEILING_LOCATIONS": "\n".join(locs)}, [port, origin])
     os.makedirs(ngx.path("www"), exist_ok=True)
-    for name, n in CACHE_SIZES:
-        with open(ngx.path("www", name + ".json"), "w") as f:
+    for size, n in CACHE_SIZES:
+        with open(ngx.path("www", size + ".json"), "w") as f:
             f.write(json_body(n))
+    return ngx, port
+
+
+def scenario_cache(S, root):
+    log("3. cache hits")
+    ngx, port = cache_nginx(root, "cache")
     ngx.start()
     out = {"sizes": {}, "warm": {}, "origin_during_runs": None}
     try:
@@ -939,6 +952,27 @@ def scenario_misses(S, root):
             out["anomalies"].append("%s: logged %s for %d timed requests" % (
                 v, ", ".join("%s %d" % kv for kv in sorted(counts.items())) or "nothing",
                 out["timed_requests"].get(v, 0)))
+    return out
+
+
+def scenario_instructions(S, root):
+    """Instructions per request under callgrind (bench/instructions.py),
+    for the paths of scenarios 1-3 and their stock anchors."""
+    import instructions
+    log("instructions per request (callgrind): %d requests per path after %d" % (
+        S.instr_n, S.instr_warmup))
+    tport = free_port()
+    tngx = Nginx(root, "instr-throughput", "throughput.conf", {"PORT": tport}, [tport])
+    tngx.render()
+    cngx, cport = cache_nginx(root, "instr-cache")
+    cngx.render()
+    configs = {"throughput": (tngx.prefix, tngx.conf, tport, None),
+               "cache": (cngx.prefix, cngx.conf, cport, cngx.path("logs", "origin.log"))}
+    bodies = {size: json_body(n).encode() for size, n in CACHE_SIZES}
+    r = subprocess.run([instructions.VALGRIND, "--version"], capture_output=True, text=True)
+    out = instructions.measure(NGINX, configs, S.instr_n, S.instr_warmup, bodies, log=log)
+    out["valgrind"] = r.stdout.strip()
+    out["alerts"] = tngx.alerts() + cngx.alerts()
     return out
 
 
@@ -1319,6 +1353,80 @@ class Report:
         self.add("\n".join(t))
         self.alerts("misses", res.get("alerts"))
 
+    def instructions(self, res, raw):
+        p = res["paths"]
+        thr, cache = raw.get("throughput", {}), raw.get("cache", {}).get("sizes", {})
+
+        def wrk_of(group, variant):
+            """the wrk figures of the same variant in this run, if measured"""
+            if group in ("admit", "reject"):
+                return thr.get(group, {}).get(variant)
+            return cache.get(group, {}).get(variant)
+
+        groups = (("admit", "1 admit path"), ("reject", "2 reject path"),
+                  ("1k", "3 cache hit, 1 KB"), ("32k", "3 cache hit, 32 KB"),
+                  ("256k", "3 cache hit, 256 KB"))
+        labels = {"return": "reference: `return 200 \"ok\"`", "plain": "plain (`empty_gif`)",
+                  "limit_req": "`limit_req` per key + `limit_conn` global",
+                  "guard": "guard: per-key zone + global in-flight zone + classes",
+                  "proxy_cache": "`proxy_cache` hit", "guard_cache": "guard cache hit",
+                  "ceiling": "ceiling: `return 200` of the same body"}
+        t = ["## Instructions per request (callgrind)", "",
+             "The nginx worker's instructions per request (Ir) under valgrind's callgrind "
+             "(%s): the configurations of scenarios 1-3 (`bench/conf/throughput.conf`, "
+             "`bench/conf/cache.conf`), nginx in one process (`master_process off`). Per "
+             "path, %d requests of warm-up, then `callgrind_control -z`, %d requests on one "
+             "keep-alive connection, `callgrind_control -d`: the worker's setup and the "
+             "warm-up are not counted (`bench/instructions.py`). Each measured answer was "
+             "checked: status, and for the cache paths `X-Cache-Status: HIT` with the exact "
+             "body, the origin's access log unchanged. Deterministic where req/s is not; "
+             "but only user space: the kernel's work (system calls; `sendfile()`, which "
+             "sends `proxy_cache`'s file) is not counted, and a `rep movsb` copy (glibc's "
+             "`memcpy` of large blocks) counts one instruction per byte, so the large hits "
+             "weigh a copy far above its CPU time. req/s and req/cpu-s are the medians of "
+             "the wrk scenarios of this run, where they ran." % (
+                 res.get("valgrind", "valgrind"), res["warmup"], res["n"]), "",
+             "| path | variant | Ir/request | req/s | req/cpu-s |", "|---|---|---:|---:|---:|"]
+        import instructions as I
+        for g, gl in groups:
+            for v in [x[1] for x in I.PATHS if x[0] == g and x[1] in p.get(g, {})]:
+                ir = p[g][v]
+                w = wrk_of(g, v) or {}
+                label = "`limit_req` per key" if (g, v) == ("reject", "limit_req") else \
+                    "guard: per-key zone + classes" if (g, v) == ("reject", "guard") else \
+                    labels.get(v, v)
+                t.append("| %s | %s | %s | %s | %s |" % (gl, label, kfmt(ir),
+                                                         kfmt(w.get("rps")),
+                                                         kfmt(w.get("cpu_rps"))))
+        t += ["", "Ratios to the anchors: instructions (lower is cheaper), and req/s and "
+              "req/cpu-s (higher is faster) where measured in this run.", "",
+              "| path | guard / anchor | Ir ratio | req/s ratio | req/cpu-s ratio |",
+              "|---|---|---:|---:|---:|"]
+        names = {"limit_req": "`limit_req` + `limit_conn`", "plain": "plain (`empty_gif`)",
+                 "proxy_cache": "`proxy_cache`", "ceiling": "`return 200` of the body"}
+        for g, a, b in I.RATIOS:
+            x = p.get(g, {})
+            if a not in x or b not in x:
+                continue
+            if g == "reject" and b == "limit_req":
+                bn = "`limit_req`"
+            else:
+                bn = names.get(b, b)
+            wa, wb = wrk_of(g, a) or {}, wrk_of(g, b) or {}
+            t.append("| %s | guard / %s | %s | %s | %s |" % (
+                dict(groups)[g], bn, fmt(x[a] / x[b], "%.3f"),
+                fmt(ratio(wa.get("rps"), wb.get("rps")), "%.3f"),
+                fmt(ratio(wa.get("cpu_rps"), wb.get("cpu_rps")), "%.3f")))
+        if not thr and not cache:
+            # no wrk scenario in this run: no req/s columns
+            t = [re.sub(r"( [^|]* \||---:\|){2}$", "", l) if l.startswith("|") else l
+                 for l in t]
+            t = [l.replace(", and req/s and req/cpu-s (higher is faster) where measured in "
+                           "this run", "").replace(" req/s and req/cpu-s are the medians of "
+                           "the wrk scenarios of this run, where they ran.", "") for l in t]
+        self.add("\n".join(t))
+        self.alerts("instructions", res.get("alerts"))
+
     def alerts(self, name, lines):
         if lines:
             self.add("**error.log alerts (%s):**\n\n```\n%s\n```" % (
@@ -1339,8 +1447,11 @@ class Report:
                    S.wrk_reps, S.wrk_s, S.reps, S.overload_reps, S.overload_s,
                    " (quick mode)" if S.quick else ""),
                "| total runtime | %s |" % meta["runtime"],
-               "", "## Targets", "",
-               "| scenario | measure | result | target | met |", "|---|---|---:|---:|---|"]
+               ""]
+        if not self.targets:            # instructions alone: no targets
+            return "\n".join(out) + "\n" + "\n".join(self.sections)
+        out += ["## Targets", "",
+                "| scenario | measure | result | target | met |", "|---|---|---:|---:|---|"]
         for scen, measure, result, target, ok in self.targets:
             out.append("| %s | %s | %s | %s | %s |" % (scen, measure, result, target, met(ok)))
         nmet = sum(1 for x in self.targets if x[4] is True)
@@ -1394,6 +1505,8 @@ def build_report(S, raw, meta):
     for name in ("cache", "keys", "overload", "coalesce", "misses"):
         if name in raw:
             getattr(rep, name)(raw[name])
+    if "instructions" in raw:
+        rep.instructions(raw["instructions"], raw)
     return rep.render(meta)
 
 
@@ -1435,8 +1548,10 @@ def main():
     for f in (NGINX, MODULE, PYTHON):
         if not os.path.exists(f):
             sys.exit("bench: %s not found (run ./build.sh bench)" % f)
-    if not shutil.which(WRK):
+    if set(which) & {"admit", "reject", "cache", "misses"} and not shutil.which(WRK):
         sys.exit("bench: wrk not found (./build.sh bench installs it)")
+    if "instructions" in which and not shutil.which("valgrind"):
+        sys.exit("bench: valgrind not found (./build.sh bench installs it)")
     meta = meta_info(S)
     meta["load0"] = loadavg()
     log("scenarios: %s; %d reps; load average %s" % (" ".join(which), S.reps, meta["load0"]))
@@ -1458,6 +1573,8 @@ def main():
             raw["keys"] = scenario_keys(S, root)
         if "misses" in which:                   # before the mock starts
             raw["misses"] = scenario_misses(S, root)
+        if "instructions" in which:
+            raw["instructions"] = scenario_instructions(S, root)
         if "overload" in which or "coalesce" in which:
             mock = Mock(root, S)
         if "overload" in which:
@@ -1479,8 +1596,10 @@ def main():
     print(text)
     os.makedirs(RESULTS, exist_ok=True)
     full = set(which) == set(SCENARIOS) and not S.quick
-    base = meta["date"] if full else meta["date"] + "-partial"
-    tmp = "" if full else ".tmp"
+    # instructions alone: a report of its own, <date>-instructions.md
+    alone = which == ["instructions"] and not S.quick
+    base = meta["date"] if full else meta["date"] + ("-instructions" if alone else "-partial")
+    tmp = "" if full or alone else ".tmp"
     with open(os.path.join(RESULTS, base + ".md" + tmp), "w") as f:
         f.write(text)
     # the numbers behind the report: bench.py --render <file> prints it again

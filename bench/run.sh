@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The benchmarks of ngx_deepseek_guard_module: ./build.sh bench [--quick] [scenario ...]
 # (./build.sh builds the module and installs wrk first, then execs this).
-# Scenarios: admit reject cache keys overload coalesce misses (default: all),
+# Scenarios: admit reject cache keys overload coalesce misses instructions
+# (default: all),
 # and queue and fleet (only when named; each its own report).
 # See bench/README.md.
 set -euo pipefail
