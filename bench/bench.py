@@ -12,10 +12,12 @@ to bench/results/<YYYY-MM-DD>.md, with the raw numbers in <YYYY-MM-DD>.json
   bench.py [--quick] [scenario ...]
     scenarios: admit reject cache keys overload coalesce misses instructions
     (default: all; instructions alone writes <YYYY-MM-DD>-instructions.md)
-    and queue (only when named: bench/queue_scenario.py, its own report
-    bench/results/<YYYY-MM-DD>-queue.md)
+    and queue and stall (only when named: bench/queue_scenario.py and
+    bench/stall_scenario.py, their own reports bench/results/<YYYY-MM-DD>-queue.md
+    and <YYYY-MM-DD>-stall.md)
   bench.py --render bench/results/<YYYY-MM-DD>.json    the report again
   bench.py --render bench/results/<YYYY-MM-DD>-queue.json
+  bench.py --render bench/results/<YYYY-MM-DD>-stall.json
 
 Environment: NGINX_BIN, DSG_MODULE, DSG_PYTHON, WRK, BENCH_REPS (3),
 BENCH_WRK_REPS (5), BENCH_WRK_SECONDS (4), BENCH_WRK_CONNECTIONS (50),
@@ -55,7 +57,7 @@ LOADGEN = os.path.join(BENCH, "loadgen.py")
 SCENARIOS = ("admit", "reject", "cache", "keys", "overload", "coalesce", "misses",
              "instructions")
 # run only when named, with a report of their own
-SEPARATE = ("queue",)
+SEPARATE = ("queue", "stall")
 T0 = time.time()
 
 
@@ -88,6 +90,7 @@ class Settings:
         # scenario "instructions": requests per path under callgrind
         self.instr_n = env_int("BENCH_INSTR_REQUESTS", 200 if quick else 2000)
         self.instr_warmup = env_int("BENCH_INSTR_WARMUP", 20 if quick else 100)
+        self.instr_reps = env_int("BENCH_INSTR_REPS", 1 if quick else 3)
 
 
 def log(msg):
@@ -959,20 +962,33 @@ def scenario_instructions(S, root):
     """Instructions per request under callgrind (bench/instructions.py),
     for the paths of scenarios 1-3 and their stock anchors."""
     import instructions
-    log("instructions per request (callgrind): %d requests per path after %d" % (
-        S.instr_n, S.instr_warmup))
-    tport = free_port()
-    tngx = Nginx(root, "instr-throughput", "throughput.conf", {"PORT": tport}, [tport])
-    tngx.render()
-    cngx, cport = cache_nginx(root, "instr-cache")
-    cngx.render()
-    configs = {"throughput": (tngx.prefix, tngx.conf, tport, None),
-               "cache": (cngx.prefix, cngx.conf, cport, cngx.path("logs", "origin.log"))}
+    log("instructions per request (callgrind): %d requests per path after %d, %d runs" % (
+        S.instr_n, S.instr_warmup, S.instr_reps))
     bodies = {size: json_body(n).encode() for size, n in CACHE_SIZES}
     r = subprocess.run([instructions.VALGRIND, "--version"], capture_output=True, text=True)
-    out = instructions.measure(NGINX, configs, S.instr_n, S.instr_warmup, bodies, log=log)
+    # a few Ir of a request move with how the event loop's iterations fall
+    # (more or fewer epoll_wait() and time updates): repeated, each run in
+    # fresh prefixes (empty caches), medians
+    runs, alerts = [], []
+    for rep in range(S.instr_reps):
+        log("  instructions run %d" % (rep + 1))
+        tport = free_port()
+        tngx = Nginx(root, "instr%d-throughput" % rep, "throughput.conf", {"PORT": tport},
+                     [tport])
+        tngx.render()
+        cngx, cport = cache_nginx(root, "instr%d-cache" % rep)
+        cngx.render()
+        configs = {"throughput": (tngx.prefix, tngx.conf, tport, None),
+                   "cache": (cngx.prefix, cngx.conf, cport, cngx.path("logs", "origin.log"))}
+        runs.append(instructions.measure(NGINX, configs, S.instr_n, S.instr_warmup, bodies,
+                                         log=log))
+        alerts += tngx.alerts() + cngx.alerts()
+    out = runs[0]
+    out["runs"] = {g: {v: [r["paths"][g][v] for r in runs] for v in x}
+                   for g, x in out["paths"].items()}
+    out["paths"] = {g: {v: median(ir) for v, ir in x.items()} for g, x in out["runs"].items()}
     out["valgrind"] = r.stdout.strip()
-    out["alerts"] = tngx.alerts() + cngx.alerts()
+    out["alerts"] = alerts
     return out
 
 
@@ -1375,9 +1391,11 @@ class Report:
              "The nginx worker's instructions per request (Ir) under valgrind's callgrind "
              "(%s): the configurations of scenarios 1-3 (`bench/conf/throughput.conf`, "
              "`bench/conf/cache.conf`), nginx in one process (`master_process off`). Per "
-             "path, %d requests of warm-up, then `callgrind_control -z`, %d requests on one "
-             "keep-alive connection, `callgrind_control -d`: the worker's setup and the "
-             "warm-up are not counted (`bench/instructions.py`). Each measured answer was "
+             "path, %d requests of warm-up, then `callgrind_control -z`, %d requests on "
+             "keep-alive connections (a new one every 1,000: `keepalive_requests`), "
+             "`callgrind_control -d`: the worker's setup and the "
+             "warm-up are not counted (`bench/instructions.py`). %d runs, each with a "
+             "fresh nginx; medians, and every run. Each measured answer was "
              "checked: status, and for the cache paths `X-Cache-Status: HIT` with the exact "
              "body, the origin's access log unchanged. Deterministic where req/s is not; "
              "but only user space: the kernel's work (system calls; `sendfile()`, which "
@@ -1385,8 +1403,11 @@ class Report:
              "`memcpy` of large blocks) counts one instruction per byte, so the large hits "
              "weigh a copy far above its CPU time. req/s and req/cpu-s are the medians of "
              "the wrk scenarios of this run, where they ran." % (
-                 res.get("valgrind", "valgrind"), res["warmup"], res["n"]), "",
-             "| path | variant | Ir/request | req/s | req/cpu-s |", "|---|---|---:|---:|---:|"]
+                 res.get("valgrind", "valgrind"), res["warmup"], res["n"],
+                 len(next(iter(next(iter(res.get("runs", {"": {"": [0]}}).values())).values()))),
+             ), "",
+             "| path | variant | Ir/request | runs | req/s | req/cpu-s |",
+             "|---|---|---:|---|---:|---:|"]
         import instructions as I
         for g, gl in groups:
             for v in [x[1] for x in I.PATHS if x[0] == g and x[1] in p.get(g, {})]:
@@ -1395,7 +1416,9 @@ class Report:
                 label = "`limit_req` per key" if (g, v) == ("reject", "limit_req") else \
                     "guard: per-key zone + classes" if (g, v) == ("reject", "guard") else \
                     labels.get(v, v)
-                t.append("| %s | %s | %s | %s | %s |" % (gl, label, kfmt(ir),
+                rs = res.get("runs", {}).get(g, {}).get(v, [ir])
+                t.append("| %s | %s | %s | %s | %s | %s |" % (gl, label, kfmt(ir),
+                                                              " / ".join(kfmt(q) for q in rs),
                                                          kfmt(w.get("rps")),
                                                          kfmt(w.get("cpu_rps"))))
         t += ["", "Ratios to the anchors: instructions (lower is cheaper), and req/s and "
@@ -1519,7 +1542,7 @@ def main():
                     help="only print the report of a saved bench/results/<date>.json")
     ap.add_argument("scenarios", nargs="*", metavar="scenario",
                     help="any of: " + " ".join(SCENARIOS) + " (default: all), "
-                    "and queue (only when named)")
+                    "and queue, stall (only when named)")
     a = ap.parse_args()
     if a.render:
         with open(a.render) as f:
@@ -1527,6 +1550,10 @@ def main():
         if "sizes" in saved["results"]:             # a queue report
             import queue_scenario
             print(queue_scenario.render_saved(a.render), end="")
+            return 0
+        if "passes" in saved["results"]:            # a stall report
+            import stall_scenario
+            print(stall_scenario.render_saved(a.render), end="")
             return 0
         S = Settings(False)
         S.__dict__.update(saved["settings"])
@@ -1541,6 +1568,14 @@ def main():
         import queue_scenario
         rc = queue_scenario.run(a.quick)
         a.scenarios = [x for x in a.scenarios if x != "queue"]
+        if rc or not a.scenarios:
+            return rc
+    if "stall" in a.scenarios:
+        # its own report (<date>-stall.md), and only when named: see
+        # bench/stall_scenario.py
+        import stall_scenario
+        rc = stall_scenario.run(a.quick)
+        a.scenarios = [x for x in a.scenarios if x != "stall"]
         if rc or not a.scenarios:
             return rc
     which = a.scenarios or list(SCENARIOS)

@@ -3,7 +3,7 @@
 # (./build.sh builds the module and installs wrk first, then execs this).
 # Scenarios: admit reject cache keys overload coalesce misses instructions
 # (default: all),
-# and queue and fleet (only when named; each its own report).
+# and queue, stall and fleet (only when named; each its own report).
 # See bench/README.md.
 set -euo pipefail
 BENCH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
