@@ -736,7 +736,10 @@ ngx_http_deepseek_guard_tokens_strip(ngx_http_request_t *r,
                 return NGX_ERROR;
             }
 
-            ngx_memcpy(p, tc->ev, tc->ev_len);
+            if (tc->ev_len) {
+                ngx_memcpy(p, tc->ev, tc->ev_len);
+            }
+
             tc->ev = p;
             tc->ev_size = size;
         }
@@ -813,7 +816,10 @@ ngx_http_deepseek_guard_tokens_strip(ngx_http_request_t *r,
     }
 
     tc->ev_len = end - p;
-    ngx_memmove(tc->ev, p, tc->ev_len);
+
+    if (tc->ev_len) {
+        ngx_memmove(tc->ev, p, tc->ev_len);
+    }
 
     out = NULL;
     ll = &out;
