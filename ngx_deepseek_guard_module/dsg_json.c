@@ -82,14 +82,15 @@ dsg_json_positive(json_t *obj, const char *name)
 }
 
 
-int
-dsg_json_max_tokens(const char *in, size_t len, uint64_t *max_tokens)
+/* a request body parsed under the cache key's bounds (dsg_json_prescan) */
+
+static int
+dsg_json_load_bounded(const char *in, size_t len, json_t **root)
 {
     int           rc;
-    json_t       *root;
     json_error_t  err;
 
-    *max_tokens = 0;
+    *root = NULL;
 
     if (in == NULL) {
         return DSG_JSON_EPARSE;
@@ -100,10 +101,27 @@ dsg_json_max_tokens(const char *in, size_t len, uint64_t *max_tokens)
         return rc;
     }
 
-    root = json_loadb(in, len, DSG_JSON_LOAD_FLAGS, &err);
-    if (root == NULL) {
+    *root = json_loadb(in, len, DSG_JSON_LOAD_FLAGS, &err);
+    if (*root == NULL) {
         return (json_error_code(&err) == json_error_out_of_memory)
                ? DSG_JSON_ENOMEM : DSG_JSON_EPARSE;
+    }
+
+    return DSG_JSON_OK;
+}
+
+
+int
+dsg_json_max_tokens(const char *in, size_t len, uint64_t *max_tokens)
+{
+    int      rc;
+    json_t  *root;
+
+    *max_tokens = 0;
+
+    rc = dsg_json_load_bounded(in, len, &root);
+    if (rc != DSG_JSON_OK) {
+        return rc;
     }
 
     if (json_is_object(root)) {
@@ -123,26 +141,15 @@ dsg_json_max_tokens(const char *in, size_t len, uint64_t *max_tokens)
 int
 dsg_json_stream_usage(const char *in, size_t len, size_t *at)
 {
-    int           rc;
-    size_t        i;
-    json_t       *root;
-    json_error_t  err;
+    int      rc;
+    size_t   i;
+    json_t  *root;
 
     *at = 0;
 
-    if (in == NULL) {
-        return DSG_JSON_EPARSE;
-    }
-
-    rc = dsg_json_prescan(in, len, DSG_JSON_MAX_VALUES, DSG_JSON_MAX_DEPTH);
+    rc = dsg_json_load_bounded(in, len, &root);
     if (rc != DSG_JSON_OK) {
         return rc;
-    }
-
-    root = json_loadb(in, len, DSG_JSON_LOAD_FLAGS, &err);
-    if (root == NULL) {
-        return (json_error_code(&err) == json_error_out_of_memory)
-               ? DSG_JSON_ENOMEM : DSG_JSON_EPARSE;
     }
 
     rc = json_is_object(root)

@@ -369,6 +369,74 @@ START_TEST(test_json_prescan)
 END_TEST
 
 
+/* the output cap of a chat request, for its token reservation */
+START_TEST(test_json_max_tokens)
+{
+    uint64_t     n;
+    const char  *both = "{\"max_tokens\":50,\"max_completion_tokens\":20}";
+    const char  *old = "{\"messages\":[],\"max_tokens\":300}";
+    const char  *bad = "{\"max_tokens\":-5,\"max_completion_tokens\":1.5}";
+    const char  *nested = "{\"x\":{\"max_tokens\":9}}";
+
+    ck_assert_int_eq(dsg_json_max_tokens(both, strlen(both), &n),
+                     DSG_JSON_OK);
+    ck_assert_uint_eq(n, 20);       /* max_completion_tokens wins */
+
+    ck_assert_int_eq(dsg_json_max_tokens(old, strlen(old), &n), DSG_JSON_OK);
+    ck_assert_uint_eq(n, 300);
+
+    ck_assert_int_eq(dsg_json_max_tokens(bad, strlen(bad), &n), DSG_JSON_OK);
+    ck_assert_uint_eq(n, 0);        /* not positive integers: ignored */
+
+    ck_assert_int_eq(dsg_json_max_tokens(nested, strlen(nested), &n),
+                     DSG_JSON_OK);
+    ck_assert_uint_eq(n, 0);        /* only the top level counts */
+
+    ck_assert_int_eq(dsg_json_max_tokens("{\"max_tokens\":", 14, &n),
+                     DSG_JSON_EPARSE);
+    ck_assert_uint_eq(n, 0);
+    ck_assert_int_eq(dsg_json_max_tokens(NULL, 0, &n), DSG_JSON_EPARSE);
+}
+END_TEST
+
+
+/* where "stream_options":{"include_usage":true} may go */
+START_TEST(test_json_stream_usage)
+{
+    size_t       at;
+    const char  *s1 = "  {\"stream\":true,\"messages\":[]}";
+    const char  *s2 = "{\"stream\":true,\"stream_options\":{}}";
+    const char  *s3 = "{\"stream\":false}";
+    const char  *s4 = "{\"messages\":[]}";
+    const char  *s5 = "[{\"stream\":true}]";
+
+    ck_assert_int_eq(dsg_json_stream_usage(s1, strlen(s1), &at),
+                     DSG_JSON_OK);
+    ck_assert_uint_eq(at, 3);       /* just after the brace */
+
+    ck_assert_int_eq(dsg_json_stream_usage(s2, strlen(s2), &at),
+                     DSG_JSON_OK);
+    ck_assert_uint_eq(at, 0);       /* the client's own choice stays */
+
+    ck_assert_int_eq(dsg_json_stream_usage(s3, strlen(s3), &at),
+                     DSG_JSON_OK);
+    ck_assert_uint_eq(at, 0);       /* not a stream: DeepSeek refuses it */
+
+    ck_assert_int_eq(dsg_json_stream_usage(s4, strlen(s4), &at),
+                     DSG_JSON_OK);
+    ck_assert_uint_eq(at, 0);
+
+    ck_assert_int_eq(dsg_json_stream_usage(s5, strlen(s5), &at),
+                     DSG_JSON_OK);
+    ck_assert_uint_eq(at, 0);       /* not an object */
+
+    ck_assert_int_eq(dsg_json_stream_usage("{\"stream\":tru", 14, &at),
+                     DSG_JSON_EPARSE);
+    ck_assert_uint_eq(at, 0);
+}
+END_TEST
+
+
 Suite *
 dsg_json_suite(void)
 {
@@ -389,6 +457,8 @@ dsg_json_suite(void)
     tcase_add_test(tc, test_json_idempotent);
     tcase_add_test(tc, test_json_strerror);
     tcase_add_test(tc, test_json_prescan);
+    tcase_add_test(tc, test_json_max_tokens);
+    tcase_add_test(tc, test_json_stream_usage);
 
     suite_add_tcase(s, tc);
 
