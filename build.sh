@@ -41,7 +41,7 @@ export NGINX_BIN=${NGINX_BIN:-/usr/sbin/nginx}
 export DSG_MODULE="$SO"
 
 DEPS="nginx nginx-dev liblmdb-dev lmdb-utils libssl-dev libjansson-dev
-      libhiredis-dev redis-server libpcre2-dev zlib1g-dev check pkg-config gcc make perl python3
+      libhiredis-dev libxxhash-dev redis-server libpcre2-dev zlib1g-dev check pkg-config gcc make perl python3
       curl prometheus"
 BENCH_DEPS="wrk valgrind"
 FUZZ_DEPS="clang libclang-rt-dev"

@@ -8,7 +8,6 @@
 
 
 #include "ngx_http_deepseek_guard_module.h"
-#include <ngx_md5.h>
 
 static ngx_int_t ngx_http_deepseek_guard_try(ngx_http_request_t *r,
     ngx_http_deepseek_guard_ctx_t *ctx, ngx_uint_t *blocked,
@@ -97,7 +96,6 @@ ngx_http_deepseek_guard_admit(ngx_http_request_t *r,
     uint64_t                             wait_ms;
     ngx_int_t                            rc;
     ngx_str_t                            key;
-    ngx_md5_t                            md5;
     ngx_uint_t                           i, kind, nomem;
     ngx_shm_zone_t                     **zones;
     ngx_rbtree_node_t                   *node;
@@ -122,6 +120,11 @@ ngx_http_deepseek_guard_admit(ngx_http_request_t *r,
         h->zone = zones[i]->data;
         z = h->zone;
 
+        if (z->key_const) {
+            ngx_memcpy(h->digest, z->key_digest, 16);
+            continue;
+        }
+
         if (ngx_http_complex_value(r, &z->key, &key) != NGX_OK) {
             return NGX_ERROR;
         }
@@ -132,9 +135,7 @@ ngx_http_deepseek_guard_admit(ngx_http_request_t *r,
             continue;
         }
 
-        ngx_md5_init(&md5);
-        ngx_md5_update(&md5, key.data, key.len);
-        ngx_md5_final(h->digest, &md5);
+        ngx_http_deepseek_guard_digest(z, &key, h->digest);
     }
 
     rc = ngx_http_deepseek_guard_try(r, ctx, blocked, &wait_ms, &kind);

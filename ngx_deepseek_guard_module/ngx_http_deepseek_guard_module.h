@@ -177,6 +177,9 @@ typedef struct {
     ngx_slab_pool_t             *shpool;
     ngx_shm_zone_t              *shm_zone;
     ngx_http_complex_value_t     key;
+    uint64_t                     seed;         /* of the key digest */
+    ngx_flag_t                   key_const;    /* key has no variable */
+    u_char                       key_digest[16];  /* its digest, if so */
     uint64_t                     rate;         /* requests per period */
     uint64_t                     period;       /* ms */
     uint64_t                     burst;
@@ -402,6 +405,8 @@ char *ngx_http_deepseek_guard_zone(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 char *ngx_http_deepseek_guard(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+void ngx_http_deepseek_guard_digest(ngx_http_deepseek_guard_zone_t *z,
+    ngx_str_t *key, u_char *digest);
 ngx_http_deepseek_guard_node_t *ngx_http_deepseek_guard_find(
     ngx_http_deepseek_guard_zone_t *z, u_char *digest);
 ngx_http_deepseek_guard_node_t *ngx_http_deepseek_guard_lookup(

@@ -13,6 +13,8 @@
 
 #include "ngx_http_deepseek_guard_module.h"
 
+#include <xxhash.h>
+
 #define NGX_HTTP_DSG_EVICT_TRIES  16
 
 
@@ -23,6 +25,24 @@ static void ngx_http_deepseek_guard_evict(ngx_http_deepseek_guard_zone_t *z,
 static ngx_int_t ngx_http_deepseek_guard_init_zone(ngx_shm_zone_t *shm_zone,
     void *data);
 
+
+
+/*
+ * A key's 128-bit digest: XXH3-128 seeded per zone (by the zone's name, so
+ * every node of a fleet agrees), in its canonical (big-endian) byte order.
+ * The node keeps bytes 0..11 (rbtree key and tail); a fleet sends those 12
+ * to Redis.
+ */
+
+void
+ngx_http_deepseek_guard_digest(ngx_http_deepseek_guard_zone_t *z,
+    ngx_str_t *key, u_char *digest)
+{
+    XXH128_hash_t  h;
+
+    h = XXH3_128bits_withSeed(key->data, key->len, z->seed);
+    XXH128_canonicalFromHash((XXH128_canonical_t *) digest, h);
+}
 
 
 /* the key's node, or NULL; no allocation, the LRU order is kept */
@@ -858,6 +878,14 @@ ngx_http_deepseek_guard_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     z->shm_zone = shm_zone;
     shm_zone->init = ngx_http_deepseek_guard_init_zone;
     shm_zone->data = z;
+
+    z->seed = XXH3_64bits(name.data, name.len);
+
+    if (z->key.lengths == NULL) {
+        /* a constant key: its digest once, not on every request */
+        z->key_const = 1;
+        ngx_http_deepseek_guard_digest(z, &z->key.value, z->key_digest);
+    }
 
     mcf = ngx_http_conf_get_module_main_conf(cf,
                                              ngx_http_deepseek_guard_module);
