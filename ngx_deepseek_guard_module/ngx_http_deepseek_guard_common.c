@@ -428,6 +428,82 @@ ngx_http_deepseek_guard_pids_dead(ngx_array_t *pids)
 }
 
 
+/*
+ * The index of the variable a complex value consists of, when it is that
+ * variable alone ("$name"); NGX_ERROR for anything else (text around it,
+ * several variables, a capture, "${name}").
+ */
+
+ngx_int_t
+ngx_http_deepseek_guard_lone_variable(ngx_conf_t *cf,
+    ngx_http_complex_value_t *cv)
+{
+    u_char      ch;
+    ngx_str_t   name;
+    ngx_uint_t  i;
+
+    if (cv->lengths == NULL || cv->value.len < 2
+        || cv->value.data[0] != '$')
+    {
+        return NGX_ERROR;
+    }
+
+    name.data = cv->value.data + 1;
+    name.len = cv->value.len - 1;
+
+    if (name.data[0] >= '0' && name.data[0] <= '9') {
+        return NGX_ERROR;
+    }
+
+    for (i = 0; i < name.len; i++) {
+        ch = name.data[i];
+
+        if ((ch >= 'A' && ch <= 'Z')
+            || (ch >= 'a' && ch <= 'z')
+            || (ch >= '0' && ch <= '9')
+            || ch == '_')
+        {
+            continue;
+        }
+
+        return NGX_ERROR;
+    }
+
+    return ngx_http_get_variable_index(cf, &name);
+}
+
+
+/*
+ * What ngx_http_complex_value() computes, without its script run and its
+ * copy when the value is a lone variable (index from lone_variable()): the
+ * variable flushed if it is not cacheable, then read; not found is empty.
+ * The value points into the variable's own memory.
+ */
+
+ngx_int_t
+ngx_http_deepseek_guard_value(ngx_http_request_t *r,
+    ngx_http_complex_value_t *cv, ngx_int_t index, ngx_str_t *value)
+{
+    ngx_http_variable_value_t  *vv;
+
+    if (index == NGX_ERROR) {
+        return ngx_http_complex_value(r, cv, value);
+    }
+
+    vv = ngx_http_get_flushed_variable(r, index);
+
+    if (vv == NULL || vv->not_found) {
+        ngx_str_null(value);
+        return NGX_OK;
+    }
+
+    value->data = vv->data;
+    value->len = vv->len;
+
+    return NGX_OK;
+}
+
+
 /* a response header whose name and value outlive the request's headers */
 
 ngx_int_t

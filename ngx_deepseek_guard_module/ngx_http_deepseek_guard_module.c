@@ -599,6 +599,7 @@ ngx_http_deepseek_guard_merge_loc_conf(ngx_conf_t *cf, void *parent,
 
     if (conf->classify == NULL) {
         conf->classify = prev->classify;
+        conf->classify_index = prev->classify_index;
         conf->default_class = prev->default_class;
         conf->file = prev->file;
         conf->line = prev->line;
@@ -796,6 +797,9 @@ ngx_http_deepseek_guard_classify(ngx_conf_t *cf, ngx_command_t *cmd,
     if (ngx_http_compile_complex_value(&ccv) != NGX_OK) {
         return NGX_CONF_ERROR;
     }
+
+    lcf->classify_index = ngx_http_deepseek_guard_lone_variable(cf,
+                                                            lcf->classify);
 
     if (cf->args->nelts == 3) {
         if (ngx_strncmp(value[2].data, "default=", 8) != 0

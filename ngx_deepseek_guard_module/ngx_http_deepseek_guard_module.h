@@ -177,6 +177,7 @@ typedef struct {
     ngx_slab_pool_t             *shpool;
     ngx_shm_zone_t              *shm_zone;
     ngx_http_complex_value_t     key;
+    ngx_int_t                    key_index;    /* lone variable, or -1 */
     uint64_t                     seed;         /* of the key digest */
     ngx_flag_t                   key_const;    /* key has no variable */
     u_char                       key_digest[16];  /* its digest, if so */
@@ -272,6 +273,7 @@ typedef struct {
 typedef struct {
     ngx_array_t                 *zones;     /* ngx_shm_zone_t * */
     ngx_http_complex_value_t    *classify;
+    ngx_int_t                    classify_index;  /* lone variable, or -1 */
     ngx_str_t                    default_class;
     ngx_uint_t                   default_index;
     ngx_flag_t                   dry_run;
@@ -512,6 +514,10 @@ ngx_int_t ngx_http_deepseek_guard_check_name(ngx_conf_t *cf, ngx_str_t *name,
 char *ngx_http_deepseek_guard_parse_zone(ngx_conf_t *cf, ngx_str_t *value,
     size_t skip, const char *what, ngx_str_t *name, ssize_t *size);
 uint64_t ngx_http_deepseek_guard_now_ms(void);
+ngx_int_t ngx_http_deepseek_guard_lone_variable(ngx_conf_t *cf,
+    ngx_http_complex_value_t *cv);
+ngx_int_t ngx_http_deepseek_guard_value(ngx_http_request_t *r,
+    ngx_http_complex_value_t *cv, ngx_int_t index, ngx_str_t *value);
 ngx_int_t ngx_http_deepseek_guard_add_header(ngx_http_request_t *r,
     ngx_str_t *name, u_char *value, size_t len);
 ngx_table_elt_t *ngx_http_deepseek_guard_header_next(ngx_list_part_t **part,

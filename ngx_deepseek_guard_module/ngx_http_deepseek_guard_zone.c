@@ -881,6 +881,8 @@ ngx_http_deepseek_guard_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     z->seed = XXH3_64bits(name.data, name.len);
 
+    z->key_index = ngx_http_deepseek_guard_lone_variable(cf, &z->key);
+
     if (z->key.lengths == NULL) {
         /* a constant key: its digest once, not on every request */
         z->key_const = 1;
