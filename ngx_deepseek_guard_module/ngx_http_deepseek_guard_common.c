@@ -504,6 +504,34 @@ ngx_http_deepseek_guard_value(ngx_http_request_t *r,
 }
 
 
+/*
+ * n in decimal, what ngx_sprintf(p, "%uL", n) writes, without its format
+ * walk: the request path's numbers (Retry-After, retry-after-ms)
+ */
+
+u_char *
+ngx_http_deepseek_guard_uint(u_char *p, uint64_t n)
+{
+    u_char    *end;
+    uint64_t   m;
+
+    end = p + 1;
+
+    for (m = n; m >= 10; m /= 10) {
+        end++;
+    }
+
+    p = end;
+
+    do {
+        *--p = (u_char) ('0' + n % 10);
+        n /= 10;
+    } while (n);
+
+    return end;
+}
+
+
 /* a response header whose name and value outlive the request's headers */
 
 ngx_int_t

@@ -769,6 +769,11 @@ ngx_http_deepseek_guard_enqueue(ngx_http_request_t *r,
 
     if (q == NULL) {
         q = ngx_slab_calloc_locked(z->shpool, sizeof(dsg_waitq_t));
+
+        if (q == NULL && ngx_http_deepseek_guard_spare_drop(z)) {
+            q = ngx_slab_calloc_locked(z->shpool, sizeof(dsg_waitq_t));
+        }
+
         if (q == NULL) {
             nomem = 1;
             goto done;
@@ -1104,7 +1109,7 @@ ngx_http_deepseek_guard_reject(ngx_http_request_t *r,
     }
 
     ms = ngx_cpymem(body, head->data, head->len);
-    p = ngx_sprintf(ms, "%uL", retry_ms);
+    p = ngx_http_deepseek_guard_uint(ms, retry_ms);
     ms_len = p - ms;
 
     if (ctx->reject_tokens) {
@@ -1120,7 +1125,7 @@ ngx_http_deepseek_guard_reject(ngx_http_request_t *r,
     len = p - body;
 
     s = p;
-    p = ngx_sprintf(s, "%uD", secs);
+    p = ngx_http_deepseek_guard_uint(s, secs);
     s_len = p - s;
 
     if (ngx_http_deepseek_guard_add_header(r,

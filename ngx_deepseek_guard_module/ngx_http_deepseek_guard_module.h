@@ -118,6 +118,8 @@ typedef struct {
     ngx_rbtree_node_t            sentinel;
     ngx_queue_t                  lru;
     ngx_queue_t                  leases;
+    ngx_queue_t                  spare;        /* freed leases, kept */
+    ngx_uint_t                   nspare;
     uint64_t                     ticket;
     uint64_t                     ewma_us;      /* mean in-flight duration */
     ngx_uint_t                   nodes;
@@ -418,6 +420,8 @@ ngx_http_deepseek_guard_lease_t *ngx_http_deepseek_guard_lease_alloc(
     ngx_uint_t cls);
 void ngx_http_deepseek_guard_lease_free(ngx_http_deepseek_guard_zone_t *z,
     ngx_http_deepseek_guard_lease_t *lease);
+ngx_uint_t ngx_http_deepseek_guard_spare_drop(
+    ngx_http_deepseek_guard_zone_t *z);
 void ngx_http_deepseek_guard_zone_pids(ngx_http_deepseek_guard_zone_t *z,
     ngx_array_t *pids);
 void ngx_http_deepseek_guard_zone_reap(ngx_http_deepseek_guard_zone_t *z,
@@ -518,6 +522,7 @@ ngx_int_t ngx_http_deepseek_guard_lone_variable(ngx_conf_t *cf,
     ngx_http_complex_value_t *cv);
 ngx_int_t ngx_http_deepseek_guard_value(ngx_http_request_t *r,
     ngx_http_complex_value_t *cv, ngx_int_t index, ngx_str_t *value);
+u_char *ngx_http_deepseek_guard_uint(u_char *p, uint64_t n);
 ngx_int_t ngx_http_deepseek_guard_add_header(ngx_http_request_t *r,
     ngx_str_t *name, u_char *value, size_t len);
 ngx_table_elt_t *ngx_http_deepseek_guard_header_next(ngx_list_part_t **part,

@@ -17,6 +17,13 @@
 
 #define NGX_HTTP_DSG_EVICT_TRIES  16
 
+/*
+ * freed leases a zone keeps for the next admissions instead of giving
+ * them back to the slab allocator; any allocation that fails takes them
+ * back first (ngx_http_deepseek_guard_spare_drop)
+ */
+#define NGX_HTTP_DSG_SPARE        8
+
 
 static void ngx_http_deepseek_guard_evict(ngx_http_deepseek_guard_zone_t *z,
     ngx_http_deepseek_guard_node_t *keep);
@@ -45,6 +52,21 @@ ngx_http_deepseek_guard_digest(ngx_http_deepseek_guard_zone_t *z,
 }
 
 
+/* a node's digest tail (bytes 8..11) is the digest's: one word compared */
+
+static ngx_inline ngx_uint_t
+ngx_http_deepseek_guard_tail_eq(ngx_http_deepseek_guard_node_t *n,
+    u_char *digest)
+{
+    uint32_t  a, b;
+
+    ngx_memcpy(&a, n->digest, 4);
+    ngx_memcpy(&b, digest + 8, 4);
+
+    return a == b;
+}
+
+
 /* the key's node, or NULL; no allocation, the LRU order is kept */
 
 ngx_http_deepseek_guard_node_t *
@@ -69,7 +91,7 @@ ngx_http_deepseek_guard_find(ngx_http_deepseek_guard_zone_t *z,
 
         n = (ngx_http_deepseek_guard_node_t *) node;
 
-        if (ngx_memcmp(n->digest, digest + 8, 4) == 0) {
+        if (ngx_http_deepseek_guard_tail_eq(n, digest)) {
             return n;
         }
 
@@ -109,7 +131,7 @@ ngx_http_deepseek_guard_lookup(ngx_http_deepseek_guard_zone_t *z,
 
         n = (ngx_http_deepseek_guard_node_t *) node;
 
-        if (ngx_memcmp(n->digest, digest + 8, 4) == 0) {
+        if (ngx_http_deepseek_guard_tail_eq(n, digest)) {
             ngx_queue_remove(&n->lru);
             ngx_queue_insert_head(&z->sh->lru, &n->lru);
             return n;
@@ -125,6 +147,10 @@ ngx_http_deepseek_guard_lookup(ngx_http_deepseek_guard_zone_t *z,
            + (z->tokens ? sizeof(dsg_tokens_state_t) : 0);
 
     n = ngx_slab_alloc_locked(z->shpool, size);
+
+    if (n == NULL && ngx_http_deepseek_guard_spare_drop(z)) {
+        n = ngx_slab_alloc_locked(z->shpool, size);
+    }
 
     if (n == NULL) {
         ngx_http_deepseek_guard_evict(z, NULL);
@@ -267,7 +293,16 @@ ngx_http_deepseek_guard_lease_t *
 ngx_http_deepseek_guard_lease_alloc(ngx_http_deepseek_guard_zone_t *z,
     ngx_http_deepseek_guard_node_t *node, ngx_uint_t cls)
 {
+    ngx_queue_t                      *q;
     ngx_http_deepseek_guard_lease_t  *lease;
+
+    if (!ngx_queue_empty(&z->sh->spare)) {
+        q = ngx_queue_head(&z->sh->spare);
+        ngx_queue_remove(q);
+        z->sh->nspare--;
+        lease = ngx_queue_data(q, ngx_http_deepseek_guard_lease_t, queue);
+        goto init;
+    }
 
     lease = ngx_slab_alloc_locked(z->shpool,
                                   sizeof(ngx_http_deepseek_guard_node_t));
@@ -281,12 +316,17 @@ ngx_http_deepseek_guard_lease_alloc(ngx_http_deepseek_guard_zone_t *z,
         }
     }
 
+init:
+
+    /* a chunk is not zeroed: it may have been a key node or a lease */
     lease->node = node;
     lease->pid = ngx_pid;
     lease->cls = (uint32_t) cls;
     lease->record = dsg_limit_record(&z->limit, (uint32_t) cls);
     lease->fleet = 0;
+    lease->trecord = 0;
     lease->start = ngx_current_msec;
+    lease->treserved = 0;
     ngx_queue_insert_tail(&z->sh->leases, &lease->queue);
 
     node->holders++;
@@ -313,7 +353,42 @@ ngx_http_deepseek_guard_lease_free(ngx_http_deepseek_guard_zone_t *z,
     }
 
     ngx_queue_remove(&lease->queue);
+
+    if (z->sh->nspare < NGX_HTTP_DSG_SPARE) {
+        ngx_queue_insert_head(&z->sh->spare, &lease->queue);
+        z->sh->nspare++;
+        return;
+    }
+
     ngx_slab_free_locked(z->shpool, lease);
+}
+
+
+/*
+ * Gives the kept leases back to the slab allocator, under the zone's
+ * mutex, before an allocation is declared failed.  Returns how many.
+ */
+
+ngx_uint_t
+ngx_http_deepseek_guard_spare_drop(ngx_http_deepseek_guard_zone_t *z)
+{
+    ngx_uint_t                        n;
+    ngx_queue_t                      *q;
+    ngx_http_deepseek_guard_lease_t  *lease;
+
+    n = 0;
+
+    while (!ngx_queue_empty(&z->sh->spare)) {
+        q = ngx_queue_head(&z->sh->spare);
+        ngx_queue_remove(q);
+        lease = ngx_queue_data(q, ngx_http_deepseek_guard_lease_t, queue);
+        ngx_slab_free_locked(z->shpool, lease);
+        n++;
+    }
+
+    z->sh->nspare = 0;
+
+    return n;
 }
 
 
@@ -550,6 +625,7 @@ ngx_http_deepseek_guard_init_zone(ngx_shm_zone_t *shm_zone, void *data)
                     ngx_http_deepseek_guard_rbtree_insert_value);
     ngx_queue_init(&z->sh->lru);
     ngx_queue_init(&z->sh->leases);
+    ngx_queue_init(&z->sh->spare);
 
     len = sizeof(" in deepseek_guard_zone \"\"") + shm_zone->shm.name.len;
 
