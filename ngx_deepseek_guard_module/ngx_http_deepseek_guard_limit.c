@@ -582,6 +582,13 @@ ngx_http_deepseek_guard_try(ngx_http_request_t *r,
             h->charged = 1;
         }
 
+        if (rc != DSG_OK && ctx->waiter == NULL) {
+            /* what enqueue() would estimate, while the lock is held */
+            ctx->expected = ngx_http_deepseek_guard_estimate(z, ctx->cls,
+                                                      h->node, rc, *wait_ms,
+                                                      &ctx->ahead);
+        }
+
         ngx_shmtx_unlock(&z->shpool->mutex);
 
         if (rc == DSG_OK && z->tokens) {
@@ -747,6 +754,16 @@ ngx_http_deepseek_guard_enqueue(ngx_http_request_t *r,
     expected = 0;
     nomem = 0;
 
+    if (c->queue == 0 || ctx->expected > c->queue_timeout) {
+        /*
+         * refused on the estimate try() made under its lock a moment ago:
+         * no second lock and lookup to learn the same
+         */
+        ahead = ctx->ahead;
+        expected = ctx->expected;
+        goto declined;
+    }
+
     ngx_shmtx_lock(&z->shpool->mutex);
 
     n = ngx_http_deepseek_guard_lookup(z, h->digest, &nomem);
@@ -809,6 +826,8 @@ done:
         *retry_ms = 1000;
         return NGX_DECLINED;
     }
+
+declined:
 
     *retry_ms = expected ? expected : 1000;
 

@@ -361,6 +361,9 @@ struct ngx_http_deepseek_guard_ctx_s {
     uint64_t                     retry_ms;
     ngx_http_deepseek_guard_zone_t  *reject_zone;
     ngx_uint_t                   reject_tokens;  /* 1: budget, 2: too big */
+    /* a refused newcomer's expected wait, estimated under try()'s lock */
+    uint64_t                     expected;
+    uint32_t                     ahead;
 
     /* the cache's per-request state */
     struct ngx_http_deepseek_guard_cache_ctx_s  *cache;

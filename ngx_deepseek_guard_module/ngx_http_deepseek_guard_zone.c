@@ -132,8 +132,11 @@ ngx_http_deepseek_guard_lookup(ngx_http_deepseek_guard_zone_t *z,
         n = (ngx_http_deepseek_guard_node_t *) node;
 
         if (ngx_http_deepseek_guard_tail_eq(n, digest)) {
-            ngx_queue_remove(&n->lru);
-            ngx_queue_insert_head(&z->sh->lru, &n->lru);
+            if (ngx_queue_head(&z->sh->lru) != &n->lru) {
+                ngx_queue_remove(&n->lru);
+                ngx_queue_insert_head(&z->sh->lru, &n->lru);
+            }
+
             return n;
         }
 
