@@ -58,16 +58,25 @@ ngx_http_deepseek_guard_classify(ngx_http_request_t *r,
     ngx_http_deepseek_guard_class_t      *c;
     ngx_http_deepseek_guard_main_conf_t  *mcf;
 
-    if (lcf->classify == NULL
-        || ngx_http_deepseek_guard_value(r, lcf->classify,
-                                         lcf->classify_index, &v)
-           != NGX_OK
+    if (lcf->classify == NULL) {
+        return lcf->default_index;
+    }
+
+    mcf = ngx_http_get_module_main_conf(r, ngx_http_deepseek_guard_module);
+
+    if (mcf->classes.nelts == 1) {
+        /* one class: whatever the value says, the answer is the same */
+        return lcf->default_index;
+    }
+
+    if (ngx_http_deepseek_guard_value(r, lcf->classify, lcf->classify_index,
+                                      &v)
+        != NGX_OK
         || v.len == 0)
     {
         return lcf->default_index;
     }
 
-    mcf = ngx_http_get_module_main_conf(r, ngx_http_deepseek_guard_module);
     c = mcf->classes.elts;
 
     for (i = 0; i < mcf->classes.nelts; i++) {
