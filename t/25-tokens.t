@@ -194,7 +194,15 @@ ok($t->wait_until(sub {
 $t->settle('settlement', 10);
 
 my $ms_ = $t->mock_stats->{tokens_by_key}{'Bearer settle'} || {};
-my $m1 = $t->metrics;
+# a request is settled in its cleanup, just after its log line: wait for
+# the counters to balance (they do once every settlement request is done)
+my $m1;
+$t->wait_until(sub {
+    $m1 = $t->metrics;
+    my $k = 'deepseek_guard_tokens_total{zone="big",class="default",kind=';
+    ($m1->{"${k}\"reserved\"}"} // 0) - ($m1->{"${k}\"refunded\"}"} // 0)
+        + ($m1->{"${k}\"charged\"}"} // 0) == ($m1->{"${k}\"used\"}"} // 0);
+}, 5);
 my $d = sub {
     my ($kind) = @_;
     my $k = "deepseek_guard_tokens_total{zone=\"big\",class=\"default\",kind=\"$kind\"}";

@@ -106,18 +106,25 @@ ok($t->wait_until(sub {
     DSG::Test::zone_sum($m, 'deepseek_guard_inflight', 'tpm') == 0;
 }, 5), 'the dead worker\'s lease is reaped');
 $t->bg_wait($kbg);
-my $c2_ = counters();
-is($c2_->{reserved} - $c2_->{refunded} + $c2_->{charged} - $c2_->{used},
-   $res_k, "... its reservation stays outstanding: reserved - refunded + "
-   . "charged - used = $res_k");
+
+# outstanding: reserved - refunded + charged - used.  A request is settled
+# in its cleanup, just after its client has the answer: wait for that.
+sub outstanding {
+    my $c = counters();
+    return ($c->{reserved} // 0) - ($c->{refunded} // 0)
+           + ($c->{charged} // 0) - ($c->{used} // 0);
+}
+my $out;
+$t->wait_until(sub { ($out = outstanding()) == $res_k }, 5);
+is($out, $res_k, "... its reservation stays outstanding: reserved - "
+   . "refunded + charged - used = $res_k");
 my $h1 = $t->chat(key => 'killed', content => 'x', max_tokens => 1, port => $P1)
          ->{headers}{'x-ratelimit-remaining-tokens'} // -1;
 my $refill = 10 * (time - $t0 + 1);
 cmp_ok($h1, '<=', $h0 + $refill + 10,
        "... and the key's bucket did not get it back (remaining $h0 before "
        . "the kill, $h1 after, refill at most $refill)");
-my $c3 = counters();
-is($c3->{reserved} - $c3->{refunded} + $c3->{charged} - $c3->{used}, $res_k,
-   '... the requests after it are settled as usual');
+$t->wait_until(sub { ($out = outstanding()) == $res_k }, 5);
+is($out, $res_k, '... the requests after it are settled as usual');
 
 $t->done;
