@@ -56,7 +56,7 @@ DEB_DEPS="build-essential debhelper dpkg-dev nginx-dev liblmdb-dev
           libjansson-dev libhiredis-dev libssl-dev lintian"
 
 # fuzz targets: t/fuzz/fuzz_<name>.c exercises ngx_deepseek_guard_module/dsg_<name>.c
-FUZZ_TARGETS=${FUZZ_TARGETS:-"entry json bucket queue store fleet"}
+FUZZ_TARGETS=${FUZZ_TARGETS:-"entry json bucket queue store fleet tokens"}
 SAN_FLAGS="-fsanitize=address,undefined -fno-omit-frame-pointer"
 
 need() {

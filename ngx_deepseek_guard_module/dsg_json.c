@@ -3,6 +3,7 @@
  */
 
 
+#include <string.h>
 #include <jansson.h>
 
 #include "dsg_json.h"
@@ -62,116 +63,207 @@ dsg_json_canonical(const char *in, size_t len, char *out, size_t cap,
 
 
 /*
- * A positive integer member of a JSON object, 0 when it is absent or not
- * a positive integer (an OpenAI-compatible API refuses such a value; the
- * reservation then does not rely on it).
+ * The top-level members of a chat request that token budgets need, in one
+ * pass over the bytes, without a tree: jansson has no streaming interface,
+ * and building the whole tree of a 1 MB body to read one integer holds the
+ * worker for tens of milliseconds.  Strings are skipped with their escapes,
+ * nesting is counted (at most DSG_JSON_MAX_DEPTH); a key is compared as
+ * its raw bytes (an escaped name is another name: the reservation then
+ * falls back to its default, nothing else depends on it).  The last of
+ * duplicate members wins.  Not a validator: an input that is not JSON may
+ * give values; the upstream refuses it, and its reservation is refunded.
  */
 
-static uint64_t
-dsg_json_positive(json_t *obj, const char *name)
+typedef struct {
+    uint64_t  max_tokens;
+    uint64_t  max_completion_tokens;
+    int       stream;               /* "stream": true */
+    int       stream_options;       /* a "stream_options" member */
+    size_t    brace;                /* just after the object's '{', 0: none */
+} dsg_json_top_t;
+
+
+#define dsg_json_ws(c)  ((c) == ' ' || (c) == '\t' || (c) == '\n' || (c) == '\r')
+#define dsg_json_end(c)  (dsg_json_ws(c) || (c) == ',' || (c) == '}')
+
+
+static int
+dsg_json_key(const char *k, size_t n, const char *name)
 {
-    json_t  *v;
-
-    v = json_object_get(obj, name);
-
-    if (!json_is_integer(v) || json_integer_value(v) <= 0) {
-        return 0;
-    }
-
-    return (uint64_t) json_integer_value(v);
+    return n == strlen(name) && memcmp(k, name, n) == 0;
 }
 
 
-/* a request body parsed under the cache key's bounds (dsg_json_prescan) */
+/* a non-negative integer below 2^53 at in[i ..), else 0 */
+
+static uint64_t
+dsg_json_uint(const char *in, size_t len, size_t i)
+{
+    uint64_t  v;
+    size_t    start;
+
+    v = 0;
+    start = i;
+
+    while (i < len && in[i] >= '0' && in[i] <= '9') {
+        v = v * 10 + (uint64_t) (in[i] - '0');
+
+        if (v >= (1ULL << 53)) {
+            return 0;
+        }
+
+        i++;
+    }
+
+    if (i == start || (i < len && !dsg_json_end(in[i]))) {
+        /* not a number, negative, a fraction or an exponent */
+        return 0;
+    }
+
+    return v;
+}
+
 
 static int
-dsg_json_load_bounded(const char *in, size_t len, json_t **root)
+dsg_json_top(const char *in, size_t len, dsg_json_top_t *t)
 {
-    int           rc;
-    json_error_t  err;
+    int          key, c;
+    size_t       i, j, n, depth;
+    const char  *name;
 
-    *root = NULL;
+    memset(t, 0, sizeof(dsg_json_top_t));
 
     if (in == NULL) {
         return DSG_JSON_EPARSE;
     }
 
-    rc = dsg_json_prescan(in, len, DSG_JSON_MAX_VALUES, DSG_JSON_MAX_DEPTH);
-    if (rc != DSG_JSON_OK) {
-        return rc;
+    for (i = 0; i < len && dsg_json_ws(in[i]); i++) {
+        /* void */
     }
 
-    *root = json_loadb(in, len, DSG_JSON_LOAD_FLAGS, &err);
-    if (*root == NULL) {
-        return (json_error_code(&err) == json_error_out_of_memory)
-               ? DSG_JSON_ENOMEM : DSG_JSON_EPARSE;
+    if (i == len || in[i] != '{') {
+        /* not an object: none of the members */
+        return (i == len) ? DSG_JSON_EPARSE : DSG_JSON_OK;
     }
 
-    return DSG_JSON_OK;
+    t->brace = ++i;
+    depth = 1;
+    key = 1;
+
+    while (i < len) {
+        c = (unsigned char) in[i];
+
+        if (c == '"') {
+            for (j = i + 1; j < len && in[j] != '"'; j++) {
+                if (in[j] == '\\') {
+                    j++;
+                }
+            }
+
+            if (j >= len) {
+                return DSG_JSON_EPARSE;
+            }
+
+            if (depth > 1 || !key) {
+                i = j + 1;
+                continue;
+            }
+
+            /* a member's name, then ':' and its value */
+
+            name = in + i + 1;
+            n = j - i - 1;
+            key = 0;
+
+            for (i = j + 1; i < len && dsg_json_ws(in[i]); i++) {
+                /* void */
+            }
+
+            if (i == len || in[i] != ':') {
+                return DSG_JSON_EPARSE;
+            }
+
+            for (i++; i < len && dsg_json_ws(in[i]); i++) {
+                /* void */
+            }
+
+            if (i == len) {
+                return DSG_JSON_EPARSE;
+            }
+
+            /* the value itself is passed over by this loop */
+
+            if (dsg_json_key(name, n, "max_tokens")) {
+                t->max_tokens = dsg_json_uint(in, len, i);
+
+            } else if (dsg_json_key(name, n, "max_completion_tokens")) {
+                t->max_completion_tokens = dsg_json_uint(in, len, i);
+
+            } else if (dsg_json_key(name, n, "stream")) {
+                t->stream = (len - i >= 4 && memcmp(in + i, "true", 4) == 0
+                             && (len - i == 4 || dsg_json_end(in[i + 4])));
+
+            } else if (dsg_json_key(name, n, "stream_options")) {
+                t->stream_options = 1;
+            }
+
+            continue;
+        }
+
+        if (c == '{' || c == '[') {
+            if (++depth > DSG_JSON_MAX_DEPTH) {
+                return DSG_JSON_ELIMIT;
+            }
+
+        } else if (c == '}' || c == ']') {
+            if (--depth == 0) {
+                for (i++; i < len; i++) {
+                    if (!dsg_json_ws(in[i])) {
+                        return DSG_JSON_EPARSE;
+                    }
+                }
+
+                return DSG_JSON_OK;
+            }
+
+        } else if (c == ',' && depth == 1) {
+            key = 1;
+        }
+
+        i++;
+    }
+
+    return DSG_JSON_EPARSE;
 }
 
 
 int
 dsg_json_max_tokens(const char *in, size_t len, uint64_t *max_tokens)
 {
-    int      rc;
-    json_t  *root;
+    int             rc;
+    dsg_json_top_t  t;
 
-    *max_tokens = 0;
+    rc = dsg_json_top(in, len, &t);
 
-    rc = dsg_json_load_bounded(in, len, &root);
-    if (rc != DSG_JSON_OK) {
-        return rc;
-    }
+    *max_tokens = (rc != DSG_JSON_OK) ? 0
+                  : t.max_completion_tokens ? t.max_completion_tokens
+                  : t.max_tokens;
 
-    if (json_is_object(root)) {
-        *max_tokens = dsg_json_positive(root, "max_completion_tokens");
-
-        if (*max_tokens == 0) {
-            *max_tokens = dsg_json_positive(root, "max_tokens");
-        }
-    }
-
-    json_decref(root);
-
-    return DSG_JSON_OK;
+    return rc;
 }
 
 
 int
 dsg_json_stream_usage(const char *in, size_t len, size_t *at)
 {
-    int      rc;
-    size_t   i;
-    json_t  *root;
+    int             rc;
+    dsg_json_top_t  t;
 
-    *at = 0;
+    rc = dsg_json_top(in, len, &t);
 
-    rc = dsg_json_load_bounded(in, len, &root);
-    if (rc != DSG_JSON_OK) {
-        return rc;
-    }
+    *at = (rc == DSG_JSON_OK && t.stream && !t.stream_options) ? t.brace : 0;
 
-    rc = json_is_object(root)
-         && json_is_true(json_object_get(root, "stream"))
-         && json_object_get(root, "stream_options") == NULL;
-
-    json_decref(root);
-
-    if (!rc) {
-        return DSG_JSON_OK;
-    }
-
-    /* the object's '{': the first byte that is not JSON whitespace */
-
-    for (i = 0; i < len; i++) {
-        if (in[i] == '{') {
-            *at = i + 1;
-            break;
-        }
-    }
-
-    return DSG_JSON_OK;
+    return rc;
 }
 
 

@@ -69,10 +69,14 @@ int dsg_json_prescan(const char *in, size_t len, size_t max_values,
 /*
  * The output cap a chat request sets: its top-level
  * "max_completion_tokens" when that is a positive integer, else its
- * "max_tokens" when that is one, else 0.  The same bounds as the cache
- * key's parse: dsg_json_prescan() with DSG_JSON_MAX_VALUES and
- * DSG_JSON_MAX_DEPTH first (DSG_JSON_ELIMIT), then jansson
- * (DSG_JSON_EPARSE, DSG_JSON_ENOMEM); *max_tokens is 0 on any error.
+ * "max_tokens" when that is one, else 0.  One pass over the bytes, no
+ * allocation, no tree (jansson has no streaming interface, and a whole
+ * tree of a 1 MB body costs tens of ms): strings are skipped with their
+ * escapes, nesting deeper than DSG_JSON_MAX_DEPTH is DSG_JSON_ELIMIT, a
+ * truncated object DSG_JSON_EPARSE (*max_tokens 0).  Names are compared
+ * as raw bytes and the last duplicate wins.  Not a validator: a body that
+ * is not JSON may still give a value (the upstream refuses such a body).
+ * A top level that is not an object: DSG_JSON_OK and 0.
  */
 int dsg_json_max_tokens(const char *in, size_t len, uint64_t *max_tokens);
 
@@ -82,8 +86,8 @@ int dsg_json_max_tokens(const char *in, size_t len, uint64_t *max_tokens);
  * "stream_options" of its own (an upstream such as DeepSeek refuses
  * stream_options without stream: true, and a client's own choice is
  * kept).  *at is then the offset just after the object's '{', where the
- * member can be inserted; 0 when it may not.  Same bounds and errors as
- * dsg_json_max_tokens().
+ * member can be inserted; 0 when it may not.  The same one-pass scan and
+ * errors as dsg_json_max_tokens().
  */
 int dsg_json_stream_usage(const char *in, size_t len, size_t *at);
 

@@ -646,8 +646,11 @@ dsg_tokens_correct(uint32_t *ratio_ppm, uint64_t estimated, uint64_t actual)
     } else {
         rem = actual % estimated;
 
-        /* keep rem * 10^6 in range: scale both down (absurd counts only) */
-        while (estimated > UINT64_MAX / DSG_PPM) {
+        /*
+         * keep rem * 10^6 + estimated / 2 in range: scale both down
+         * (absurd counts only)
+         */
+        while (estimated > UINT64_MAX / DSG_PPM / 2) {
             estimated >>= 1;
             rem >>= 1;
         }

@@ -217,8 +217,8 @@ ngx_http_deepseek_guard_tokens_body_handler(ngx_http_request_t *r)
  * The body's measure: the byte scan for the prompt estimate, and
  * max_tokens.  A body in several buffers or in a temporary file is put
  * together first (the file was just written: it is read from the page
- * cache).  jansson parses the body only when it names max_tokens or
- * max_completion_tokens.
+ * cache).  max_tokens is read by a one-pass scan of the top level
+ * (dsg_json_max_tokens), not a parse: no tree is built.
  */
 
 static ngx_int_t
@@ -282,18 +282,8 @@ ngx_http_deepseek_guard_tokens_measure(ngx_http_request_t *r,
 
     dsg_tokens_scan(body, (size_t) len, &tc->scan);
 
-    if (ngx_strlcasestrn(body, body + len, (u_char *) "max_tokens\"",
-                         sizeof("max_tokens\"") - 2)
-        != NULL
-        || ngx_strlcasestrn(body, body + len,
-                            (u_char *) "max_completion_tokens\"",
-                            sizeof("max_completion_tokens\"") - 2)
-           != NULL)
-    {
-        /* an invalid body keeps 0: the upstream will refuse it anyway */
-        (void) dsg_json_max_tokens((char *) body, (size_t) len,
-                                   &tc->max_out);
-    }
+    /* an invalid body keeps 0: the upstream will refuse it anyway */
+    (void) dsg_json_max_tokens((char *) body, (size_t) len, &tc->max_out);
 
     tc->prompt_raw = dsg_tokens_estimate(&tc->scan, DSG_TOKENS_RATIO_ONE);
 
@@ -306,9 +296,6 @@ ngx_http_deepseek_guard_tokens_measure(ngx_http_request_t *r,
     lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
 
     if (lcf->stream_usage && !r->headers_in.chunked
-        && ngx_strlcasestrn(body, body + len, (u_char *) "\"stream\"",
-                            sizeof("\"stream\"") - 2)
-           != NULL
         && dsg_json_stream_usage((char *) body, (size_t) len, &at)
            == DSG_JSON_OK
         && at != 0)
