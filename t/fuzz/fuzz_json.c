@@ -150,6 +150,73 @@ assert_compact(const char *s, size_t n)
 }
 
 
+/* a positive integer member below 2^53, as the token reservation reads it */
+static uint64_t
+positive(json_t *obj, const char *name)
+{
+    json_t  *v;
+
+    v = json_object_get(obj, name);
+
+    if (!json_is_integer(v) || json_integer_value(v) <= 0
+        || json_integer_value(v) >= (json_int_t) 1 << 53)
+    {
+        return 0;
+    }
+
+    return (uint64_t) json_integer_value(v);
+}
+
+
+/*
+ * dsg_json_max_tokens() and dsg_json_stream_usage(), the one-pass scan of
+ * the top level: no crash; an insertion point just after a '{'; and, for
+ * a JSON object jansson accepts and whose text has no escape (the scan
+ * compares names as raw bytes), the same answers as jansson's tree
+ */
+static void
+top_level(const uint8_t *data, size_t size)
+{
+    int           rc, rc2;
+    size_t        at;
+    uint64_t      mt, want;
+    json_t       *root;
+    json_error_t  err;
+
+    rc = dsg_json_max_tokens((const char *) data, size, &mt);
+    rc2 = dsg_json_stream_usage((const char *) data, size, &at);
+
+    FUZZ_ASSERT(rc == rc2);
+    FUZZ_ASSERT(rc == DSG_JSON_OK || mt == 0);
+    FUZZ_ASSERT(at == 0 || (at <= size && data[at - 1] == '{'));
+
+    if (memchr(data, '\\', size) != NULL) {
+        return;
+    }
+
+    root = json_loadb((const char *) data, size, JSON_REJECT_DUPLICATES, &err);
+    if (root == NULL) {
+        return;
+    }
+
+    FUZZ_ASSERT(rc == DSG_JSON_OK || rc == DSG_JSON_ELIMIT);
+
+    if (rc == DSG_JSON_OK && json_is_object(root)) {
+        want = positive(root, "max_completion_tokens");
+        if (want == 0) {
+            want = positive(root, "max_tokens");
+        }
+
+        FUZZ_ASSERT(mt == want);
+        FUZZ_ASSERT((at != 0)
+                    == (json_is_true(json_object_get(root, "stream"))
+                        && json_object_get(root, "stream_options") == NULL));
+    }
+
+    json_decref(root);
+}
+
+
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
@@ -158,6 +225,8 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     size_t        n, n2, cap;
     json_t       *root;
     json_error_t  err;
+
+    top_level(data, size);
 
     /* the first call: a small buffer, ESPACE for most inputs */
 
