@@ -693,7 +693,7 @@ def render(S, res, meta):
         a, b = x["tokens"], x["tokens+max_tokens"]
         lines.append("- %s body: tokens/rate req/cpu-s %s without `max_tokens` (%s µs more "
                      "per request; the C measure alone: %s µs), %s with it (%s µs more; the "
-                     "measure with jansson's parse: %s µs)%s." % (
+                     "measure with the max_tokens read: %s µs)%s." % (
                          size_name(x["size"]), fmt(a["ratio_cpu"], "%.3f"),
                          fmt(a["extra_us"], "%.0f"), fmt(a["measure_us"], "%.1f"),
                          fmt(b["ratio_cpu"], "%.3f"), fmt(b["extra_us"], "%.0f"),
@@ -706,7 +706,7 @@ def render(S, res, meta):
     if sc and js:
         lines.append("- The byte scan runs at %.0f..%.0f MB/s, the max_tokens name test "
                      "(two case-insensitive searches when neither name is there) at "
-                     "%.0f..%.0f MB/s, jansson's parse at %.0f..%.0f MB/s: a body that names "
+                     "%.0f..%.0f MB/s, the max_tokens read (dsg_json_max_tokens) at %.0f..%.0f MB/s: a body that names "
                      "`max_tokens` costs about %.0fx the measure of one that does not%s." % (
                          min(sc), max(sc), min(nm) if nm else 0, max(nm) if nm else 0,
                          min(js), max(js), statistics.median(
@@ -792,7 +792,7 @@ def render(S, res, meta):
               "`dsg_tokens_scan()` + `dsg_tokens_estimate()`, run on every body; *names*: "
               "the glue's test whether the body names `max_tokens` or "
               "`max_completion_tokens` (two `ngx_strlcasestrn()` searches; nginx's "
-              "algorithm, copied); *json*: `dsg_json_max_tokens()` (prescan + jansson); "
+              "algorithm, copied); *json*: `dsg_json_max_tokens()` (a one-pass scan of the top level since 0857474; a jansson tree before); "
               "*measure*: what `ngx_http_deepseek_guard_tokens_measure()` runs on a body in "
               "one buffer, scan + names + json only when named.%s" % (
                   p["cmd"], S.parse_ms, S.parse_reps,
@@ -826,7 +826,7 @@ def render(S, res, meta):
               "The same nginx pair as part 1; wrk POSTs a chat body of the size (ASCII "
               "words; `client_body_buffer_size 2m`, so the body is in one memory buffer). "
               "*rate* and *tokens* with the body without `max_tokens`, *tokens+max_tokens* "
-              "with the body of the same size naming it (so jansson parses it). The wrk "
+              "with the body of the same size naming it (so the max_tokens read finds it). The wrk "
               "script formats every request once, at most 32 MB of them, so a large body "
               "cycles over fewer keys (given per size). *extra µs* is the worker's CPU per "
               "request above the rate variant's (from schedstat), beside the C "
