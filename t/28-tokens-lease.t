@@ -88,6 +88,14 @@ is($after->{used}, ($mk->{prompt} // 0) + ($mk->{completion} // 0),
 cmp_ok($during->{reserved}, '>', 200, "... its reservation ($during->{reserved}) "
        . 'had the old tokens_output of 200 in it');
 
+# outstanding: reserved - refunded + charged - used.  A request is settled
+# in its cleanup, just after its client has the answer: wait for that.
+sub outstanding {
+    my $c = counters();
+    return ($c->{reserved} // 0) - ($c->{refunded} // 0)
+           + ($c->{charged} // 0) - ($c->{used} // 0);
+}
+
 # ------------------------------------------------------------ kill -9
 
 my $c0 = counters();
@@ -99,6 +107,9 @@ my $res_k = $c1_->{reserved} - $c0->{reserved};
 cmp_ok($res_k, '>', 100, "a 10 s stream admitted on worker $victim reserved $res_k");
 my $h0 = $t->chat(key => 'killed', content => 'x', max_tokens => 1, port => $P1)
          ->{headers}{'x-ratelimit-remaining-tokens'};
+# that probe is settled in its cleanup, just after its answer: let it be,
+# or a kill that lands first keeps its reservation too
+$t->wait_until(sub { outstanding() == $res_k }, 5);
 kill 'KILL', $victim;
 my $t0 = time;
 ok($t->wait_until(sub {
@@ -107,13 +118,6 @@ ok($t->wait_until(sub {
 }, 5), 'the dead worker\'s lease is reaped');
 $t->bg_wait($kbg);
 
-# outstanding: reserved - refunded + charged - used.  A request is settled
-# in its cleanup, just after its client has the answer: wait for that.
-sub outstanding {
-    my $c = counters();
-    return ($c->{reserved} // 0) - ($c->{refunded} // 0)
-           + ($c->{charged} // 0) - ($c->{used} // 0);
-}
 my $out;
 $t->wait_until(sub { ($out = outstanding()) == $res_k }, 5);
 is($out, $res_k, "... its reservation stays outstanding: reserved - "
