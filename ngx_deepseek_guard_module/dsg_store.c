@@ -158,6 +158,7 @@ struct dsg_store_s {
     int         last_rc;        /* raw code of the last error */
     uint64_t    put_full;
     uint64_t    put_evicted;
+    unsigned    detached;       /* dsg_store_detach(): the env is st's */
 
     /* what dsg_store_reopen() needs */
     char       *dir;
@@ -477,7 +478,7 @@ dsg_store_begin(dsg_store_t *st, int rdonly, MDB_txn **txn)
             return MDB_SUCCESS;
         }
 
-        if (rc != MDB_MAP_RESIZED || attempt > 0) {
+        if (rc != MDB_MAP_RESIZED || attempt > 0 || st->detached) {
             return rc;
         }
 
@@ -1825,6 +1826,60 @@ dsg_store_put(dsg_store_t *st, const uint8_t key[DSG_STORE_KEY_SIZE],
     }
 
     return dsg_store_write(st, dsg_store_put_op, &p);
+}
+
+
+dsg_store_t *
+dsg_store_detach(dsg_store_t *st)
+{
+    dsg_store_t  *h;
+
+    if (st == NULL || st->env == NULL || st->detached) {
+        return NULL;
+    }
+
+    h = malloc(sizeof(dsg_store_t));
+    if (h == NULL) {
+        return NULL;
+    }
+
+    *h = *st;
+    h->rtxn = NULL;
+    h->last_rc = 0;
+    h->put_full = 0;
+    h->put_evicted = 0;
+    h->detached = 1;
+    h->dir = NULL;
+
+    return h;
+}
+
+
+void
+dsg_store_detached_end(dsg_store_t *h)
+{
+    if (h != NULL && h->rtxn != NULL) {
+        mdb_txn_abort(h->rtxn);
+        h->rtxn = NULL;
+    }
+}
+
+
+void
+dsg_store_attach(dsg_store_t *st, dsg_store_t *h)
+{
+    if (h == NULL) {
+        return;
+    }
+
+    dsg_store_detached_end(h);
+
+    if (st != NULL) {
+        st->put_full += h->put_full;
+        st->put_evicted += h->put_evicted;
+    }
+
+    free(h);
 }
 
 

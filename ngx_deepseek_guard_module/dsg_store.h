@@ -8,7 +8,9 @@
  * fork (an LMDB environment must never cross a fork) and close it at
  * worker exit.  Every call is synchronous and short; none may be made
  * from inside a callback (alloc, fill) of another.  A store is not
- * thread-safe (nginx workers are single-threaded).  All times are
+ * thread-safe (nginx workers are single-threaded); dsg_store_detach()
+ * gives another thread (a store in nginx's thread pool) a handle of its
+ * own on the same environment.  All times are
  * milliseconds passed in by the caller; the store reads no clock and
  * logs nothing: it returns DSG_STORE_* codes and the glue logs them.
  *
@@ -159,6 +161,22 @@ int dsg_store_get(dsg_store_t *st, const uint8_t key[DSG_STORE_KEY_SIZE],
 int dsg_store_put(dsg_store_t *st, const uint8_t key[DSG_STORE_KEY_SIZE],
     uint64_t expires_ms, uint64_t now_ms, size_t len, dsg_store_fill_pt fill,
     void *ctx);
+
+/*
+ * A handle on st's environment for one other thread at a time, for
+ * dsg_store_put() there while st goes on being used here: it has its own
+ * read transaction, counters and last error, and never adopts a map size
+ * grown by another process (mdb_env_set_mapsize() needs every transaction
+ * of the process ended; such a put fails with DSG_STORE_ELIMIT, the next
+ * write of st adopts the size).  NULL: out of memory.  The thread ends
+ * with dsg_store_detached_end(h) (its read transaction); st's thread
+ * then calls dsg_store_attach(st, h), which adds h's counters to st's
+ * and frees h.  st must not be closed or reopened in between: the
+ * environment is shared.
+ */
+dsg_store_t *dsg_store_detach(dsg_store_t *st);
+void dsg_store_detached_end(dsg_store_t *h);
+void dsg_store_attach(dsg_store_t *st, dsg_store_t *h);
 
 /* DSG_STORE_OK, DSG_STORE_NOTFOUND or an error */
 int dsg_store_del(dsg_store_t *st, const uint8_t key[DSG_STORE_KEY_SIZE]);

@@ -24,6 +24,36 @@ static void ngx_http_deepseek_guard_cache_repair(
     ngx_http_deepseek_guard_cache_t *cache, ngx_log_t *log, unsigned flags);
 static ngx_int_t ngx_http_deepseek_guard_cache_init_zone(
     ngx_shm_zone_t *shm_zone, void *data);
+static void ngx_http_deepseek_guard_cache_release(
+    ngx_http_deepseek_guard_cache_t *cache, u_char *digest, ngx_int_t i);
+static void ngx_http_deepseek_guard_cache_fault_err(
+    ngx_http_deepseek_guard_cache_t *cache, ngx_log_t *log, ngx_uint_t level,
+    const char *what, int rc, ngx_err_t err);
+#if (NGX_THREADS)
+static ngx_int_t ngx_http_deepseek_guard_cache_post(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_cache_ctx_t *cctx,
+    ngx_http_deepseek_guard_fill_t *f, size_t size, uint64_t now);
+static void ngx_http_deepseek_guard_cache_thread(void *data, ngx_log_t *log);
+static int ngx_http_deepseek_guard_cache_copy(void *data, uint8_t *dst,
+    size_t len);
+static void ngx_http_deepseek_guard_cache_stored(ngx_event_t *ev);
+
+
+/* a store handed to the thread pool: the entry, encoded, follows it */
+
+typedef struct {
+    ngx_http_deepseek_guard_cache_t  *cache;
+    void                             *handle;   /* dsg_store_detach() */
+    u_char                            digest[32];
+    ngx_int_t                         lock;     /* the fill lock, -1 none */
+    uint64_t                          expires_ms;
+    uint64_t                          now;
+    size_t                            size;
+    int                               rc;
+    int                               err;
+    u_char                           *data;
+} ngx_http_deepseek_guard_store_task_t;
+#endif
 
 
 ngx_conf_bitmask_t  ngx_http_deepseek_guard_use_stale_masks[] = {
@@ -154,28 +184,33 @@ done:
 void
 ngx_http_deepseek_guard_cache_unlock(ngx_http_deepseek_guard_cache_ctx_t *cctx)
 {
-    ngx_http_deepseek_guard_lock_t   *lk;
-    ngx_http_deepseek_guard_cache_t  *cache;
-
     if (cctx->lock < 0) {
         return;
     }
 
-    cache = cctx->cache;
+    ngx_http_deepseek_guard_cache_release(cctx->cache, cctx->digest,
+                                          cctx->lock);
+    cctx->lock = -1;
+}
+
+
+/* frees fill lock i if this worker still holds it for digest */
+
+static void
+ngx_http_deepseek_guard_cache_release(ngx_http_deepseek_guard_cache_t *cache,
+    u_char *digest, ngx_int_t i)
+{
+    ngx_http_deepseek_guard_lock_t  *lk;
 
     ngx_shmtx_lock(&cache->shpool->mutex);
 
-    lk = &cache->sh->locks[cctx->lock];
+    lk = &cache->sh->locks[i];
 
-    if (lk->pid == ngx_pid
-        && ngx_memcmp(lk->digest, cctx->digest, 32) == 0)
-    {
+    if (lk->pid == ngx_pid && ngx_memcmp(lk->digest, digest, 32) == 0) {
         lk->pid = 0;
     }
 
     ngx_shmtx_unlock(&cache->shpool->mutex);
-
-    cctx->lock = -1;
 
     /* a request of this worker waiting for the entry goes on at once */
     ngx_http_deepseek_guard_wake(0);
@@ -428,6 +463,15 @@ ngx_http_deepseek_guard_cache_store(ngx_http_request_t *r,
     f.entry = &e;
     f.chain = cctx->chain;
 
+#if (NGX_THREADS)
+    if (cache->thread_pool && size >= cache->threads_min
+        && ngx_http_deepseek_guard_cache_post(r, cctx, &f, size, now)
+           == NGX_OK)
+    {
+        return;
+    }
+#endif
+
     rc = dsg_store_put(cache->store, cctx->digest, e.expires_ms, now, size,
                        ngx_http_deepseek_guard_cache_fill, &f);
 
@@ -449,6 +493,159 @@ ngx_http_deepseek_guard_cache_store(ngx_http_request_t *r,
 
     ngx_http_deepseek_guard_cache_unlock(cctx);
 }
+
+
+#if (NGX_THREADS)
+
+/*
+ * A store in the thread pool (deepseek_guard_cache_path threads=): the
+ * entry is encoded here into memory of its own (the request may end
+ * before the thread does), the thread writes it through a detached
+ * handle of the worker's environment, and the fill lock passes from the
+ * request to the task: coalesced waiters go on when the entry commits.
+ * NGX_ERROR: not posted, store it here.
+ */
+
+static ngx_int_t
+ngx_http_deepseek_guard_cache_post(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_cache_ctx_t *cctx,
+    ngx_http_deepseek_guard_fill_t *f, size_t size, uint64_t now)
+{
+    ngx_thread_task_t                     *task;
+    ngx_http_deepseek_guard_cache_t       *cache;
+    ngx_http_deepseek_guard_store_task_t  *st;
+
+    cache = cctx->cache;
+
+    task = ngx_calloc(sizeof(ngx_thread_task_t)
+                      + sizeof(ngx_http_deepseek_guard_store_task_t) + size,
+                      r->connection->log);
+    if (task == NULL) {
+        return NGX_ERROR;
+    }
+
+    st = (ngx_http_deepseek_guard_store_task_t *) (task + 1);
+    st->data = (u_char *) (st + 1);
+
+    if (ngx_http_deepseek_guard_cache_fill(f, st->data, size) != 0) {
+        ngx_free(task);
+        return NGX_ERROR;
+    }
+
+    st->handle = dsg_store_detach(cache->store);
+    if (st->handle == NULL) {
+        ngx_free(task);
+        return NGX_ERROR;
+    }
+
+    st->cache = cache;
+    ngx_memcpy(st->digest, cctx->digest, 32);
+    st->lock = cctx->lock;
+    st->expires_ms = f->entry->expires_ms;
+    st->now = now;
+    st->size = size;
+
+    task->ctx = st;
+    task->handler = ngx_http_deepseek_guard_cache_thread;
+    task->event.handler = ngx_http_deepseek_guard_cache_stored;
+    task->event.data = task;
+    task->event.log = ngx_cycle->log;
+
+    if (ngx_thread_task_post(cache->thread_pool, task) != NGX_OK) {
+        dsg_store_attach(cache->store, st->handle);
+        ngx_free(task);
+        return NGX_ERROR;
+    }
+
+    cache->pending++;
+    cctx->lock = -1;
+
+    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                   "deepseek_guard cache: store of %uz bytes posted, "
+                   "task #%ui", size, task->id);
+
+    return NGX_OK;
+}
+
+
+/* in a thread of the pool: nothing here may touch the worker's state */
+
+static void
+ngx_http_deepseek_guard_cache_thread(void *data, ngx_log_t *log)
+{
+    ngx_http_deepseek_guard_store_task_t *st = data;
+
+    st->rc = dsg_store_put(st->handle, st->digest, st->expires_ms, st->now,
+                           st->size, ngx_http_deepseek_guard_cache_copy, st);
+    st->err = dsg_store_last_error(st->handle);
+
+    dsg_store_detached_end(st->handle);
+}
+
+
+static int
+ngx_http_deepseek_guard_cache_copy(void *data, uint8_t *dst, size_t len)
+{
+    ngx_http_deepseek_guard_store_task_t *st = data;
+
+    if (len != st->size) {
+        return -1;
+    }
+
+    ngx_memcpy(dst, st->data, len);
+
+    return 0;
+}
+
+
+/* back on the event loop: count, release the fill lock, free */
+
+static void
+ngx_http_deepseek_guard_cache_stored(ngx_event_t *ev)
+{
+    unsigned                               flags;
+    ngx_uint_t                             level;
+    ngx_thread_task_t                     *task;
+    ngx_http_deepseek_guard_cache_t       *cache;
+    ngx_http_deepseek_guard_store_task_t  *st;
+
+    task = ev->data;
+    st = task->ctx;
+    cache = st->cache;
+
+    dsg_store_attach(cache->store, st->handle);
+    cache->pending--;
+
+    if (st->rc == DSG_STORE_OK) {
+        (void) ngx_atomic_fetch_add(&cache->sh->stores, 1);
+        (void) ngx_atomic_fetch_add(&cache->sh->thread_stores, 1);
+        ngx_log_debug1(NGX_LOG_DEBUG_HTTP, ev->log, 0,
+                       "deepseek_guard cache: stored %uz bytes in a thread",
+                       st->size);
+
+    } else {
+        (void) ngx_atomic_fetch_add(&cache->sh->store_failures, 1);
+        level = (st->rc == DSG_STORE_EFULL) ? NGX_LOG_WARN : NGX_LOG_ERR;
+
+        ngx_http_deepseek_guard_cache_fault_err(cache, ev->log, level,
+                                      "response not stored", st->rc,
+                                      (st->rc == DSG_STORE_EIO) ? st->err : 0);
+    }
+
+    if (st->lock >= 0) {
+        ngx_http_deepseek_guard_cache_release(cache, st->digest, st->lock);
+    }
+
+    ngx_free(task);
+
+    if (cache->pending == 0 && cache->repair) {
+        flags = cache->repair;
+        cache->repair = 0;
+        ngx_http_deepseek_guard_cache_repair(cache, ev->log, flags);
+    }
+}
+
+#endif
 
 
 /*
@@ -563,11 +760,17 @@ void
 ngx_http_deepseek_guard_cache_fault(ngx_http_deepseek_guard_cache_t *cache,
     ngx_log_t *log, ngx_uint_t level, const char *what, int rc)
 {
-    ngx_err_t  err;
+    ngx_http_deepseek_guard_cache_fault_err(cache, log, level, what, rc,
+                                (rc == DSG_STORE_EIO)
+                                ? (ngx_err_t) dsg_store_last_error(cache->store)
+                                : 0);
+}
 
-    err = (rc == DSG_STORE_EIO)
-          ? (ngx_err_t) dsg_store_last_error(cache->store) : 0;
 
+static void
+ngx_http_deepseek_guard_cache_fault_err(ngx_http_deepseek_guard_cache_t *cache,
+    ngx_log_t *log, ngx_uint_t level, const char *what, int rc, ngx_err_t err)
+{
     ngx_log_error(level, log, err, "deepseek_guard cache \"%V\": %s: %s",
                   &cache->name, what, dsg_store_strerror(rc));
 
@@ -592,6 +795,12 @@ ngx_http_deepseek_guard_cache_repair(ngx_http_deepseek_guard_cache_t *cache,
     ngx_log_t *log, unsigned flags)
 {
     int  rc, recreated;
+
+    if (cache->pending) {
+        /* a thread still writes through this environment */
+        cache->repair |= flags;
+        return;
+    }
 
     rc = dsg_store_reopen((dsg_store_t **) &cache->store, flags, &recreated);
 
@@ -813,7 +1022,8 @@ ngx_http_deepseek_guard_cache_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 
 /*
  * deepseek_guard_cache_path <dir> keys_zone=<name>:<size>
- *     [max_size=<size>] [inactive=<time>];
+ *     [max_size=<size>] [inactive=<time>] [threads=<pool>]
+ *     [threads_min=<size>];
  */
 
 char *
@@ -822,7 +1032,7 @@ ngx_http_deepseek_guard_cache_path(ngx_conf_t *cf, ngx_command_t *cmd,
 {
     ngx_http_deepseek_guard_main_conf_t *mcf = conf;
 
-    ssize_t                            size;
+    ssize_t                            size, n;
     ngx_int_t                          t;
     ngx_str_t                         *value, s, name;
     ngx_uint_t                         i;
@@ -854,6 +1064,7 @@ ngx_http_deepseek_guard_cache_path(ngx_conf_t *cf, ngx_command_t *cmd,
     cache->path->line = cf->conf_file->line;
     cache->max_size = 256 * 1024 * 1024;
     cache->inactive = 600000;
+    cache->threads_min = NGX_HTTP_DSG_THREADS_MIN;
     cache->file = cf->conf_file->file.name.data;
     cache->line = cf->conf_file->line;
 
@@ -902,6 +1113,48 @@ ngx_http_deepseek_guard_cache_path(ngx_conf_t *cf, ngx_command_t *cmd,
             }
 
             cache->inactive = (ngx_msec_t) t;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "threads=", 8) == 0) {
+            s.data = value[i].data + 8;
+            s.len = value[i].len - 8;
+
+            if (s.len == 0) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid parameter \"%V\"", &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+#if (NGX_THREADS)
+            /* as "aio threads=": an undeclared pool other than "default"
+             * fails at the end of the configuration, naming this line */
+            cache->thread_pool = ngx_thread_pool_add(cf, &s);
+            if (cache->thread_pool == NULL) {
+                return NGX_CONF_ERROR;
+            }
+
+            continue;
+#else
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "\"threads=\" needs nginx built with "
+                               "--with-threads");
+            return NGX_CONF_ERROR;
+#endif
+        }
+
+        if (ngx_strncmp(value[i].data, "threads_min=", 12) == 0) {
+            s.data = value[i].data + 12;
+            s.len = value[i].len - 12;
+
+            n = ngx_parse_size(&s);
+            if (n == NGX_ERROR) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid threads_min \"%V\"", &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            cache->threads_min = (size_t) n;
             continue;
         }
 

@@ -37,6 +37,10 @@
 #define NGX_HTTP_DSG_SWEEP_ITEMS      256
 #define NGX_HTTP_DSG_JSON_MAX         (1024 * 1024)
 
+/* deepseek_guard_cache_path threads_min= default: entries this large and
+ * up are stored by the thread pool */
+#define NGX_HTTP_DSG_THREADS_MIN      (64 * 1024)
+
 /* fill locks: probed in a window of so many slots from the digest's */
 #define NGX_HTTP_DSG_LOCK_PROBES      16
 #define NGX_HTTP_DSG_LOCKS_MAX        16384

@@ -226,6 +226,11 @@ static ngx_http_deepseek_guard_field_t  ngx_http_deepseek_guard_cache_nums[] = {
       "counter",
       "Responses that could not be stored (map full, LMDB errors)." },
 
+    { ngx_string("thread_stores_total"),
+      offsetof(ngx_http_deepseek_guard_cache_sh_t, thread_stores),
+      "counter",
+      "Of stores_total, those written by the thread pool (threads=)." },
+
     { ngx_string("not_cacheable_total"),
       offsetof(ngx_http_deepseek_guard_cache_sh_t, not_cacheable),
       "counter",

@@ -239,6 +239,7 @@ typedef struct {
     ngx_atomic_t                 file_bytes;    /* gauge: data.mdb extent */
     ngx_atomic_t                 capacity;      /* gauge: map size */
     ngx_atomic_t                 recreated;
+    ngx_atomic_t                 thread_stores; /* committed by a thread */
     uint64_t                     last_sweep;
     ngx_uint_t                   nlocks;
     ngx_http_deepseek_guard_lock_t  locks[1];
@@ -257,6 +258,12 @@ typedef struct {
     uint64_t                     put_evicted;   /* this worker's, seen */
     u_char                      *touched;   /* this worker's hits, digests */
     ngx_uint_t                   ntouched;
+#if (NGX_THREADS)
+    ngx_thread_pool_t           *thread_pool;   /* threads=: large stores */
+#endif
+    size_t                       threads_min;
+    ngx_uint_t                   pending;   /* this worker's stores there */
+    unsigned                     repair;    /* deferred until none pending */
     u_char                      *file;
     ngx_uint_t                   line;
 } ngx_http_deepseek_guard_cache_t;

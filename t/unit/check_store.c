@@ -25,6 +25,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <pthread.h>
 #include <unistd.h>
 #include <check.h>
 
@@ -1125,6 +1126,125 @@ START_TEST(test_store_stat)
 END_TEST
 
 
+/*
+ * dsg_store_detach(): puts through a detached handle in another thread,
+ * while this thread reads through the store, as the glue's thread pool
+ * stores do; then enough 1 MB puts to need eviction (the detached handle's
+ * own read transaction), and the counters folded back by attach.
+ */
+
+typedef struct {
+    dsg_store_t  *h;
+    unsigned      first;
+    unsigned      n;
+    size_t        len;
+    int           rc[40];
+    volatile int  done;
+} t_detached_t;
+
+
+static void *
+t_detached_run(void *arg)
+{
+    unsigned       i;
+    t_detached_t  *d = arg;
+
+    for (i = 0; i < d->n; i++) {
+        d->rc[i] = t_put(d->h, d->first + i, d->len, T_FAR, 2000 + i);
+    }
+
+    dsg_store_detached_end(d->h);
+    __atomic_store_n(&d->done, 1, __ATOMIC_RELEASE);
+
+    return NULL;
+}
+
+
+START_TEST(test_store_detached)
+{
+    unsigned          i, reads;
+    pthread_t         tid;
+    const char       *dir;
+    dsg_store_t      *st, *h;
+    t_detached_t      d;
+    dsg_store_stat_t  s;
+
+    dir = t_mkdir();
+    st = t_open(dir, 16 * T_MB);
+
+    ck_assert_ptr_null(dsg_store_detach(NULL));
+    ck_assert_int_eq(t_put(st, 0, 4096, T_FAR, 1000), DSG_STORE_OK);
+
+    /* 20 puts of 256 KB in the thread, reads here meanwhile */
+
+    h = dsg_store_detach(st);
+    ck_assert_ptr_nonnull(h);
+    ck_assert_ptr_null(dsg_store_detach(h));
+
+    memset(&d, 0, sizeof(d));
+    d.h = h;
+    d.first = 1;
+    d.n = 20;
+    d.len = 256 * 1024;
+
+    ck_assert_int_eq(pthread_create(&tid, NULL, t_detached_run, &d), 0);
+
+    reads = 0;
+    while (!__atomic_load_n(&d.done, __ATOMIC_ACQUIRE)) {
+        ck_assert_int_eq(t_get(st, 0, 4096), DSG_STORE_OK);
+        reads++;
+    }
+
+    ck_assert_int_eq(pthread_join(tid, NULL), 0);
+    dsg_store_attach(st, h);
+
+    for (i = 0; i < d.n; i++) {
+        ck_assert_int_eq(d.rc[i], DSG_STORE_OK);
+        ck_assert_int_eq(t_get(st, d.first + i, d.len), DSG_STORE_OK);
+    }
+
+    ck_assert_uint_gt(reads, 0);
+
+    t_stat(st, &s);
+    ck_assert_uint_eq(s.entries, 21);
+    ck_assert_uint_eq(s.put_full, 0);
+
+    /* 30 puts of 1 MB into a 16 MB map: they evict, from the thread */
+
+    h = dsg_store_detach(st);
+    ck_assert_ptr_nonnull(h);
+
+    memset(&d, 0, sizeof(d));
+    d.h = h;
+    d.first = 100;
+    d.n = 30;
+    d.len = T_MB;
+
+    ck_assert_int_eq(pthread_create(&tid, NULL, t_detached_run, &d), 0);
+    ck_assert_int_eq(pthread_join(tid, NULL), 0);
+    dsg_store_attach(st, h);
+
+    for (i = 0; i < d.n; i++) {
+        ck_assert_int_eq(d.rc[i], DSG_STORE_OK);
+    }
+
+    /* the newest is there, whole; the evictions are st's counters now */
+    ck_assert_int_eq(t_get(st, d.first + d.n - 1, d.len), DSG_STORE_OK);
+
+    t_stat(st, &s);
+    ck_assert_uint_gt(s.put_full, 0);
+    ck_assert_uint_gt(s.put_evicted, 0);
+    ck_assert_uint_lt(s.entries, 51);
+
+    /* the store's own writes go on as before */
+    ck_assert_int_eq(t_put(st, 7, 100, T_FAR, 5000), DSG_STORE_OK);
+    ck_assert_int_eq(t_get(st, 7, 100), DSG_STORE_OK);
+
+    dsg_store_close(st);
+}
+END_TEST
+
+
 START_TEST(test_store_callbacks_fail)
 {
     size_t        n;
@@ -1620,6 +1740,7 @@ dsg_store_suite(void)
     tcase_add_test(tc, test_store_replace_running);
     tcase_add_test(tc, test_store_stat);
     tcase_add_test(tc, test_store_callbacks_fail);
+    tcase_add_test(tc, test_store_detached);
     tcase_add_test(tc, test_store_args);
     tcase_add_test(tc, test_store_strerror);
     tcase_add_test(tc, test_store_mixed_stress);
