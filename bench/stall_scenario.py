@@ -17,6 +17,9 @@ records each request's latency from its scheduled time. Three passes:
   no-store  the same misses, with an answer carrying Cache-Control:
             no-store: the 1 MB passes through the worker, nothing is
             written. stored - no-store is what the write costs the hits.
+  threads   hits and misses as in "stored", on a second cache whose
+            path has threads=: the 1 MB writes run in nginx's thread
+            pool, off the event loop.
 
 The origin is a second nginx (bench/conf/stall-origin.conf, its own
 worker) serving static files, so that the 1 MB does not cost the measured
@@ -42,10 +45,11 @@ import types
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench as B  # noqa: E402
 
-PASSES = ("baseline", "stored", "nostore")
+PASSES = ("baseline", "stored", "nostore", "threads")
 LABELS = {"baseline": "baseline: hits alone",
           "stored": "with 1 MB misses, stored (an LMDB write each)",
-          "nostore": "with 1 MB misses, `no-store` (passed through, not written)"}
+          "nostore": "with 1 MB misses, `no-store` (passed through, not written)",
+          "threads": "with 1 MB misses, stored by the thread pool (`threads=`)"}
 
 
 def log(msg):
@@ -112,10 +116,12 @@ def run_pass(S, root, ngx, port, kind, rnd):
     hout = os.path.join(root, "hits-%s.jsonl" % tag)
     mout = os.path.join(root, "misses-%s.jsonl" % tag)
     cpu0 = ngx.cpu_ns()
-    hp = loadgen(port, "/hit/1k.json", S.hit_rate, S.seconds, hout, "GET")
+    hp = loadgen(port, "/thit/1k.json" if kind == "threads" else "/hit/1k.json",
+                 S.hit_rate, S.seconds, hout, "GET")
     mp = None
     if kind != "baseline":
-        path = "/miss/v1/chat/completions" if kind == "stored" else "/nostore/v1/chat/completions"
+        path = {"stored": "/miss/", "nostore": "/nostore/",
+                "threads": "/tmiss/"}[kind] + "v1/chat/completions"
         mp = loadgen(port, path, S.miss_rate, S.seconds, mout, "POST", prompt="stall " + tag)
     hsum, hrecs = finish(hp, hout)
     msum, mrecs = finish(mp, mout) if mp else (None, [])
@@ -156,7 +162,7 @@ def run_pass(S, root, ngx, port, kind, rnd):
         # the first miss again: stored, it is now a HIT; no-store, a MISS
         st, cs, n = one_post(port, path, "stall " + tag)
         x["again"] = cs
-        want = "HIT" if kind == "stored" else "MISS"
+        want = "MISS" if kind == "nostore" else "HIT"
         if st != 200 or cs != want or n < S.miss_bytes:
             notes.append("the first miss again answered %s, %s, %d bytes (expected %s)"
                          % (st, cs, n, want))
@@ -197,18 +203,20 @@ def run(quick=False):
     try:
         origin.start()
         ngx.start()
-        seen = []
-        for _ in range(20):
-            st, h, body = B.http(port, "/hit/1k.json")
-            seen.append(h.get("x-cache-status"))
-            if st != 200 or len(body) != S.hit_bytes:
-                raise RuntimeError("/hit/1k.json answered %d, %d bytes" % (st, len(body)))
-            if seen[-1] == "HIT":
-                break
-            time.sleep(0.05)
-        if seen[-1] != "HIT":
-            raise RuntimeError("/hit/1k.json: no HIT (%s)" % " ".join(map(str, seen)))
-        res["warm"] = seen
+        res["warm"] = []
+        for hit in ("/hit/1k.json", "/thit/1k.json"):
+            seen = []
+            for _ in range(20):
+                st, h, body = B.http(port, hit)
+                seen.append(h.get("x-cache-status"))
+                if st != 200 or len(body) != S.hit_bytes:
+                    raise RuntimeError("%s answered %d, %d bytes" % (hit, st, len(body)))
+                if seen[-1] == "HIT":
+                    break
+                time.sleep(0.05)
+            if seen[-1] != "HIT":
+                raise RuntimeError("%s: no HIT (%s)" % (hit, " ".join(map(str, seen))))
+            res["warm"] += seen
         for rnd in range(1, S.rounds + 1):
             k = (rnd - 1) % len(kinds)
             for kind in kinds[k:] + kinds[:k]:
@@ -273,7 +281,9 @@ def render(S, res, meta):
            "a MISS and an LMDB write of about 1 MB, on the worker's event loop. *`no-store`*: "
            "the same misses, answered with `Cache-Control: no-store`, so the 1 MB passes "
            "through and nothing is written: stored against `no-store` is what the write "
-           "costs the hits. The origin is another nginx (static files, a worker of its "
+           "costs the hits. *threads*: hits and misses as in *stored*, on a second cache "
+           "whose path has `threads=stall` (`thread_pool stall threads=2`): the 1 MB writes "
+           "run in nginx's thread pool. The origin is another nginx (static files, a worker of its "
            "own). Passes interleaved, the order rotating each round; one cache for the "
            "whole run. Medians of the rounds, and every round." % (
                S.hit_bytes, S.hit_rate, S.seconds, S.miss_rate, B.kfmt(S.miss_bytes)), "",
@@ -293,7 +303,8 @@ def render(S, res, meta):
             "; ".join("%s / %s / %s" % (f2(r["p50_ms"]), f2(r["p99_ms"]), f1(r["max_ms"]))
                       for r in rs)))
     out += ["", "| ratio of medians | p50 | p99 | max |", "|---|---:|---:|---:|"]
-    for a, b in (("stored", "baseline"), ("nostore", "baseline"), ("stored", "nostore")):
+    for a, b in (("stored", "baseline"), ("nostore", "baseline"), ("stored", "nostore"),
+                 ("threads", "baseline"), ("threads", "nostore")):
         if a in med and b in med:
             out.append("| %s / %s | %s | %s | %s |" % (
                 a.replace("nostore", "`no-store`"), b.replace("nostore", "`no-store`"),
