@@ -6,7 +6,10 @@
 # store made at last_buf loses this race to a fast client now and then
 # (about 1 round in 12 here: the second request finds MISS, or COALESCED
 # on the still-held fill lock), so many small rounds show it.  Buffered
-# proxying is checked the same way.
+# proxying is checked the same way.  With threads= the write commits in
+# the thread pool after the answer went out: the next request then waits
+# for it on the fill lock, which the write holds until it commits, and is
+# answered from the entry (HIT, or COALESCED), never from the upstream.
 
 use strict;
 use warnings;
@@ -19,6 +22,8 @@ $t->mock_start(first_token_ms => 0, token_ms => 0, tokens => 4);
 
 $t->write_config(<<'EOF2');
     deepseek_guard_cache_path %%PREFIX%%/cache keys_zone=llm:1m max_size=256m;
+    deepseek_guard_cache_path %%PREFIX%%/cache_t keys_zone=llmt:1m
+                              max_size=256m threads=default threads_min=0;
     log_format rw '$pid tag=$http_x_tag cache=$deepseek_guard_cache_status';
 
     server {
@@ -35,6 +40,12 @@ $t->write_config(<<'EOF2');
             proxy_pass http://%%MOCK%%;
         }
 
+        location /thr/ {
+            deepseek_guard_cache llmt;
+            proxy_buffering off;
+            proxy_pass http://%%MOCK%%/v1/;
+        }
+
         location /buf/ {
             deepseek_guard_cache llm;
             proxy_buffering on;
@@ -46,7 +57,7 @@ $t->start;
 
 my $ROUNDS = 200;
 
-for my $loc ('/v1/', '/buf/') {
+for my $loc ('/v1/', '/buf/', '/thr/') {
     my ($hits, @seen) = (0);
     for my $i (1 .. $ROUNDS) {
         my @r = map {
@@ -57,7 +68,9 @@ for my $loc ('/v1/', '/buf/') {
         } 1 .. 2;
         my @cs = map { $_->{headers}{'x-cache-status'} // '-' } @r;
         push @seen, "@cs";
-        $hits++ if $cs[0] eq 'MISS' && $cs[1] eq 'HIT'
+        my $from_entry = $loc eq '/thr/' ? qr/^(?:HIT|COALESCED)$/
+                                         : qr/^HIT$/;
+        $hits++ if $cs[0] eq 'MISS' && $cs[1] =~ $from_entry
                    && $r[0]{body} eq $r[1]{body};
     }
     is($hits, $ROUNDS,
