@@ -182,19 +182,49 @@ sub one_episode {
        '... every probe request was answered: nothing hung')
         or diag explain [grep { $_->{error} } @$res];
 
+    # The client sends on a schedule (at_ms), but a client starved of CPU
+    # for a few seconds (seen once under ASan on a loaded machine) sends
+    # its backlog at once: 225 of a 400-request burst refused, rightly.
+    # So each request's lag behind its schedule is measured (the schedule's
+    # origin is the least start - at_ms), and a refusal counts against the
+    # module only when the client kept its schedule for that request and
+    # the 3 s before it (within 250 ms), i.e. the key really sent at half
+    # its quota.
+    my $origin = 1e99;
+    for my $i (0 .. $#probe) {
+        next unless $res->[$i]{start};
+        my $b = $res->[$i]{start} - $probe[$i]{at_ms} / 1000;
+        $origin = $b if $b < $origin;
+    }
+    my @lag = map { ($res->[$_]{start} // 1e99) - $probe[$_]{at_ms} / 1000
+                    - $origin } 0 .. $#probe;
+    # the worst lag over the scheduled window [at - 3 s, at] (the probe is
+    # in schedule order: index i is at i * 10 ms)
+    my $kept = sub {
+        my ($i) = @_;
+        my $from = $i - 300 < 0 ? 0 : $i - 300;
+        return !grep { $lag[$_] > 0.25 } $from .. $i;
+    };
+
     # a key new to a node has one request on credit until the node's
     # first sync: from the second second on, half of its quota is never
     # refused, by the fleet, the static share, or in between
-    my @refused = grep { $res->[$_]{status} == 429
-                         && $res->[$_]{start} >= $t0 + 1 } @fast;
+    my @late = grep { $res->[$_]{start} >= $t0 + 1 } @fast;
+    my @kept = grep { $kept->($_) } @late;
+    my @refused = grep { $res->[$_]{status} == 429 } @kept;
+    my $behind = grep { $res->[$_]{status} == 429 } @late;
+    note(sprintf '%d of %d probe requests on schedule; %d refused while '
+         . 'the client was behind it', scalar @kept, scalar @late,
+         $behind - @refused);
     is(scalar @refused, 0, '... the probe key (at half its quota) was never '
                            . 'refused after its first second')
         or diag join "\n", map {
                sprintf '429 from node%d at %+.3f s of the STOP, %+.3f s of '
-                   . 'the CONT (retry-after-ms %s)',
+                   . 'the CONT (retry-after-ms %s, %.0f ms behind schedule)',
                    1 + int($_ / 2) % $NODES, $res->[$_]{start} - $t_stop,
                    $res->[$_]{start} - $t_cont,
-                   $res->[$_]{headers}{'retry-after-ms'} // '-' } @refused;
+                   $res->[$_]{headers}{'retry-after-ms'} // '-',
+                   1000 * $lag[$_] } @refused;
 
     # latency (ms) of the admitted requests by window
     my $win = sub {

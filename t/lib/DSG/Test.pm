@@ -1554,7 +1554,9 @@ sub settled_conns {
 # worker that accept->($pid) refuses is dropped (its client killed, the
 # worker seen closing its sockets) and sent again: reuseport picks the
 # worker by a hash of the client's port, so a few tries get it to a worker
-# wanted.
+# wanted.  With 8 workers a try reaches one given worker with odds 1/8:
+# 50 tries missed it in about 1 run in 800 (seen in CI, t/33), hence 400
+# ((7/8)^400 is about 1e-23); a try costs tens of milliseconds.
 #
 # The request is found by the sockets themselves, not by counts: the
 # worker whose file table gains an established socket on port() (and, if
@@ -1567,7 +1569,7 @@ sub place {
     my $mp = $o{mock_port} or croak "place: mock_port needed";
     my $accept = $o{accept} || sub { 1 };
     my $port = $self->port;
-    for my $try (1 .. 50) {
+    for my $try (1 .. 400) {
         my %before = map { $_ => sock_inodes($_) } $self->worker_pids;
         my $bg = $self->bg_parallel([$req], timeout => $o{timeout} // 40);
         my ($got, @new);
