@@ -11,6 +11,7 @@
 #include "ngx_http_deepseek_guard_cache.h"
 
 #include <openssl/evp.h>
+#include <xxhash.h>
 
 #include "dsg_entry.h"
 #include "dsg_http.h"
@@ -549,6 +550,74 @@ ngx_http_deepseek_guard_header_in(ngx_table_elt_t *h, ngx_str_t *names)
 
 
 /*
+ * The LMDB key of an entry: 32 bytes of XXH3-128 of the key string, under
+ * two fixed seeds (the file outlives any configuration, so the seeds do
+ * too).  An index, not an identity: the entry holds the whole key string
+ * and a lookup compares it (ngx_http_deepseek_guard_cache_lookup), so two
+ * keys with one digest only take turns in one record, they never answer
+ * each other.  The key string's own digests of secrets and bodies stay
+ * SHA-256.
+ */
+
+#define NGX_HTTP_DSG_DIGEST_SEED0  0x6473672d63616368ULL   /* "dsg-cach" */
+#define NGX_HTTP_DSG_DIGEST_SEED1  0x652d6b65792d7632ULL   /* "e-key-v2" */
+
+static void
+ngx_http_deepseek_guard_key_digest(u_char *digest, u_char *key, size_t len)
+{
+    XXH128_hash_t  h;
+
+    h = XXH3_128bits_withSeed(key, len, NGX_HTTP_DSG_DIGEST_SEED0);
+    XXH128_canonicalFromHash((XXH128_canonical_t *) digest, h);
+
+    h = XXH3_128bits_withSeed(key, len, NGX_HTTP_DSG_DIGEST_SEED1);
+    XXH128_canonicalFromHash((XXH128_canonical_t *) (digest + 16), h);
+}
+
+
+/*
+ * A SHA-256 context, initialized, for the digests of bodies, credentials
+ * and Vary values.  With OpenSSL 3, EVP_sha256() makes every digest look
+ * the algorithm up again (a property query under a lock, about 2,000
+ * instructions); a worker fetches it once and keeps one context, which no
+ * two digests share: each is begun and finished within one call.
+ */
+
+static EVP_MD_CTX *
+ngx_http_deepseek_guard_sha_begin(void)
+{
+    static EVP_MD_CTX    *ctx;
+#if (OPENSSL_VERSION_NUMBER >= 0x30000000L)
+    static EVP_MD        *md;
+
+    if (md == NULL) {
+        md = EVP_MD_fetch(NULL, "SHA256", NULL);
+        if (md == NULL) {
+            return NULL;
+        }
+    }
+#else
+    static const EVP_MD  *md;
+
+    md = EVP_sha256();
+#endif
+
+    if (ctx == NULL) {
+        ctx = EVP_MD_CTX_new();
+        if (ctx == NULL) {
+            return NULL;
+        }
+    }
+
+    if (EVP_DigestInit_ex(ctx, md, NULL) != 1) {
+        return NULL;
+    }
+
+    return ctx;
+}
+
+
+/*
  * Computes the key and its digest, once.  The key is the configured one
  * after marks of what else the upstream's answer depends on: a request
  * that accepts gzip (a gzip answer is stored only under that mark, so a
@@ -563,7 +632,6 @@ ngx_http_deepseek_guard_cache_key(ngx_http_request_t *r,
     u_char                              *p, *last;
     ngx_str_t                            key;
     ngx_uint_t                           i, body;
-    unsigned int                         dlen;
     ngx_list_part_t                     *part;
     ngx_table_elt_t                     *h;
     ngx_http_deepseek_guard_loc_conf_t  *lcf;
@@ -618,12 +686,7 @@ ngx_http_deepseek_guard_cache_key(ngx_http_request_t *r,
     key.data = p;
     key.len = last - p;
 
-    if (EVP_Digest(key.data, key.len, cctx->digest, &dlen, EVP_sha256(),
-                   NULL)
-        != 1)
-    {
-        return NGX_ERROR;
-    }
+    ngx_http_deepseek_guard_key_digest(cctx->digest, key.data, key.len);
 
     cctx->key = key;
 
@@ -650,12 +713,8 @@ ngx_http_deepseek_guard_vary_digest(ngx_http_request_t *r, u_char *vary,
     ngx_table_elt_t  *h;
     u_char            digest[32];
 
-    md = EVP_MD_CTX_new();
-    if (md == NULL) {
-        return NGX_ERROR;
-    }
-
-    ok = (EVP_DigestInit_ex(md, EVP_sha256(), NULL) == 1);
+    md = ngx_http_deepseek_guard_sha_begin();
+    ok = (md != NULL);
 
     p = (const char *) vary;
 
@@ -681,8 +740,6 @@ ngx_http_deepseek_guard_vary_digest(ngx_http_request_t *r, u_char *vary,
     }
 
     ok = ok && (EVP_DigestFinal_ex(md, digest, &dlen) == 1);
-
-    EVP_MD_CTX_free(md);
 
     if (!ok) {
         return NGX_ERROR;
@@ -810,7 +867,7 @@ ngx_http_deepseek_guard_cache_lookup(ngx_http_request_t *r,
     if (e.key_len != cctx->key.len
         || ngx_memcmp(e.key, cctx->key.data, e.key_len) != 0)
     {
-        /* a SHA-256 collision: never answer another request's entry */
+        /* two keys, one digest: never answer another request's entry */
         ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
                       "deepseek_guard cache \"%V\": key digest collision",
                       &cctx->cache->name);
@@ -1922,13 +1979,9 @@ ngx_http_deepseek_guard_body_sha(ngx_http_request_t *r,
         return NGX_OK;
     }
 
-    md = EVP_MD_CTX_new();
+    md = ngx_http_deepseek_guard_sha_begin();
     if (md == NULL) {
         return NGX_ERROR;
-    }
-
-    if (EVP_DigestInit_ex(md, EVP_sha256(), NULL) != 1) {
-        goto failed;
     }
 
     total = 0;
@@ -2056,16 +2109,12 @@ ngx_http_deepseek_guard_body_sha(ngx_http_request_t *r,
         goto failed;
     }
 
-    EVP_MD_CTX_free(md);
-
     ngx_hex_dump(cctx->body_sha, digest, 32);
     cctx->body_sha_done = 1;
 
     return NGX_OK;
 
 failed:
-
-    EVP_MD_CTX_free(md);
 
     return NGX_ERROR;
 }
@@ -2160,12 +2209,8 @@ ngx_http_deepseek_guard_auth_sha_variable(ngx_http_request_t *r,
         return NGX_OK;
     }
 
-    md = EVP_MD_CTX_new();
-    if (md == NULL) {
-        return NGX_ERROR;
-    }
-
-    ok = (EVP_DigestInit_ex(md, EVP_sha256(), NULL) == 1);
+    md = ngx_http_deepseek_guard_sha_begin();
+    ok = (md != NULL);
 
     for (name = ngx_http_deepseek_guard_credential_headers;
          ok && name->len;
@@ -2190,8 +2235,6 @@ ngx_http_deepseek_guard_auth_sha_variable(ngx_http_request_t *r,
     }
 
     ok = ok && (EVP_DigestFinal_ex(md, digest, &dlen) == 1);
-
-    EVP_MD_CTX_free(md);
 
     if (!ok) {
         return NGX_ERROR;
