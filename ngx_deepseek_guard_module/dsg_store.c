@@ -159,6 +159,13 @@ struct dsg_store_s {
     uint64_t    put_full;
     uint64_t    put_evicted;
     unsigned    detached;       /* dsg_store_detach(): the env is st's */
+    unsigned    lent;           /* detached handles out, and pins */
+
+    /* dsg_store_pin(): read txns held, and reset ones kept for renewal */
+    unsigned    npins;
+    unsigned    nspare;
+    MDB_txn    *pins[DSG_STORE_PINS];
+    MDB_txn    *spare[DSG_STORE_PINS];
 
     /* what dsg_store_reopen() needs */
     char       *dir;
@@ -478,7 +485,13 @@ dsg_store_begin(dsg_store_t *st, int rdonly, MDB_txn **txn)
             return MDB_SUCCESS;
         }
 
-        if (rc != MDB_MAP_RESIZED || attempt > 0 || st->detached) {
+        /*
+         * mdb_env_set_mapsize() remaps: not while a thread writes through
+         * a detached handle or a pinned value is being sent from the map
+         */
+        if (rc != MDB_MAP_RESIZED || attempt > 0 || st->detached
+            || st->lent)
+        {
             return rc;
         }
 
@@ -1450,6 +1463,16 @@ failed:
 static void
 dsg_store_close_env(dsg_store_t *st)
 {
+    /* pins still out belong to a caller that is exiting: ended with it */
+    while (st->npins) {
+        mdb_txn_abort(st->pins[--st->npins]);
+        st->lent--;
+    }
+
+    while (st->nspare) {
+        mdb_txn_abort(st->spare[--st->nspare]);
+    }
+
     if (st->rtxn != NULL) {
         mdb_txn_abort(st->rtxn);
         st->rtxn = NULL;
@@ -1747,6 +1770,120 @@ dsg_store_get(dsg_store_t *st, const uint8_t key[DSG_STORE_KEY_SIZE],
 }
 
 
+/* an active read txn for a pin: a spare one renewed, or a new one */
+
+static int
+dsg_store_pin_txn(dsg_store_t *st, MDB_txn **txn)
+{
+    int  rc;
+
+    while (st->nspare) {
+        *txn = st->spare[--st->nspare];
+
+        rc = mdb_txn_renew(*txn);
+        if (rc == MDB_SUCCESS) {
+            return MDB_SUCCESS;
+        }
+
+        mdb_txn_abort(*txn);
+
+        if (rc != MDB_BAD_RSLOT) {
+            return rc;
+        }
+    }
+
+    return mdb_txn_begin(st->env, NULL, MDB_RDONLY, txn);
+}
+
+
+static void
+dsg_store_pin_end(dsg_store_t *st, MDB_txn *txn)
+{
+    if (st->nspare < DSG_STORE_PINS) {
+        mdb_txn_reset(txn);
+        st->spare[st->nspare++] = txn;
+
+    } else {
+        mdb_txn_abort(txn);
+    }
+}
+
+
+int
+dsg_store_pin(dsg_store_t *st, const uint8_t key[DSG_STORE_KEY_SIZE],
+    dsg_store_pin_t **pin, const uint8_t **val, size_t *len)
+{
+    int       rc;
+    MDB_txn  *txn;
+    MDB_val   k, v;
+
+    if (st == NULL || key == NULL || pin == NULL || val == NULL
+        || len == NULL || st->detached)
+    {
+        return dsg_store_rc(st, EINVAL);
+    }
+
+    *pin = NULL;
+    *val = NULL;
+    *len = 0;
+
+    if (st->env == NULL || st->npins == DSG_STORE_PINS) {
+        return DSG_STORE_ELIMIT;
+    }
+
+    rc = dsg_store_pin_txn(st, &txn);
+    if (rc != MDB_SUCCESS) {
+        return dsg_store_rc(st, rc);
+    }
+
+    k.mv_size = DSG_STORE_KEY_SIZE;
+    k.mv_data = (void *) key;
+
+    rc = mdb_get(txn, st->entries, &k, &v);
+
+    if (rc != MDB_SUCCESS || v.mv_size == 0) {
+        dsg_store_pin_end(st, txn);
+        return (rc == MDB_SUCCESS) ? DSG_STORE_NOTFOUND : dsg_store_rc(st, rc);
+    }
+
+    st->pins[st->npins++] = txn;
+    st->lent++;
+
+    *pin = (dsg_store_pin_t *) txn;
+    *val = v.mv_data;
+    *len = v.mv_size;
+
+    return DSG_STORE_OK;
+}
+
+
+void
+dsg_store_unpin(dsg_store_t *st, dsg_store_pin_t *pin)
+{
+    unsigned  i;
+
+    if (st == NULL || pin == NULL) {
+        return;
+    }
+
+    for (i = 0; i < st->npins; i++) {
+        if (st->pins[i] == (MDB_txn *) pin) {
+            st->pins[i] = st->pins[--st->npins];
+            st->lent--;
+            dsg_store_pin_end(st, (MDB_txn *) pin);
+            return;
+        }
+    }
+}
+
+
+unsigned
+dsg_store_pins(const dsg_store_t *st)
+{
+    return (st != NULL) ? st->npins : 0;
+}
+
+
 int
 dsg_store_put(dsg_store_t *st, const uint8_t key[DSG_STORE_KEY_SIZE],
     uint64_t expires_ms, uint64_t now_ms, size_t len, dsg_store_fill_pt fill,
@@ -1845,11 +1982,16 @@ dsg_store_detach(dsg_store_t *st)
 
     *h = *st;
     h->rtxn = NULL;
+    h->lent = 0;
+    h->npins = 0;
+    h->nspare = 0;
     h->last_rc = 0;
     h->put_full = 0;
     h->put_evicted = 0;
     h->detached = 1;
     h->dir = NULL;
+
+    st->lent++;
 
     return h;
 }
@@ -1877,6 +2019,7 @@ dsg_store_attach(dsg_store_t *st, dsg_store_t *h)
     if (st != NULL) {
         st->put_full += h->put_full;
         st->put_evicted += h->put_evicted;
+        st->lent--;
     }
 
     free(h);

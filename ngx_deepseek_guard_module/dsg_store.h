@@ -1,8 +1,9 @@
 /*
  * Copyright (C) ngx_deepseek_guard_module authors
  *
- * dsg_store: the LMDB response cache, keyed by a 32-byte digest (SHA-256
- * of the cache key text).  Values are opaque bytes (dsg_entry encoded).
+ * dsg_store: the LMDB response cache, keyed by a 32-byte digest of the
+ * cache key text (the glue's: XXH3-128 under two seeds).  Values are
+ * opaque bytes (dsg_entry encoded).
  *
  * One store per directory and per process: open it in each worker AFTER
  * fork (an LMDB environment must never cross a fork) and close it at
@@ -37,6 +38,9 @@
 
 #define DSG_STORE_KEY_SIZE     32
 
+/* values pinned at once per store (dsg_store_pin()) */
+#define DSG_STORE_PINS         16
+
 /* dsg_store_open() flags */
 #define DSG_STORE_RECREATE     0x0001   /* remove and recreate a bad file */
 #define DSG_STORE_REPLACE      0x0002   /* dsg_store_reopen(): the file is bad */
@@ -60,6 +64,7 @@
 
 
 typedef struct dsg_store_s  dsg_store_t;
+typedef struct dsg_store_pin_s  dsg_store_pin_t;
 
 typedef void *(*dsg_store_alloc_pt)(void *ctx, size_t n);
 typedef int (*dsg_store_fill_pt)(void *ctx, uint8_t *dst, size_t len);
@@ -142,6 +147,23 @@ int dsg_store_replaced(const dsg_store_t *st);
  */
 int dsg_store_get(dsg_store_t *st, const uint8_t key[DSG_STORE_KEY_SIZE],
     dsg_store_alloc_pt alloc, void *ctx, uint8_t **val, size_t *len);
+
+/*
+ * Looks key up and leaves its value in the map, to be sent without a
+ * copy: *val stays valid, and no writer changes the pages under it, until
+ * dsg_store_unpin(st, *pin).  A pin is an LMDB read transaction of its
+ * own (a reader slot; writers cannot reuse pages freed while it lasts),
+ * so pins are few (DSG_STORE_PINS at once) and must be short.  While a
+ * pin or a detached handle is out, st does not adopt a map size grown by
+ * another process (its transactions fail with DSG_STORE_ELIMIT until
+ * they are all back).  DSG_STORE_OK, DSG_STORE_NOTFOUND, DSG_STORE_ELIMIT
+ * (no pin free, or LMDB's reader table full: copy with dsg_store_get())
+ * or an error.  dsg_store_close() ends the pins still out.
+ */
+int dsg_store_pin(dsg_store_t *st, const uint8_t key[DSG_STORE_KEY_SIZE],
+    dsg_store_pin_t **pin, const uint8_t **val, size_t *len);
+void dsg_store_unpin(dsg_store_t *st, dsg_store_pin_t *pin);
+unsigned dsg_store_pins(const dsg_store_t *st);
 
 /*
  * Stores a value of len bytes under key, replacing an older one: the

@@ -638,7 +638,9 @@ ngx_http_deepseek_guard_cache_stored(ngx_event_t *ev)
 
     ngx_free(task);
 
-    if (cache->pending == 0 && cache->repair) {
+    if (cache->pending == 0 && cache->repair
+        && !dsg_store_pins(cache->store))
+    {
         flags = cache->repair;
         cache->repair = 0;
         ngx_http_deepseek_guard_cache_repair(cache, ev->log, flags);
@@ -781,6 +783,40 @@ ngx_http_deepseek_guard_cache_fault_err(ngx_http_deepseek_guard_cache_t *cache,
 
 
 /*
+ * The end of a hit sent from the map: the pin goes back, and a repair
+ * deferred for it runs
+ */
+
+void
+ngx_http_deepseek_guard_cache_unpin(ngx_http_deepseek_guard_cache_ctx_t *cctx,
+    ngx_log_t *log)
+{
+    unsigned                          flags;
+    ngx_http_deepseek_guard_cache_t  *cache;
+
+    if (cctx->pin == NULL) {
+        return;
+    }
+
+    cache = cctx->cache;
+
+    dsg_store_unpin(cache->store, cctx->pin);
+    cctx->pin = NULL;
+
+    /* nothing may read the map through the entry any more */
+    cctx->entry.key = NULL;
+    cctx->entry.hdrs = NULL;
+    cctx->entry.body = NULL;
+
+    if (cache->repair && !cache->pending && !dsg_store_pins(cache->store)) {
+        flags = cache->repair;
+        cache->repair = 0;
+        ngx_http_deepseek_guard_cache_repair(cache, log, flags);
+    }
+}
+
+
+/*
  * A data file found corrupt while running (a read, a store or the sweep
  * failed with DSG_STORE_ECORRUPT) is replaced at once by the worker that
  * found it, under the directory's flock (held by another worker only
@@ -796,8 +832,11 @@ ngx_http_deepseek_guard_cache_repair(ngx_http_deepseek_guard_cache_t *cache,
 {
     int  rc, recreated;
 
-    if (cache->pending) {
-        /* a thread still writes through this environment */
+    if (cache->pending || dsg_store_pins(cache->store)) {
+        /*
+         * a thread still writes through this environment, or a hit is
+         * being sent from its map
+         */
         cache->repair |= flags;
         return;
     }

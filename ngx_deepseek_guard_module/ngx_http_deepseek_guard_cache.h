@@ -41,6 +41,13 @@
  * up are stored by the thread pool */
 #define NGX_HTTP_DSG_THREADS_MIN      (64 * 1024)
 
+/*
+ * hits of this many body bytes and up are sent from LMDB's map, not
+ * copied (a pinned read, dsg_store_pin()): smaller ones cost less to copy
+ * than a reader slot
+ */
+#define NGX_HTTP_DSG_PIN_MIN          (16 * 1024)
+
 /* fill locks: probed in a window of so many slots from the digest's */
 #define NGX_HTTP_DSG_LOCK_PROBES      16
 #define NGX_HTTP_DSG_LOCKS_MAX        16384
@@ -92,6 +99,7 @@ typedef struct ngx_http_deepseek_guard_cache_ctx_s {
     ngx_uint_t                   serve;        /* answer from entry */
     ngx_uint_t                   serving;      /* our answer is going out */
     ngx_uint_t                   ranges;       /* entry: Accept-Ranges */
+    void                        *pin;          /* entry in the map, or NULL */
 
     /* filling */
     ngx_int_t                    lock;         /* index, -1 none */
@@ -133,6 +141,8 @@ void ngx_http_deepseek_guard_cache_fault(ngx_http_deepseek_guard_cache_t *cache,
     ngx_log_t *log, ngx_uint_t level, const char *what, int rc);
 void ngx_http_deepseek_guard_cache_touch(
     ngx_http_deepseek_guard_cache_t *cache, u_char *digest);
+void ngx_http_deepseek_guard_cache_unpin(
+    ngx_http_deepseek_guard_cache_ctx_t *cctx, ngx_log_t *log);
 
 
 #endif /* NGX_HTTP_DEEPSEEK_GUARD_CACHE_H */

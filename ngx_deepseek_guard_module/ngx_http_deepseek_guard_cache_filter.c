@@ -31,6 +31,8 @@ static ngx_int_t ngx_http_deepseek_guard_cache_key(ngx_http_request_t *r,
     ngx_http_deepseek_guard_cache_ctx_t *cctx);
 static ngx_int_t ngx_http_deepseek_guard_cache_lookup(ngx_http_request_t *r,
     ngx_http_deepseek_guard_cache_ctx_t *cctx);
+static void ngx_http_deepseek_guard_cache_unmap(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_cache_ctx_t *cctx);
 static ngx_int_t ngx_http_deepseek_guard_cache_send(ngx_http_request_t *r,
     ngx_http_deepseek_guard_cache_ctx_t *cctx);
 static ngx_int_t ngx_http_deepseek_guard_cache_status_header(
@@ -268,6 +270,7 @@ ngx_http_deepseek_guard_cache_access(ngx_http_request_t *r,
          * says it serves ranges; anything else asks the upstream, and its
          * answer (a 206, or a whole the range filter trims) is not stored
          */
+        ngx_http_deepseek_guard_cache_unpin(cctx, r->connection->log);
         cctx->looked_up = 1;
         cctx->have_entry = 0;
         cctx->status = NGX_HTTP_DSG_CACHE_MISS;
@@ -826,15 +829,22 @@ static ngx_int_t
 ngx_http_deepseek_guard_cache_lookup(ngx_http_request_t *r,
     ngx_http_deepseek_guard_cache_ctx_t *cctx)
 {
-    int           rc;
-    size_t        len;
-    uint8_t      *val;
-    uint64_t      now;
-    dsg_entry_t   e;
+    int               rc;
+    size_t            len;
+    u_char           *copy;
+    uint8_t          *val;
+    uint64_t          now;
+    ngx_int_t         found;
+    dsg_entry_t       e;
+    const uint8_t    *data;
+    dsg_store_pin_t  *pin;
 
     if (ngx_http_deepseek_guard_cache_key(r, cctx) != NGX_OK) {
         return NGX_ERROR;
     }
+
+    /* asked again (after a wait): the entry found before is let go */
+    ngx_http_deepseek_guard_cache_unpin(cctx, r->connection->log);
 
     cctx->have_entry = 0;
 
@@ -842,9 +852,16 @@ ngx_http_deepseek_guard_cache_lookup(ngx_http_request_t *r,
         return NGX_DECLINED;
     }
 
-    rc = dsg_store_get(cctx->cache->store, cctx->digest,
-                       ngx_http_deepseek_guard_cache_alloc, r->pool,
-                       &val, &len);
+    /* read in place, pinned; a copy when no pin is free */
+
+    rc = dsg_store_pin(cctx->cache->store, cctx->digest, &pin, &data, &len);
+
+    if (rc == DSG_STORE_ELIMIT) {
+        rc = dsg_store_get(cctx->cache->store, cctx->digest,
+                           ngx_http_deepseek_guard_cache_alloc, r->pool,
+                           &val, &len);
+        data = val;
+    }
 
     if (rc == DSG_STORE_NOTFOUND) {
         return NGX_DECLINED;
@@ -856,12 +873,15 @@ ngx_http_deepseek_guard_cache_lookup(ngx_http_request_t *r,
         return NGX_DECLINED;
     }
 
-    rc = dsg_entry_decode(val, len, &e);
+    cctx->pin = pin;
+    found = NGX_DECLINED;
+
+    rc = dsg_entry_decode(data, len, &e);
     if (rc != DSG_ENTRY_OK) {
         ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
                       "deepseek_guard cache \"%V\": bad entry: %s",
                       &cctx->cache->name, dsg_entry_strerror(rc));
-        return NGX_DECLINED;
+        goto done;
     }
 
     if (e.key_len != cctx->key.len
@@ -871,25 +891,68 @@ ngx_http_deepseek_guard_cache_lookup(ngx_http_request_t *r,
         ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
                       "deepseek_guard cache \"%V\": key digest collision",
                       &cctx->cache->name);
-        return NGX_DECLINED;
+        goto done;
     }
 
     now = ngx_http_deepseek_guard_now_ms();
 
     if (now >= e.stale_until_ms) {
-        return NGX_DECLINED;
+        goto done;
     }
 
     if (ngx_http_deepseek_guard_cache_usable(r, cctx, &e) != NGX_OK) {
         /* another variant: a miss, and its answer replaces the entry */
-        return NGX_DECLINED;
+        goto done;
     }
 
     cctx->entry = e;
     cctx->have_entry = 1;
     cctx->fresh = (now < e.expires_ms);
 
-    return cctx->fresh ? NGX_OK : NGX_DECLINED;
+    if (!cctx->fresh || e.body_len < NGX_HTTP_DSG_PIN_MIN) {
+        found = cctx->fresh ? NGX_OK : NGX_DECLINED;
+        goto done;
+    }
+
+    /* a large fresh hit, sent now: from the map, pinned until it is out */
+
+    return NGX_OK;
+
+done:
+
+    if (cctx->pin == NULL) {
+        return found;
+    }
+
+    copy = NULL;
+
+    if (cctx->have_entry) {
+        /*
+         * kept beyond this moment (a stale candidate) or small: a copy,
+         * and the pin goes back at once
+         */
+
+        copy = ngx_pnalloc(r->pool, len);
+        if (copy == NULL) {
+            ngx_http_deepseek_guard_cache_unpin(cctx, r->connection->log);
+            cctx->have_entry = 0;
+            return NGX_ERROR;
+        }
+
+        ngx_memcpy(copy, data, len);
+    }
+
+    ngx_http_deepseek_guard_cache_unpin(cctx, r->connection->log);
+
+    if (cctx->have_entry) {
+        /* the same entry, its parts now in the copy */
+        cctx->entry = e;
+        cctx->entry.key = copy + (e.key - data);
+        cctx->entry.hdrs = copy + (e.hdrs - data);
+        cctx->entry.body = copy + (e.body - data);
+    }
+
+    return found;
 }
 
 
@@ -1050,6 +1113,17 @@ ngx_http_deepseek_guard_cache_set_headers(ngx_http_request_t *r,
     r->headers_out.last_modified = NULL;
 
     p = (u_char *) cctx->entry.hdrs;
+
+    if (cctx->pin) {
+        /* the headers outlive the pin: the log phase reads them */
+        p = ngx_pnalloc(r->pool, cctx->entry.hdrs_len);
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+
+        ngx_memcpy(p, cctx->entry.hdrs, cctx->entry.hdrs_len);
+    }
+
     last = p + cctx->entry.hdrs_len;
 
     while (p < last) {
@@ -1167,13 +1241,79 @@ ngx_http_deepseek_guard_cache_send(ngx_http_request_t *r,
     rc = ngx_http_send_header(r);
 
     if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
+        ngx_http_deepseek_guard_cache_unpin(cctx, r->connection->log);
         return rc;
     }
 
     out.buf = b;
     out.next = NULL;
 
-    return ngx_http_output_filter(r, &out);
+    rc = ngx_http_output_filter(r, &out);
+
+    if (cctx->pin) {
+        ngx_http_deepseek_guard_cache_unmap(r, cctx);
+    }
+
+    return rc;
+}
+
+
+/*
+ * A hit sent from the map (pinned): once the body filters are through, a
+ * slow client must not hold the pin (LMDB cannot reuse pages freed while
+ * it lasts).  When all that is left waits in the write filter (r->out,
+ * nothing buffered by another filter, no HTTP/2 frames queued), the
+ * unsent bytes are copied into the pool and the pin goes back at once;
+ * otherwise (gzip, sub_filter, HTTP/2 flow control) the pin lasts until
+ * the request ends.
+ */
+
+static void
+ngx_http_deepseek_guard_cache_unmap(ngx_http_request_t *r,
+    ngx_http_deepseek_guard_cache_ctx_t *cctx)
+{
+    size_t        n;
+    u_char       *p, *start, *end;
+    ngx_buf_t    *b;
+    ngx_uint_t    mask;
+    ngx_chain_t  *cl;
+
+    mask = NGX_HTTP_WRITE_BUFFERED;
+#if (NGX_SSL)
+    /* what OpenSSL is still to send is in its own buffer, a copy */
+    mask |= NGX_SSL_BUFFERED;
+#endif
+
+    if (r->buffered || r->postponed || (r->connection->buffered & ~mask)) {
+        return;
+    }
+
+    start = (u_char *) cctx->entry.body;
+    end = start + cctx->entry.body_len;
+
+    for (cl = r->out; cl; cl = cl->next) {
+        b = cl->buf;
+
+        if (b->in_file || b->pos == NULL || b->pos < start || b->pos >= end) {
+            continue;
+        }
+
+        n = b->last - b->pos;
+
+        p = ngx_pnalloc(r->pool, n);
+        if (p == NULL) {
+            return;
+        }
+
+        ngx_memcpy(p, b->pos, n);
+
+        b->start = p;
+        b->pos = p;
+        b->last = p + n;
+        b->end = p + n;
+    }
+
+    ngx_http_deepseek_guard_cache_unpin(cctx, r->connection->log);
 }
 
 
@@ -1830,6 +1970,9 @@ ngx_http_deepseek_guard_cache_cleanup(void *data)
         ngx_http_deepseek_guard_unpark(&cctx->guard->park);
         cctx->waiting = 0;
     }
+
+    /* a hit sent from the map: all of it is out, or the client is gone */
+    ngx_http_deepseek_guard_cache_unpin(cctx, ngx_cycle->log);
 
     /* a filler that failed: one waiter takes over */
     ngx_http_deepseek_guard_cache_unlock(cctx);
