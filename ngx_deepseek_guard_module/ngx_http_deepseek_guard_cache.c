@@ -885,8 +885,13 @@ ngx_http_deepseek_guard_cache_init_process(ngx_cycle_t *cycle)
 
     ccf = (ngx_core_conf_t *) ngx_get_conf(cycle->conf_ctx, ngx_core_module);
 
-    /* old and new workers overlap during a reload: room for both, twice */
-    readers = ngx_max(126, 4 * (ngx_uint_t) ccf->worker_processes + 8);
+    /*
+     * a worker reads through one slot, and one more per pinned hit; old
+     * and new workers overlap during a reload: room for both (a pin that
+     * finds the table full falls back to a copy)
+     */
+    readers = ngx_max(126, 2 * (ngx_uint_t) ccf->worker_processes
+                           * (DSG_STORE_PINS + 2) + 8);
 
     ngx_http_deepseek_guard_cache_list = &mcf->caches;
     caches = mcf->caches.elts;
