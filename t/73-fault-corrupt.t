@@ -29,9 +29,10 @@
 #     R4 data pages zeroed, meta intact: no crash, no wrong answer; the
 #        first worker to read a damaged page recreates the file, the other
 #        reopens it on its next sweep tick: back without a restart
-#     R5 the file cut short while running: the entries below the cut are
-#        still served; a worker that touches a page past it dies of SIGBUS
-#        (as R2); the respawned workers find the file short and replace it
+#     R5 the file cut short while running: a worker that touches a page
+#        past the cut dies of SIGBUS (as R2), its request lost, never a
+#        wrong answer; the respawned workers find the file short and
+#        replace it
 #
 # A worker that dies mid-request drops that client's connection: a lost
 # request, never a wrong answer.
@@ -356,11 +357,18 @@ $t->start;
     my $off = length $t->error_log;
     truncate($data, $cut) or die "truncate: $!";
     local $TIMEOUT = 2;
-    # the entries stored first lie below the cut: still served, whole
+    # Whether an entry can still be read depends on where LMDB put the
+    # pages on its path (leaves and branches are copied on every write,
+    # into pages freed earlier or at the end): the layout follows the
+    # keys' digests, not the order of the stores.  So each of the first
+    # 10 is answered whole or loses its connection to the worker's
+    # SIGBUS; never a wrong answer, never an error status.
     my $r1 = round(@p[0 .. 9]);
-    is("$r1->{ok} $r1->{wrong}", '10 0',
-       "R5 data.mdb cut from $size to $cut bytes while running: the entries "
-       . 'below the cut are still served, none wrong');
+    note("R5: of the first 10 entries, $r1->{ok} answered, $r1->{lost} "
+         . 'lost to a crash');
+    is("$r1->{wrong} $r1->{other}", '0 0',
+       "R5 data.mdb cut from $size to $cut bytes while running: the first "
+       . '10 entries answered whole or lost to a crash, none wrong');
     # a store: its write transaction reads the B-tree pages written last,
     # past the cut
     my $st = ask('R5 store');
