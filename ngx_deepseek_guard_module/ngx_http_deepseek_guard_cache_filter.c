@@ -586,37 +586,57 @@ ngx_http_deepseek_guard_key_digest(u_char *digest, u_char *key, size_t len)
  * two digests share: each is begun and finished within one call.
  */
 
+static EVP_MD_CTX  *ngx_http_deepseek_guard_sha_ctx;
+#if (OPENSSL_VERSION_NUMBER >= 0x30000000L)
+static EVP_MD      *ngx_http_deepseek_guard_sha_md;
+#endif
+
+
 static EVP_MD_CTX *
 ngx_http_deepseek_guard_sha_begin(void)
 {
-    static EVP_MD_CTX    *ctx;
-#if (OPENSSL_VERSION_NUMBER >= 0x30000000L)
-    static EVP_MD        *md;
+    const EVP_MD  *md;
 
-    if (md == NULL) {
-        md = EVP_MD_fetch(NULL, "SHA256", NULL);
-        if (md == NULL) {
+#if (OPENSSL_VERSION_NUMBER >= 0x30000000L)
+    if (ngx_http_deepseek_guard_sha_md == NULL) {
+        ngx_http_deepseek_guard_sha_md = EVP_MD_fetch(NULL, "SHA256", NULL);
+        if (ngx_http_deepseek_guard_sha_md == NULL) {
             return NULL;
         }
     }
-#else
-    static const EVP_MD  *md;
 
+    md = ngx_http_deepseek_guard_sha_md;
+#else
     md = EVP_sha256();
 #endif
 
-    if (ctx == NULL) {
-        ctx = EVP_MD_CTX_new();
-        if (ctx == NULL) {
+    if (ngx_http_deepseek_guard_sha_ctx == NULL) {
+        ngx_http_deepseek_guard_sha_ctx = EVP_MD_CTX_new();
+        if (ngx_http_deepseek_guard_sha_ctx == NULL) {
             return NULL;
         }
     }
 
-    if (EVP_DigestInit_ex(ctx, md, NULL) != 1) {
+    if (EVP_DigestInit_ex(ngx_http_deepseek_guard_sha_ctx, md, NULL) != 1) {
         return NULL;
     }
 
-    return ctx;
+    return ngx_http_deepseek_guard_sha_ctx;
+}
+
+
+/* at process exit: before nginx unloads the module and its pointers */
+
+void
+ngx_http_deepseek_guard_sha_free(void)
+{
+    EVP_MD_CTX_free(ngx_http_deepseek_guard_sha_ctx);
+    ngx_http_deepseek_guard_sha_ctx = NULL;
+
+#if (OPENSSL_VERSION_NUMBER >= 0x30000000L)
+    EVP_MD_free(ngx_http_deepseek_guard_sha_md);
+    ngx_http_deepseek_guard_sha_md = NULL;
+#endif
 }
 
 

@@ -460,6 +460,7 @@ ngx_http_deepseek_guard_exit_process(ngx_cycle_t *cycle)
 {
     ngx_http_deepseek_guard_fleet_exit_process(cycle);
     ngx_http_deepseek_guard_cache_exit_process(cycle);
+    ngx_http_deepseek_guard_sha_free();
 }
 
 

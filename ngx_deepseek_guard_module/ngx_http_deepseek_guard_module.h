@@ -465,6 +465,7 @@ ngx_int_t ngx_http_deepseek_guard_cache_status_variable(ngx_http_request_t *r,
 ngx_int_t ngx_http_deepseek_guard_cache_init_module(ngx_cycle_t *cycle);
 ngx_int_t ngx_http_deepseek_guard_cache_init_process(ngx_cycle_t *cycle);
 void ngx_http_deepseek_guard_cache_exit_process(ngx_cycle_t *cycle);
+void ngx_http_deepseek_guard_sha_free(void);
 char *ngx_http_deepseek_guard_cache_path(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 char *ngx_http_deepseek_guard_cache(ngx_conf_t *cf, ngx_command_t *cmd,
