@@ -43,6 +43,9 @@ import time
 
 VALGRIND = os.environ.get("VALGRIND", "valgrind")
 CALLGRIND_CONTROL = os.environ.get("CALLGRIND_CONTROL", "callgrind_control")
+# BENCH_INSTR_ONLY=admit,reject: only these groups (a look while working;
+# a report needs them all)
+ONLY = [g for g in os.environ.get("BENCH_INSTR_ONLY", "").split(",") if g]
 
 # (group, variant, config, path, headers, expect); expect: "200", "503" or
 # "hit" (200, X-Cache-Status: HIT, the body of the size)
@@ -52,8 +55,10 @@ PATHS = (
     ("admit", "plain", "throughput", "/plain", API, "200"),
     ("admit", "limit_req", "throughput", "/limit_req", API, "200"),
     ("admit", "guard", "throughput", "/guard", API, "200"),
+    ("admit", "guard_map", "throughput", "/guard_map", API, "200"),
     ("reject", "limit_req", "throughput", "/reject/limit_req", API, "503"),
     ("reject", "guard", "throughput", "/reject/guard", API, "503"),
+    ("reject", "guard_map", "throughput", "/reject/guard_map", API, "503"),
 ) + tuple(
     (size, v, "cache", "/%s/%s.json" % (v, size), {}, "hit" if v != "ceiling" else "200")
     for size in ("1k", "32k", "256k") for v in ("proxy_cache", "guard_cache", "ceiling"))
@@ -62,7 +67,9 @@ PATHS = (
 RATIOS = (
     ("admit", "guard", "limit_req"),
     ("admit", "guard", "plain"),
+    ("admit", "guard_map", "limit_req"),
     ("reject", "guard", "limit_req"),
+    ("reject", "guard_map", "limit_req"),
     ("1k", "guard_cache", "proxy_cache"),
     ("1k", "guard_cache", "ceiling"),
     ("32k", "guard_cache", "proxy_cache"),
@@ -214,7 +221,7 @@ def measure(nginx, configs, n, warmup, bodies, log=print):
         cg = Callgrind(nginx, prefix, conf, port)
         try:
             for group, variant, c, path, headers, expect in PATHS:
-                if c != cname:
+                if c != cname or (ONLY and group not in ONLY):
                     continue
                 want = bodies.get(group) if c == "cache" else None
                 if expect == "hit":

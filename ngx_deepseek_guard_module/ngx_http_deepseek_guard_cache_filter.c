@@ -499,9 +499,9 @@ ngx_http_deepseek_guard_cache_loop(ngx_http_request_t *r,
     while ((h = ngx_http_deepseek_guard_header_next(&part, &i)) != NULL) {
         if (h->key.len == sizeof(NGX_HTTP_DSG_FILL_HEADER) - 1
             && h->value.len == 32
-            && ngx_strncasecmp(h->key.data,
-                               (u_char *) NGX_HTTP_DSG_FILL_HEADER,
-                               h->key.len) == 0
+            && ngx_http_deepseek_guard_name_eq(h->key.data,
+                                          (u_char *) NGX_HTTP_DSG_FILL_HEADER,
+                                          h->key.len)
             && ngx_strncmp(h->value.data, hex, 32) == 0)
         {
             return 1;
@@ -542,7 +542,8 @@ ngx_http_deepseek_guard_header_in(ngx_table_elt_t *h, ngx_str_t *names)
 {
     for ( /* void */ ; names->len; names++) {
         if (h->key.len == names->len
-            && ngx_strncasecmp(h->key.data, names->data, names->len) == 0)
+            && ngx_http_deepseek_guard_name_eq(h->key.data, names->data,
+                                               names->len))
         {
             return 1;
         }
@@ -675,9 +676,9 @@ ngx_http_deepseek_guard_cache_key(ngx_http_request_t *r,
             cctx->credentials = 1;
 
         } else if (h->key.len == sizeof("Accept-Encoding") - 1
-                   && ngx_strncasecmp(h->key.data,
-                                      (u_char *) "Accept-Encoding",
-                                      h->key.len) == 0
+                   && ngx_http_deepseek_guard_name_eq(h->key.data,
+                                                (u_char *) "Accept-Encoding",
+                                                h->key.len)
                    && dsg_http_accepts_gzip((char *) h->value.data,
                                             h->value.len))
         {
@@ -703,8 +704,13 @@ ngx_http_deepseek_guard_cache_key(ngx_http_request_t *r,
 
     body = (r->headers_in.content_length || r->headers_in.chunked);
 
-    last = ngx_sprintf(p, "g%uib%ui|", cctx->gzip, body);
-    last = ngx_cpymem(last, key.data, key.len);
+    /* "g%uib%ui|" of two flags, without ngx_sprintf()'s parsing */
+    p[0] = 'g';
+    p[1] = cctx->gzip ? '1' : '0';
+    p[2] = 'b';
+    p[3] = body ? '1' : '0';
+    p[4] = '|';
+    last = ngx_cpymem(p + 5, key.data, key.len);
 
     key.data = p;
     key.len = last - p;
@@ -753,7 +759,8 @@ ngx_http_deepseek_guard_vary_digest(ngx_http_request_t *r, u_char *vary,
                   != NULL)
         {
             if (h->key.len == n
-                && ngx_strncasecmp(h->key.data, (u_char *) tok, n) == 0)
+                && ngx_http_deepseek_guard_name_eq(h->key.data, (u_char *) tok,
+                                                   n))
             {
                 ok = (EVP_DigestUpdate(md, h->value.data, h->value.len)
                       == 1
@@ -797,7 +804,7 @@ ngx_http_deepseek_guard_cache_usable(ngx_http_request_t *r,
     last = p + e->hdrs_len;
 
     for ( /* void */ ; p < last; p = eol + 2) {
-        eol = ngx_strlchr(p, last, '\r');
+        eol = ngx_http_deepseek_guard_chr(p, last, '\r');
         if (eol == NULL) {
             eol = last;
         }
@@ -810,7 +817,9 @@ ngx_http_deepseek_guard_cache_usable(ngx_http_request_t *r,
             continue;
         }
 
-        if (eol - p > 5 && ngx_strncasecmp(p, (u_char *) "Vary:", 5) == 0) {
+        if (eol - p > 5
+            && ngx_http_deepseek_guard_name_eq(p, (u_char *) "Vary:", 5))
+        {
             /* the store joins every Vary line into one */
             vary = p + 5;
             len = eol - vary;
@@ -818,7 +827,8 @@ ngx_http_deepseek_guard_cache_usable(ngx_http_request_t *r,
         }
 
         if (eol - p >= 20
-            && ngx_strncasecmp(p, (u_char *) "Accept-Ranges:", 14) == 0
+            && ngx_http_deepseek_guard_name_eq(p, (u_char *) "Accept-Ranges:",
+                                               14)
             && ngx_strlcasestrn(p + 14, eol, (u_char *) "bytes", 5 - 1))
         {
             cctx->ranges = 1;
@@ -1120,7 +1130,8 @@ ngx_http_deepseek_guard_cache_set_headers(ngx_http_request_t *r,
 
 #define ngx_http_dsg_is(name, s)                                             \
     ((name).len == sizeof(s) - 1                                            \
-     && ngx_strncasecmp((name).data, (u_char *) s, sizeof(s) - 1) == 0)
+     && ngx_http_deepseek_guard_name_eq((name).data, (u_char *) s,         \
+                                        sizeof(s) - 1))
 
     r->headers_out.status = cctx->entry.status;
     r->allow_ranges = 0;
@@ -1147,12 +1158,12 @@ ngx_http_deepseek_guard_cache_set_headers(ngx_http_request_t *r,
     last = p + cctx->entry.hdrs_len;
 
     while (p < last) {
-        eol = ngx_strlchr(p, last, '\r');
+        eol = ngx_http_deepseek_guard_chr(p, last, '\r');
         if (eol == NULL) {
             eol = last;
         }
 
-        colon = ngx_strlchr(p, eol, ':');
+        colon = ngx_http_deepseek_guard_chr(p, eol, ':');
 
         if (colon) {
             name.data = p;
@@ -1419,15 +1430,17 @@ ngx_http_deepseek_guard_cache_ttl(ngx_http_request_t *r,
         }
 
         if (h->key.len == sizeof("Set-Cookie") - 1
-            && ngx_strncasecmp(h->key.data, (u_char *) "Set-Cookie",
-                               h->key.len) == 0)
+            && ngx_http_deepseek_guard_name_eq(h->key.data,
+                                               (u_char *) "Set-Cookie",
+                                               h->key.len))
         {
             return 0;
         }
 
         if (h->key.len == sizeof("X-Accel-Expires") - 1
-            && ngx_strncasecmp(h->key.data, (u_char *) "X-Accel-Expires",
-                               h->key.len) == 0)
+            && ngx_http_deepseek_guard_name_eq(h->key.data,
+                                               (u_char *) "X-Accel-Expires",
+                                               h->key.len))
         {
             xae = 1;
             xttl = 0;
@@ -1455,8 +1468,9 @@ ngx_http_deepseek_guard_cache_ttl(ngx_http_request_t *r,
          */
 
         if (h->key.len == sizeof("Cache-Control") - 1
-            && ngx_strncasecmp(h->key.data, (u_char *) "Cache-Control",
-                               h->key.len) == 0)
+            && ngx_http_deepseek_guard_name_eq(h->key.data,
+                                               (u_char *) "Cache-Control",
+                                               h->key.len))
         {
             dsg_http_cc_parse((char *) h->value.data, h->value.len, &cc);
         }
@@ -1562,8 +1576,9 @@ ngx_http_deepseek_guard_cache_storable(ngx_http_request_t *r,
         }
 
         if (h->key.len == sizeof("Content-Encoding") - 1
-            && ngx_strncasecmp(h->key.data, (u_char *) "Content-Encoding",
-                               h->key.len) == 0
+            && ngx_http_deepseek_guard_name_eq(h->key.data,
+                                               (u_char *) "Content-Encoding",
+                                               h->key.len)
             && !(h->value.len == 8
                  && ngx_strncasecmp(h->value.data, (u_char *) "identity",
                                     8) == 0)
@@ -1577,7 +1592,8 @@ ngx_http_deepseek_guard_cache_storable(ngx_http_request_t *r,
         }
 
         if (h->key.len == sizeof("Vary") - 1
-            && ngx_strncasecmp(h->key.data, (u_char *) "Vary", 4) == 0)
+            && ngx_http_deepseek_guard_name_eq(h->key.data,
+                                               (u_char *) "Vary", 4))
         {
             if (dsg_http_vary_star((char *) h->value.data, h->value.len))
             {
@@ -1627,8 +1643,8 @@ ngx_http_deepseek_guard_cache_storable(ngx_http_request_t *r,
     while ((h = ngx_http_deepseek_guard_header_next(&part, &i)) != NULL) {
         if (h->hash == 0
             || !(h->key.len == 4
-                 && ngx_strncasecmp(h->key.data, (u_char *) "Vary", 4)
-                    == 0))
+                 && ngx_http_deepseek_guard_name_eq(h->key.data,
+                                                    (u_char *) "Vary", 4)))
         {
             continue;
         }
@@ -1664,7 +1680,8 @@ ngx_http_deepseek_guard_cache_storable(ngx_http_request_t *r,
     while ((h = ngx_http_deepseek_guard_header_next(&part, &i)) != NULL) {
         if (h->hash == 0
             || (h->key.len == 4
-                && ngx_strncasecmp(h->key.data, (u_char *) "Vary", 4) == 0)
+                && ngx_http_deepseek_guard_name_eq(h->key.data,
+                                                   (u_char *) "Vary", 4))
             || ngx_http_deepseek_guard_header_in(h,
                                     ngx_http_deepseek_guard_unstored_headers))
         {
@@ -2386,7 +2403,8 @@ ngx_http_deepseek_guard_auth_sha_variable(ngx_http_request_t *r,
                   != NULL)
         {
             if (h->key.len == name->len
-                && ngx_strncasecmp(h->key.data, name->data, name->len) == 0)
+                && ngx_http_deepseek_guard_name_eq(h->key.data, name->data,
+                                                   name->len))
             {
                 ok = (EVP_DigestUpdate(md, name->data, name->len) == 1
                       && EVP_DigestUpdate(md, ": ", 2) == 1

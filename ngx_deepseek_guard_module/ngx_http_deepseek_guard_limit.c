@@ -9,6 +9,8 @@
 
 #include "ngx_http_deepseek_guard_module.h"
 
+#include <xxhash.h>
+
 static ngx_int_t ngx_http_deepseek_guard_try(ngx_http_request_t *r,
     ngx_http_deepseek_guard_ctx_t *ctx, ngx_uint_t *blocked,
     uint64_t *wait_ms, ngx_uint_t *rc_kind);
@@ -49,6 +51,47 @@ static ngx_str_t  ngx_http_deepseek_guard_ratelimit =
     ngx_string("RateLimit");
 
 
+/* deepseek_guard_classify_keys: a binary search by XXH3-64, then bytes */
+
+static ngx_uint_t
+ngx_http_deepseek_guard_class_of_key(ngx_http_deepseek_guard_loc_conf_t *lcf,
+    ngx_str_t *v)
+{
+    uint64_t                              h;
+    ngx_uint_t                            lo, hi, mid, n;
+    ngx_http_deepseek_guard_class_key_t  *k;
+
+    h = XXH3_64bits(v->data, v->len);
+
+    k = lcf->class_keys->keys.elts;
+    n = lcf->class_keys->keys.nelts;
+
+    lo = 0;
+    hi = n;
+
+    while (lo < hi) {
+        mid = lo + (hi - lo) / 2;
+
+        if (k[mid].hash < h) {
+            lo = mid + 1;
+
+        } else {
+            hi = mid;
+        }
+    }
+
+    for ( /* void */ ; lo < n && k[lo].hash == h; lo++) {
+        if (k[lo].key.len == v->len
+            && ngx_memcmp(k[lo].key.data, v->data, v->len) == 0)
+        {
+            return k[lo].index;
+        }
+    }
+
+    return lcf->default_index;
+}
+
+
 static ngx_uint_t
 ngx_http_deepseek_guard_classify(ngx_http_request_t *r,
     ngx_http_deepseek_guard_loc_conf_t *lcf)
@@ -75,6 +118,10 @@ ngx_http_deepseek_guard_classify(ngx_http_request_t *r,
         || v.len == 0)
     {
         return lcf->default_index;
+    }
+
+    if (lcf->class_keys) {
+        return ngx_http_deepseek_guard_class_of_key(lcf, &v);
     }
 
     c = mcf->classes.elts;

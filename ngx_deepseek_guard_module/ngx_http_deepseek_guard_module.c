@@ -10,6 +10,8 @@
 
 #include "ngx_http_deepseek_guard_module.h"
 
+#include <xxhash.h>
+
 
 #define NGX_HTTP_DSG_REAP_MS  1000
 
@@ -20,6 +22,15 @@
 
 static char *ngx_http_deepseek_guard_class(ngx_conf_t *cf,
     ngx_command_t *cmd, void *conf);
+static char *ngx_http_deepseek_guard_classify_keys(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
+static char *ngx_http_deepseek_guard_class_key(ngx_conf_t *cf,
+    ngx_command_t *dummy, void *conf);
+static int ngx_libc_cdecl ngx_http_deepseek_guard_cmp_keys(const void *one,
+    const void *two);
+static char *ngx_http_deepseek_guard_resolve_keys(ngx_conf_t *cf,
+    ngx_http_deepseek_guard_main_conf_t *mcf,
+    ngx_http_deepseek_guard_class_keys_t *ck);
 static char *ngx_http_deepseek_guard_classify(ngx_conf_t *cf,
     ngx_command_t *cmd, void *conf);
 static void *ngx_http_deepseek_guard_create_main_conf(ngx_conf_t *cf);
@@ -85,6 +96,14 @@ static ngx_command_t  ngx_http_deepseek_guard_commands[] = {
     { ngx_string("deepseek_guard_classify"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE12,
       ngx_http_deepseek_guard_classify,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("deepseek_guard_classify_keys"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_BLOCK
+                        |NGX_CONF_TAKE12,
+      ngx_http_deepseek_guard_classify_keys,
       NGX_HTTP_LOC_CONF_OFFSET,
       0,
       NULL },
@@ -595,12 +614,17 @@ ngx_http_deepseek_guard_merge_loc_conf(ngx_conf_t *cf, void *parent,
                               &zones[i]->shm.name, conf->zfile, conf->zline);
                 return NGX_CONF_ERROR;
             }
+
+            if (((ngx_http_deepseek_guard_zone_t *) zones[i]->data)->tokens) {
+                conf->tokens = 1;
+            }
         }
     }
 
     if (conf->classify == NULL) {
         conf->classify = prev->classify;
         conf->classify_index = prev->classify_index;
+        conf->class_keys = prev->class_keys;
         conf->default_class = prev->default_class;
         conf->file = prev->file;
         conf->line = prev->line;
@@ -622,6 +646,13 @@ ngx_http_deepseek_guard_merge_loc_conf(ngx_conf_t *cf, void *parent,
     mcf = ngx_http_conf_get_module_main_conf(cf,
                                              ngx_http_deepseek_guard_module);
     c = mcf->classes.elts;
+
+    if (conf->class_keys && !conf->class_keys->resolved
+        && ngx_http_deepseek_guard_resolve_keys(cf, mcf, conf->class_keys)
+           != NGX_CONF_OK)
+    {
+        return NGX_CONF_ERROR;
+    }
 
     if (conf->default_class.len == 0) {
         /* without a default, unknown values go to the lowest class */
@@ -817,6 +848,219 @@ ngx_http_deepseek_guard_classify(ngx_conf_t *cf, ngx_command_t *cmd,
 
     lcf->file = cf->conf_file->file.name.data;
     lcf->line = cf->conf_file->line;
+
+    return NGX_CONF_OK;
+}
+
+
+/*
+ * deepseek_guard_classify_keys <value> [default=<class>] {
+ *     <key> <class>;
+ *     default <class>;
+ *     include <file>;
+ * }
+ *
+ * The class of a request from a table of exact values (API keys): the bytes
+ * as they are, no lowercasing, no regular expression.  Looked up by XXH3-64
+ * in a sorted array, the whole value compared: a fraction of what a map
+ * costs (docs/directives.md).
+ */
+
+static char *
+ngx_http_deepseek_guard_classify_keys(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
+{
+    ngx_http_deepseek_guard_loc_conf_t *lcf = conf;
+
+    char                                  *rv;
+    ngx_uint_t                             i;
+    ngx_conf_t                             save;
+    ngx_http_deepseek_guard_class_key_t   *k;
+    ngx_http_deepseek_guard_class_keys_t  *ck;
+
+    if (lcf->classify != NULL) {
+        return "is duplicate";
+    }
+
+    /* the value and default= as deepseek_guard_classify takes them */
+    rv = ngx_http_deepseek_guard_classify(cf, cmd, conf);
+    if (rv != NGX_CONF_OK) {
+        return rv;
+    }
+
+    ck = ngx_pcalloc(cf->pool, sizeof(ngx_http_deepseek_guard_class_keys_t));
+    if (ck == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    if (ngx_array_init(&ck->keys, cf->pool, 16,
+                       sizeof(ngx_http_deepseek_guard_class_key_t))
+        != NGX_OK)
+    {
+        return NGX_CONF_ERROR;
+    }
+
+    lcf->class_keys = ck;
+
+    save = *cf;
+    cf->handler = ngx_http_deepseek_guard_class_key;
+    cf->handler_conf = conf;
+
+    rv = ngx_conf_parse(cf, NULL);
+
+    *cf = save;
+
+    if (rv != NGX_CONF_OK) {
+        return rv;
+    }
+
+    if (ck->keys.nelts == 0) {
+        return "has no keys";
+    }
+
+    ngx_qsort(ck->keys.elts, ck->keys.nelts,
+              sizeof(ngx_http_deepseek_guard_class_key_t),
+              ngx_http_deepseek_guard_cmp_keys);
+
+    k = ck->keys.elts;
+
+    for (i = 1; i < ck->keys.nelts; i++) {
+        if (k[i].hash == k[i - 1].hash
+            && k[i].key.len == k[i - 1].key.len
+            && ngx_memcmp(k[i].key.data, k[i - 1].key.data, k[i].key.len)
+               == 0)
+        {
+            ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                          "deepseek_guard_classify_keys: duplicate key "
+                          "\"%V\" in %s:%ui, first in %s:%ui",
+                          &k[i].key, k[i].file, k[i].line,
+                          k[i - 1].file, k[i - 1].line);
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+/* one line inside deepseek_guard_classify_keys { } */
+
+static char *
+ngx_http_deepseek_guard_class_key(ngx_conf_t *cf, ngx_command_t *dummy,
+    void *conf)
+{
+    ngx_http_deepseek_guard_loc_conf_t *lcf = conf;
+
+    ngx_str_t                            *value;
+    ngx_http_deepseek_guard_class_key_t  *k;
+
+    value = cf->args->elts;
+
+    if (cf->args->nelts == 2
+        && value[0].len == 7 && ngx_strncmp(value[0].data, "include", 7) == 0)
+    {
+        return ngx_conf_include(cf, dummy, conf);
+    }
+
+    if (cf->args->nelts != 2) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid number of parameters in "
+                           "deepseek_guard_classify_keys, "
+                           "\"<key> <class>;\" expected");
+        return NGX_CONF_ERROR;
+    }
+
+    if (value[0].len == 7 && ngx_strncmp(value[0].data, "default", 7) == 0) {
+        if (lcf->default_class.len) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "deepseek_guard_classify_keys: "
+                               "duplicate default");
+            return NGX_CONF_ERROR;
+        }
+
+        lcf->default_class = value[1];
+        lcf->file = cf->conf_file->file.name.data;
+        lcf->line = cf->conf_file->line;
+        return NGX_CONF_OK;
+    }
+
+    if (value[0].len == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "deepseek_guard_classify_keys: empty key "
+                           "(an empty value always has the default class)");
+        return NGX_CONF_ERROR;
+    }
+
+    k = ngx_array_push(&lcf->class_keys->keys);
+    if (k == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    k->hash = XXH3_64bits(value[0].data, value[0].len);
+    k->key = value[0];
+    k->name = value[1];
+    k->index = 0;
+    k->file = cf->conf_file->file.name.data;
+    k->line = cf->conf_file->line;
+
+    return NGX_CONF_OK;
+}
+
+
+static int ngx_libc_cdecl
+ngx_http_deepseek_guard_cmp_keys(const void *one, const void *two)
+{
+    const ngx_http_deepseek_guard_class_key_t  *a = one, *b = two;
+
+    if (a->hash != b->hash) {
+        return a->hash < b->hash ? -1 : 1;
+    }
+
+    if (a->key.len != b->key.len) {
+        return a->key.len < b->key.len ? -1 : 1;
+    }
+
+    return ngx_memcmp(a->key.data, b->key.data, a->key.len);
+}
+
+
+/* the class names of a key table, once every class is declared */
+
+static char *
+ngx_http_deepseek_guard_resolve_keys(ngx_conf_t *cf,
+    ngx_http_deepseek_guard_main_conf_t *mcf,
+    ngx_http_deepseek_guard_class_keys_t *ck)
+{
+    ngx_uint_t                            i, j;
+    ngx_http_deepseek_guard_class_t      *c;
+    ngx_http_deepseek_guard_class_key_t  *k;
+
+    c = mcf->classes.elts;
+    k = ck->keys.elts;
+
+    for (i = 0; i < ck->keys.nelts; i++) {
+
+        for (j = 0; j < mcf->classes.nelts; j++) {
+            if (c[j].name.len == k[i].name.len
+                && ngx_strncasecmp(c[j].name.data, k[i].name.data,
+                                   c[j].name.len) == 0)
+            {
+                break;
+            }
+        }
+
+        if (j == mcf->classes.nelts) {
+            ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                          "deepseek_guard_classify_keys: undeclared class "
+                          "\"%V\" in %s:%ui", &k[i].name, k[i].file,
+                          k[i].line);
+            return NGX_CONF_ERROR;
+        }
+
+        k[i].index = j;
+    }
+
+    ck->resolved = 1;
 
     return NGX_CONF_OK;
 }

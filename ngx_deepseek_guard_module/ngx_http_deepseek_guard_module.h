@@ -42,6 +42,23 @@ typedef struct {
 } ngx_http_deepseek_guard_class_t;
 
 
+/* one line of deepseek_guard_classify_keys: a value and its class */
+typedef struct {
+    uint64_t                     hash;      /* XXH3-64 of key */
+    ngx_str_t                    key;
+    ngx_str_t                    name;      /* the class, as written */
+    ngx_uint_t                   index;     /* the class, once resolved */
+    u_char                      *file;
+    ngx_uint_t                   line;
+} ngx_http_deepseek_guard_class_key_t;
+
+
+typedef struct {
+    ngx_array_t                  keys;      /* sorted by hash */
+    ngx_uint_t                   resolved;
+} ngx_http_deepseek_guard_class_keys_t;
+
+
 /* per zone and class counters, in shared memory */
 typedef struct {
     ngx_atomic_t                 admitted;
@@ -283,6 +300,8 @@ typedef struct {
     ngx_array_t                 *zones;     /* ngx_shm_zone_t * */
     ngx_http_complex_value_t    *classify;
     ngx_int_t                    classify_index;  /* lone variable, or -1 */
+    ngx_http_deepseek_guard_class_keys_t  *class_keys;  /* or NULL */
+    ngx_uint_t                   tokens;    /* a zone has a token budget */
     ngx_str_t                    default_class;
     ngx_uint_t                   default_index;
     ngx_flag_t                   dry_run;
@@ -529,6 +548,31 @@ ngx_int_t ngx_http_deepseek_guard_check_name(ngx_conf_t *cf, ngx_str_t *name,
 char *ngx_http_deepseek_guard_parse_zone(ngx_conf_t *cf, ngx_str_t *value,
     size_t skip, const char *what, ngx_str_t *name, ssize_t *size);
 uint64_t ngx_http_deepseek_guard_now_ms(void);
+/*
+ * A header name against a name as the RFCs write it: the bytes first (what
+ * HTTP/1.1 clients and upstreams send), case-insensitively only when they
+ * differ.  Two compares of a dozen bytes, where ngx_strncasecmp() alone
+ * lowers every byte of both.
+ */
+
+static ngx_inline ngx_uint_t
+ngx_http_deepseek_guard_name_eq(u_char *name, u_char *s, size_t len)
+{
+    return ngx_memcmp(name, s, len) == 0
+           || ngx_strncasecmp(name, s, len) == 0;
+}
+
+
+/* ngx_strlchr() by libc's memchr(): a stored header block is scanned on
+ * every hit, and memchr() looks at many bytes at a time */
+
+static ngx_inline u_char *
+ngx_http_deepseek_guard_chr(u_char *p, u_char *last, u_char c)
+{
+    return (p < last) ? memchr(p, c, last - p) : NULL;
+}
+
+
 ngx_int_t ngx_http_deepseek_guard_lone_variable(ngx_conf_t *cf,
     ngx_http_complex_value_t *cv);
 ngx_int_t ngx_http_deepseek_guard_value(ngx_http_request_t *r,

@@ -50,13 +50,14 @@ ngx_http_deepseek_guard_get_ctx(ngx_http_request_t *r)
     ngx_http_deepseek_guard_ctx_t  *ctx;
 
     ctx = ngx_http_get_module_ctx(r->main, ngx_http_deepseek_guard_module);
-    if (ctx != NULL) {
+    if (ctx != NULL || !r->main->internal) {
         return ctx;
     }
 
     /*
-     * an internal redirect wipes module contexts but keeps the pool:
-     * find the context through its cleanup, so nothing is charged twice
+     * an internal redirect (or a named location) wipes module contexts
+     * but keeps the pool, and marks the request internal: find the
+     * context through its cleanup, so nothing is charged twice
      */
 
     for (cln = r->main->pool->cleanup; cln; cln = cln->next) {
@@ -140,7 +141,7 @@ ngx_http_deepseek_guard_decide(ngx_http_request_t *r)
     lcf = ngx_http_get_module_loc_conf(r, ngx_http_deepseek_guard_module);
 
     if ((lcf->zones == NULL || lcf->zones->nelts == 0)
-        && !ngx_http_deepseek_guard_cache_active(r))
+        && (lcf->cache == NULL || !ngx_http_deepseek_guard_cache_active(r)))
     {
         return NGX_DECLINED;
     }
@@ -162,7 +163,8 @@ again:
 
     /* 1. the cache: a fresh hit costs no admission capacity */
 
-    rc = ngx_http_deepseek_guard_cache_access(r, ctx);
+    rc = lcf->cache ? ngx_http_deepseek_guard_cache_access(r, ctx)
+                    : NGX_DECLINED;
 
     if (rc == NGX_OK) {
         ctx->decided = 1;
@@ -193,9 +195,11 @@ again:
 
     /* 2. admission in every zone; a token budget measures the body first */
 
-    rc = ngx_http_deepseek_guard_tokens_prepare(r, ctx);
-    if (rc != NGX_OK) {
-        return rc;
+    if (lcf->tokens) {
+        rc = ngx_http_deepseek_guard_tokens_prepare(r, ctx);
+        if (rc != NGX_OK) {
+            return rc;
+        }
     }
 
     rc = ngx_http_deepseek_guard_admit(r, ctx, &blocked, &retry_ms);
@@ -203,6 +207,10 @@ again:
     switch (rc) {
 
     case NGX_OK:
+        if (ctx->cache == NULL) {
+            return NGX_DECLINED;
+        }
+
         /* 5. admitted: a miss becomes the entry's filler */
         rc = ngx_http_deepseek_guard_filled(r, ctx);
         if (rc == NGX_AGAIN) {

@@ -114,6 +114,46 @@ $base =~ s/reserve=50%/reserve=20%/;
 bad('undeclared class', qr/undeclared class "nosuch"/, qr/default=nosuch/,
     L => '            deepseek_guard_classify $http_x_class default=nosuch;');
 
+# deepseek_guard_classify_keys (t/29-guard-classify-keys.t): each
+# mistake names the key's own line
+my $keys = sub {
+    my ($body, $args) = @_;
+    $args //= ' default=normal';
+    return '            deepseek_guard_classify_keys $http_authorization'
+         . "$args {\n$body\n            }";
+};
+bad('classify_keys: undeclared class', qr/undeclared class "vip"/,
+    qr/sk-vip/,
+    L => $keys->(qq{                "Bearer sk-a" critical;\n}
+               . qq{                "Bearer sk-vip" vip;}));
+bad('classify_keys: duplicate key', qr/duplicate key "Bearer sk-a"/,
+    qr/sk-a" normal/,
+    L => $keys->(qq{                "Bearer sk-a" critical;\n}
+               . qq{                "Bearer sk-b" critical;\n}
+               . qq{                "Bearer sk-a" normal;}));
+bad('classify_keys: a line of three', qr/invalid number of parameters/,
+    qr/critical extra/,
+    L => $keys->(qq{                "Bearer sk-a" critical extra;}));
+bad('classify_keys: an empty key', qr/empty key/, qr/"" critical/,
+    L => $keys->(qq{                "" critical;}));
+bad('classify_keys: no keys', qr/has no keys/, qr/classify_keys .* \{ \}/,
+    L => '            deepseek_guard_classify_keys $http_authorization { }');
+bad('classify_keys: undeclared default inside', qr/undeclared class "nosuch"/,
+    qr/default nosuch/,
+    L => $keys->(qq{                "Bearer sk-a" critical;\n}
+               . qq{                default nosuch;}, ''));
+bad('classify_keys: two defaults', qr/duplicate default/,
+    qr/default low/,
+    L => $keys->(qq{                "Bearer sk-a" critical;\n}
+               . qq{                default low;}));
+bad('classify_keys beside classify', qr/is duplicate/,
+    qr/classify_keys/,
+    L => $classify . "\n"
+       . $keys->(qq{                "Bearer sk-a" critical;}));
+bad('classify_keys without a block', qr/has no opening "\{"/,
+    qr/classify_keys/,
+    L => '            deepseek_guard_classify_keys $http_authorization;');
+
 # 50% + 50% + 50%: the lowest class would get nothing.  The mistake is made
 # by the class that takes the total to 100% or more (or, reported at the
 # end, the last class): either line is fine, but one must be named.
