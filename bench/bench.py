@@ -354,9 +354,11 @@ def http(port, path, method="GET", headers=None, body=b"", timeout=15):
     s = socket.create_connection(("127.0.0.1", port), timeout)
     try:
         # the Host wrk sends, so that cache keys with $host match
-        lines = ["%s %s HTTP/1.1" % (method, path), "Host: 127.0.0.1:%d" % port,
+        headers = dict(headers or {})
+        host = headers.pop("Host", "127.0.0.1:%d" % port)
+        lines = ["%s %s HTTP/1.1" % (method, path), "Host: %s" % host,
                  "Connection: close"]
-        for k, v in (headers or {}).items():
+        for k, v in headers.items():
             lines.append("%s: %s" % (k, v))
         if body or method == "POST":
             lines.append("Content-Length: %d" % len(body))
@@ -542,27 +544,28 @@ def scenario_throughput(S, root, which):
         hdr = {"Authorization": "Bearer sk-bench-normal"}
         if "admit" in which:
             log("1. admit path")
+            # each variant is a server of its own, chosen by Host
             res = wrk_interleaved(S, ngx, [
-                ("return", base + "/return", [API_HEADER], None),
-                ("plain", base + "/plain", [API_HEADER], None),
-                ("limit_req", base + "/limit_req", [API_HEADER], None),
-                ("guard", base + "/guard", [API_HEADER], None)], "2xx")
+                (v, base + "/" + v, [API_HEADER, "Host: " + v], None)
+                for v in ("return", "plain", "limit_req", "guard")], "2xx")
             out["admit"] = {k: summarize_wrk(v) for k, v in res.items()}
         if "reject" in which:
             log("2. reject path")
             checks = {}
             for name in ("limit_req", "guard"):
-                http(port, "/reject/" + name, headers=hdr)       # the one token
-                st, h, body = http(port, "/reject/" + name, headers=hdr)
+                hh = dict(hdr, Host="reject_" + name)
+                http(port, "/reject/" + name, headers=hh)       # the one token
+                st, h, body = http(port, "/reject/" + name, headers=hh)
                 checks[name] = {"status": st, "retry_after": h.get("retry-after"),
                                 "type": h.get("content-type"), "len": len(body)}
 
             def consume(name):
-                return lambda: http(port, "/reject/" + name, headers=hdr)
+                return lambda: http(port, "/reject/" + name,
+                                    headers=dict(hdr, Host="reject_" + name))
 
             res = wrk_interleaved(S, ngx, [
-                ("limit_req", base + "/reject/limit_req", [API_HEADER], consume("limit_req")),
-                ("guard", base + "/reject/guard", [API_HEADER], consume("guard"))], "reject")
+                (v, base + "/reject/" + v, [API_HEADER, "Host: reject_" + v], consume(v))
+                for v in ("limit_req", "guard")], "reject")
             out["reject"] = {k: summarize_wrk(v) for k, v in res.items()}
             out["reject"]["checks"] = checks
     finally:
@@ -1384,7 +1387,8 @@ class Report:
                   ("256k", "3 cache hit, 256 KB"))
         labels = {"return": "reference: `return 200 \"ok\"`", "plain": "plain (`empty_gif`)",
                   "limit_req": "`limit_req` per key + `limit_conn` global",
-                  "guard": "guard: per-key zone + global in-flight zone + classes",
+                  "guard": "guard: per-key zone + global in-flight zone + 4 classes (key table)",
+                  "guard_map": "guard, the same with the classes from a `map`",
                   "proxy_cache": "`proxy_cache` hit", "guard_cache": "guard cache hit",
                   "ceiling": "ceiling: `return 200` of the same body"}
         t = ["## Instructions per request (callgrind)", "",
@@ -1414,7 +1418,8 @@ class Report:
                 ir = p[g][v]
                 w = wrk_of(g, v) or {}
                 label = "`limit_req` per key" if (g, v) == ("reject", "limit_req") else \
-                    "guard: per-key zone + classes" if (g, v) == ("reject", "guard") else \
+                    "guard: per-key zone + classes (key table)" if (g, v) == ("reject", "guard") else \
+                    "guard, the classes from a `map`" if (g, v) == ("reject", "guard_map") else \
                     labels.get(v, v)
                 rs = res.get("runs", {}).get(g, {}).get(v, [ir])
                 t.append("| %s | %s | %s | %s | %s | %s |" % (gl, label, kfmt(ir),
@@ -1436,8 +1441,9 @@ class Report:
             else:
                 bn = names.get(b, b)
             wa, wb = wrk_of(g, a) or {}, wrk_of(g, b) or {}
-            t.append("| %s | guard / %s | %s | %s | %s |" % (
-                dict(groups)[g], bn, fmt(x[a] / x[b], "%.3f"),
+            an = "guard (classes from a `map`)" if a == "guard_map" else "guard"
+            t.append("| %s | %s / %s | %s | %s | %s |" % (
+                dict(groups)[g], an, bn, fmt(x[a] / x[b], "%.3f"),
                 fmt(ratio(wa.get("rps"), wb.get("rps")), "%.3f"),
                 fmt(ratio(wa.get("cpu_rps"), wb.get("cpu_rps")), "%.3f")))
         if not thr and not cache:

@@ -51,14 +51,16 @@ ONLY = [g for g in os.environ.get("BENCH_INSTR_ONLY", "").split(",") if g]
 # "hit" (200, X-Cache-Status: HIT, the body of the size)
 API = {"Authorization": "Bearer sk-bench-normal"}
 PATHS = (
-    ("admit", "return", "throughput", "/return", API, "200"),
-    ("admit", "plain", "throughput", "/plain", API, "200"),
-    ("admit", "limit_req", "throughput", "/limit_req", API, "200"),
-    ("admit", "guard", "throughput", "/guard", API, "200"),
-    ("admit", "guard_map", "throughput", "/guard_map", API, "200"),
-    ("reject", "limit_req", "throughput", "/reject/limit_req", API, "503"),
-    ("reject", "guard", "throughput", "/reject/guard", API, "503"),
-    ("reject", "guard_map", "throughput", "/reject/guard_map", API, "503"),
+    ("admit", "return", "throughput", "/return", dict(API, Host="return"), "200"),
+    ("admit", "plain", "throughput", "/plain", dict(API, Host="plain"), "200"),
+    ("admit", "limit_req", "throughput", "/limit_req", dict(API, Host="limit_req"), "200"),
+    ("admit", "guard", "throughput", "/guard", dict(API, Host="guard"), "200"),
+    ("admit", "guard_map", "throughput", "/guard_map", dict(API, Host="guard_map"), "200"),
+    ("reject", "limit_req", "throughput", "/reject/limit_req",
+     dict(API, Host="reject_limit_req"), "503"),
+    ("reject", "guard", "throughput", "/reject/guard", dict(API, Host="reject_guard"), "503"),
+    ("reject", "guard_map", "throughput", "/reject/guard_map",
+     dict(API, Host="reject_guard_map"), "503"),
 ) + tuple(
     (size, v, "cache", "/%s/%s.json" % (v, size), {}, "hit" if v != "ceiling" else "200")
     for size in ("1k", "32k", "256k") for v in ("proxy_cache", "guard_cache", "ceiling"))
