@@ -41,12 +41,6 @@
  * up are stored by the thread pool */
 #define NGX_HTTP_DSG_THREADS_MIN      (64 * 1024)
 
-/*
- * hits of this many body bytes and up are sent from LMDB's map, not
- * copied (a pinned read, dsg_store_pin()): smaller ones cost less to copy
- * than a reader slot
- */
-#define NGX_HTTP_DSG_PIN_MIN          (16 * 1024)
 
 /* fill locks: probed in a window of so many slots from the digest's */
 #define NGX_HTTP_DSG_LOCK_PROBES      16

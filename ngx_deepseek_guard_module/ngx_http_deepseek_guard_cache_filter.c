@@ -939,12 +939,19 @@ ngx_http_deepseek_guard_cache_lookup(ngx_http_request_t *r,
     cctx->have_entry = 1;
     cctx->fresh = (now < e.expires_ms);
 
-    if (!cctx->fresh || e.body_len < NGX_HTTP_DSG_PIN_MIN) {
+    /*
+     * every fresh hit with a body is sent from the map: even at 1 KB the
+     * copy (a pool block, memcpy) costs more than holding the read until
+     * the body is out, which is at once unless the client is slow, and a
+     * slow client's rest is copied out then (cache_unmap())
+     */
+
+    if (!cctx->fresh || e.body_len == 0) {
         found = cctx->fresh ? NGX_OK : NGX_DECLINED;
         goto done;
     }
 
-    /* a large fresh hit, sent now: from the map, pinned until it is out */
+    /* a fresh hit, sent now: from the map, pinned until it is out */
 
     return NGX_OK;
 

@@ -2,7 +2,7 @@
 # Large hits sent from LMDB's map without a copy (a pinned read, issue 18),
 # and what keeps them exact and the cache writable:
 #
-#   A  hits of 16 KB and more are sent from the map: a 300 KB answer is a
+#   A  hits are sent from the map (any size): a 300 KB answer is a
 #      HIT with the same bytes, from every worker, many times;
 #   B  a slow client (limit_rate: 6 KB/s, so a 300 KB hit takes 50 s)
 #      does not hold the pin: what is left to send waits in the write
