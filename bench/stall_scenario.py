@@ -6,9 +6,13 @@ Today a miss's LMDB write runs on the worker's event loop, and every
 other request of that worker waits behind it.
 
 One nginx worker (bench/conf/stall.conf) with the module's cache. An
-open-loop client (bench/loadgen.py, a connection per request) asks for a
-1 KB hit at BENCH_STALL_HIT_RATE (200/s) for BENCH_STALL_SECONDS (20 s) and
-records each request's latency from its scheduled time. Three passes:
+open-loop client (bench/hitclient.c, built with cc for the run; a
+connection per request) asks for a 1 KB hit at BENCH_STALL_HIT_RATE
+(200/s) for BENCH_STALL_SECONDS (20 s) and records each request's latency
+from its scheduled time. BENCH_STALL_CLIENT=python uses bench/loadgen.py
+instead, as the runs before 2026-12-03 did: its own scheduling (about 2 ms
+at the median for a local hit) hides what this scenario looks for. The
+misses are sent by bench/loadgen.py (POSTs with a body). Four passes:
 
   baseline  the hits alone;
   stored    the hits, and a second client sending 1 MB misses at
@@ -88,6 +92,28 @@ def loadgen(port, path, rate, secs, out, method, prompt=""):
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+CLIENT = None   # the built bench/hitclient.c, or None
+
+
+def hitclient(exe, port, path, rate, secs, out):
+    """bench/hitclient.c in the background; returns the process."""
+    return subprocess.Popen([exe, str(port), path, str(rate), str(secs), out],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def build_hitclient(root):
+    """bench/hitclient.c built for this run; None: use bench/loadgen.py."""
+    if os.environ.get("BENCH_STALL_CLIENT", "c") == "python":
+        return None
+    exe = os.path.join(root, "hitclient")
+    r = subprocess.run(["cc", "-O2", "-Wall", "-o", exe,
+                        os.path.join(B.BENCH, "hitclient.c")],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError("building bench/hitclient.c failed:\n" + r.stderr)
+    return exe
+
+
 def finish(p, out):
     so, se = p.communicate(timeout=300)
     if p.returncode != 0:
@@ -116,8 +142,11 @@ def run_pass(S, root, ngx, port, kind, rnd):
     hout = os.path.join(root, "hits-%s.jsonl" % tag)
     mout = os.path.join(root, "misses-%s.jsonl" % tag)
     cpu0 = ngx.cpu_ns()
-    hp = loadgen(port, "/thit/1k.json" if kind == "threads" else "/hit/1k.json",
-                 S.hit_rate, S.seconds, hout, "GET")
+    hit = "/thit/1k.json" if kind == "threads" else "/hit/1k.json"
+    if CLIENT:
+        hp = hitclient(CLIENT, port, hit, S.hit_rate, S.seconds, hout)
+    else:
+        hp = loadgen(port, hit, S.hit_rate, S.seconds, hout, "GET")
     mp = None
     if kind != "baseline":
         path = {"stored": "/miss/", "nostore": "/nostore/",
@@ -192,6 +221,9 @@ def run(quick=False):
     with open(module, "rb") as f:
         meta["so"] = hashlib.sha256(f.read()).hexdigest()[:12]
     res = {"passes": []}
+    global CLIENT
+    CLIENT = build_hitclient(root)
+    meta["hit_client"] = "bench/hitclient.c" if CLIENT else "bench/loadgen.py"
     oport, port = B.free_port(), B.free_port()
     origin = B.Nginx(root, "origin", "stall-origin.conf", {"PORT": oport}, [oport])
     os.makedirs(origin.path("www"), exist_ok=True)
@@ -274,7 +306,7 @@ def render(S, res, meta):
            "| total runtime | %s |" % meta["runtime"], "",
            "## Cache hits while the worker stores 1 MB misses", "",
            "One nginx worker with the module's cache (`bench/conf/stall.conf`). An open-loop "
-           "client (`bench/loadgen.py`, a connection per request) asks for a %d-byte cache "
+           "client (`%s`, a connection per request) asks for a %d-byte cache "
            "hit %d times a second for %d s; latency is from each request's scheduled time "
            "to the end of its answer. *stored*: a second client sends %d POSTs a second, "
            "each with a prompt of its own, which the origin answers with %s bytes: each is "
@@ -286,6 +318,7 @@ def render(S, res, meta):
            "run in nginx's thread pool. The origin is another nginx (static files, a worker of its "
            "own). Passes interleaved, the order rotating each round; one cache for the "
            "whole run. Medians of the rounds, and every round." % (
+               meta.get("hit_client", "bench/loadgen.py"),
                S.hit_bytes, S.hit_rate, S.seconds, S.miss_rate, B.kfmt(S.miss_bytes)), "",
            "| pass | hits p50 ms | hits p99 ms | hits p99.9 ms | hits max ms | hits > 5 ms "
            "| hits > 10 ms | worker CPU s per pass | rounds: p50 / p99 / max ms |",

@@ -2,7 +2,9 @@
 # bench/loadgen.py, the open-loop load generator of the overload benchmark:
 # it keeps its configured arrival rate whatever the server does (slow
 # answers, refusals, no answer at all), interleaves classes exactly by
-# weight and records status and Retry-After per request.
+# weight and records status and Retry-After per request.  And
+# bench/hitclient.c, the C client of the stall scenario: the same records,
+# the same schedule, every answer read whole.
 
 use strict;
 use warnings;
@@ -25,6 +27,10 @@ $t->write_config(<<'EOF');
         location = /busy {
             add_header Retry-After 7 always;
             return 503;
+        }
+        location = /hello {
+            add_header X-Cache-Status HIT;
+            return 200 "hello, 16 bytes\n";
         }
     }
 EOF
@@ -133,6 +139,45 @@ sub pct {
     ok(abs($rate - 50) <= 1.5, sprintf('... launched at 50 +- 3%% req/s (%.2f)', $rate));
     my @lat = map { $_->{lat_ms} } @$r;
     ok(!(grep { $_ < 490 || $_ > 800 } @lat), '... each given up after its 0.5 s timeout');
+}
+
+# ------------------------------------------------ bench/hitclient.c
+
+SKIP: {
+    my $cc = (grep { -x "$_/cc" } split /:/, $ENV{PATH})[0];
+    skip 'no cc', 9 unless $cc;
+    my $exe = $t->prefix . '/hitclient';
+    is(system('cc', '-O2', '-Wall', '-Werror', '-o', $exe,
+              $t->repo . '/bench/hitclient.c'), 0, 'bench/hitclient.c builds');
+
+    my $hc = sub {
+        my ($path, $rate, $secs) = @_;
+        my $out = $t->prefix . '/hitclient-' . ++$n . '.jsonl';
+        open(my $fh, '-|', $exe, $t->port, $path, $rate, $secs, $out)
+            or die "hitclient: $!";
+        local $/;
+        my $so = <$fh>;
+        close $fh;
+        open(my $rf, '<', $out) or die "$out: $!";
+        my @r = map { DSG::Test->json_decode($_) } grep { /\S/ } split /\n/, <$rf>;
+        return (DSG::Test->json_decode((split /\n/, $so)[-1]), \@r);
+    };
+
+    my ($s, $r) = $hc->('/hello', 100, 2);
+    is($s->{scheduled}, 200, 'hitclient: 200 scheduled in 2 s at 100 req/s');
+    is(scalar(grep { $_->{status} == 200 && $_->{bytes} == 16
+                     && ($_->{cache} // '') eq 'HIT' && !defined $_->{err} } @$r),
+       200, '... every answer 200, its 16 bytes and X-Cache-Status read');
+    my $rate = $s->{achieved_rate} // 0;
+    ok(abs($rate - 100) <= 3, sprintf('... launched at 100 +- 3%% req/s (%.2f)', $rate));
+    ok(!(grep { $_->{lat_ms} <= 0 || $_->{lat_ms} > 1000 } @$r),
+       '... each latency measured from its schedule');
+
+    ($s, $r) = $hc->('/busy', 100, 1);
+    is(scalar(grep { $_->{status} == 503 } @$r), 100, 'hitclient: 503s recorded as such');
+    is($s->{errors}, 100, '... and counted as errors');
+    is($s->{completed}, 0, '... none completed as a 200');
+    like($t->access_log, qr/GET \/hello/, '... the requests reached nginx');
 }
 
 $t->done;
