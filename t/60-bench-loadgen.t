@@ -170,7 +170,8 @@ SKIP: {
        200, '... every answer 200, its 16 bytes and X-Cache-Status read');
     my $rate = $s->{achieved_rate} // 0;
     ok(abs($rate - 100) <= 3, sprintf('... launched at 100 +- 3%% req/s (%.2f)', $rate));
-    ok(!(grep { $_->{lat_ms} <= 0 || $_->{lat_ms} > 1000 } @$r),
+    # a local "return 200": milliseconds, seconds only on a starved machine
+    ok(!(grep { $_->{lat_ms} <= 0 || $_->{lat_ms} > 5000 } @$r),
        '... each latency measured from its schedule');
 
     ($s, $r) = $hc->('/busy', 100, 1);
